@@ -1,0 +1,64 @@
+"""Type stubs for the Rust extension module ``pagehint._core``."""
+
+from typing import Any, final
+
+import numpy as np
+import numpy.typing as npt
+
+__version__: str
+
+U64Array = npt.NDArray[np.uint64]
+
+def simd_level() -> str:
+    """The kernel level in use: "avx512", "avx2", "neon" or "scalar"."""
+
+def available_simd_levels() -> list[str]:
+    """Every level this CPU can run, baseline first."""
+
+@final
+class DirtyBitmap:
+    """A dirty bitmap over guest pages ``[0, npages)`` in the KVM dirty-log word layout.
+
+    Bit ``i`` of little-endian ``uint64`` word ``j`` is page ``64*j + i``. Safe to share
+    between threads; O(n) methods release the GIL.
+    """
+
+    def __new__(cls, npages: int, *, dirty: bool = False) -> DirtyBitmap: ...
+    @property
+    def npages(self) -> int:
+        """Pages covered."""
+    @property
+    def nbytes(self) -> int:
+        """Bytes of bitmap words (8 per 64 pages)."""
+    def __len__(self) -> int: ...
+    def __eq__(self, other: object) -> bool: ...
+    def __ne__(self, other: object) -> bool: ...
+    def copy(self) -> DirtyBitmap:
+        """A copy of the bitmap."""
+    def set_range(self, start: int, n: int) -> int:
+        """Sets pages ``[start, start + n)``; returns how many were newly set."""
+    def clear_range(self, start: int, n: int) -> int:
+        """Clears pages ``[start, start + n)``; returns how many were set."""
+    def count(self, start: int = ..., n: int | None = None) -> int:
+        """Dirty pages in ``[start, start + n)`` (to the end when ``n`` is None)."""
+    def test(self, pfn: int) -> bool:
+        """Whether page ``pfn`` is dirty."""
+    def test_and_clear(self, pfn: int) -> bool:
+        """Clears page ``pfn``; returns whether it was dirty."""
+    def set_all(self) -> None:
+        """Marks every page dirty."""
+    def clear_all(self) -> None:
+        """Marks every page clean."""
+    def clear_ranges(self, starts: U64Array, counts: U64Array) -> int:
+        """Clears ``[starts[i], starts[i] + counts[i])`` for every i; returns pages that were set."""
+    def merge_log(self, log: U64Array, page_offset: int = ...) -> int:
+        """ORs a KVM-layout dirty log in at ``page_offset``; returns pages newly dirty."""
+    def next_dirty(self, start: int = ...) -> int | None:
+        """The first dirty page at or after ``start``, or None."""
+    def take_dirty(self, max_pages: int, start: int = ...) -> U64Array:
+        """Test-and-clears up to ``max_pages`` dirty pages at or after ``start``, ascending."""
+    def dirty_runs(self, start: int = ..., n: int | None = None) -> tuple[U64Array, U64Array]:
+        """Runs of dirty pages in ``[start, start + n)``: (starts, lengths)."""
+    def words(self) -> U64Array:
+        """A read-only zero-copy view of the words (live: it shows later changes)."""
+    __hash__: Any

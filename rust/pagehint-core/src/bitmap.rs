@@ -1,0 +1,293 @@
+//! The dirty bitmap: one bit per guest page in the word layout of `KVM_GET_DIRTY_LOG` and of
+//! QEMU's migration bitmap (bit `i` of little-endian `u64` word `j` is page `64*j + i`).
+//!
+//! Every method validates all of its arguments before it writes anything, so an error leaves
+//! the bitmap exactly as it was. Bits past `npages` in the last word are always zero.
+
+use crate::error::BitmapError;
+use crate::kernels::{self, Kernels};
+use crate::span::{WORD_BITS, bit_of, span, word_of};
+use crate::words::Words;
+
+/// The largest bitmap: 2^48 pages (1 EiB of 4 KiB pages, a 32 TiB bitmap). Far beyond what a
+/// machine can back; the allocator refuses first, with an error rather than an abort.
+pub const MAX_PAGES: u64 = 1 << 48;
+
+/// A dirty bitmap over pages `[0, npages)`.
+#[derive(Debug, PartialEq, Eq)]
+pub struct DirtyBitmap {
+    words: Words,
+    npages: u64,
+}
+
+impl DirtyBitmap {
+    /// A clean bitmap. The words are lazily zeroed: pages of the allocation that are never
+    /// written are never backed by memory.
+    pub fn new(npages: u64) -> Result<Self, BitmapError> {
+        if npages > MAX_PAGES {
+            return Err(BitmapError::TooLarge {
+                npages,
+                max: MAX_PAGES,
+            });
+        }
+        let words = Words::zeroed(word_of(npages.div_ceil(WORD_BITS) * WORD_BITS))?;
+        Ok(Self { words, npages })
+    }
+
+    /// A bitmap with every page dirty (the state at the start of a migration).
+    pub fn new_dirty(npages: u64) -> Result<Self, BitmapError> {
+        let mut bm = Self::new(npages)?;
+        bm.set_all();
+        Ok(bm)
+    }
+
+    /// A copy, or `AllocationFailed`; clean stretches stay unbacked in the copy too.
+    pub fn try_clone(&self) -> Result<Self, BitmapError> {
+        Ok(Self {
+            words: self.words.try_clone()?,
+            npages: self.npages,
+        })
+    }
+
+    /// Pages covered.
+    pub const fn npages(&self) -> u64 {
+        self.npages
+    }
+
+    /// The words, `ceil(npages / 64)` of them.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    fn kernels() -> &'static Kernels {
+        kernels::active()
+    }
+
+    /// Checks that `[start, start + n)` lies inside the bitmap and returns its end.
+    pub fn check_range(&self, start: u64, n: u64) -> Result<u64, BitmapError> {
+        match start.checked_add(n) {
+            Some(end) if end <= self.npages => Ok(end),
+            _ => Err(BitmapError::OutOfRange {
+                start,
+                n,
+                npages: self.npages,
+            }),
+        }
+    }
+
+    fn check_page(&self, pfn: u64) -> Result<(), BitmapError> {
+        if pfn < self.npages {
+            Ok(())
+        } else {
+            Err(BitmapError::OutOfRange {
+                start: pfn,
+                n: 1,
+                npages: self.npages,
+            })
+        }
+    }
+
+    /// Sets pages `[start, start + n)`, returning how many were newly set.
+    pub fn set_range(&mut self, start: u64, n: u64) -> Result<u64, BitmapError> {
+        let end = self.check_range(start, n)?;
+        let s = span(start, end);
+        let mut set = 0;
+        for (w, mask) in s.head.into_iter().chain(s.tail) {
+            set += u64::from((!self.words[w] & mask).count_ones());
+            self.words[w] |= mask;
+        }
+        Ok(set + Self::kernels().set_count(&mut self.words[s.body]))
+    }
+
+    /// Clears pages `[start, start + n)`, returning how many were set (QEMU's dirty counter
+    /// drops by exactly this).
+    pub fn clear_range(&mut self, start: u64, n: u64) -> Result<u64, BitmapError> {
+        self.check_range(start, n)?;
+        Ok(Self::kernels().clear_ranges(&mut self.words, &[start], &[n]))
+    }
+
+    /// Pages set in `[start, start + n)`.
+    pub fn count(&self, start: u64, n: u64) -> Result<u64, BitmapError> {
+        let end = self.check_range(start, n)?;
+        let s = span(start, end);
+        let edges: u64 = s
+            .head
+            .into_iter()
+            .chain(s.tail)
+            .map(|(w, mask)| u64::from((self.words[w] & mask).count_ones()))
+            .sum();
+        Ok(edges + Self::kernels().count(&self.words[s.body]))
+    }
+
+    /// Pages set in the whole bitmap.
+    pub fn count_all(&self) -> u64 {
+        Self::kernels().count(&self.words)
+    }
+
+    /// Whether page `pfn` is dirty.
+    pub fn test(&self, pfn: u64) -> Result<bool, BitmapError> {
+        self.check_page(pfn)?;
+        Ok(self.words[word_of(pfn)] & bit_of(pfn) != 0)
+    }
+
+    /// Clears page `pfn`, returning whether it was dirty.
+    pub fn test_and_clear(&mut self, pfn: u64) -> Result<bool, BitmapError> {
+        self.check_page(pfn)?;
+        let w = &mut self.words[word_of(pfn)];
+        let was = *w & bit_of(pfn) != 0;
+        *w &= !bit_of(pfn);
+        Ok(was)
+    }
+
+    /// Marks every page dirty, returning how many were newly set.
+    pub fn set_all(&mut self) -> u64 {
+        let npages = self.npages;
+        // Cannot fail: the whole range is inside by definition.
+        self.set_range(0, npages).unwrap_or(0)
+    }
+
+    /// Marks every page clean, returning how many were set.
+    pub fn clear_all(&mut self) -> u64 {
+        Self::kernels().clear_count(&mut self.words)
+    }
+
+    /// Clears every range `[starts[i], starts[i] + counts[i])` (overlaps allowed) and returns how
+    /// many pages were set: the hint hot path. All ranges are checked before any is applied.
+    pub fn clear_ranges(&mut self, starts: &[u64], counts: &[u64]) -> Result<u64, BitmapError> {
+        if starts.len() != counts.len() {
+            return Err(BitmapError::LengthMismatch {
+                left: starts.len(),
+                right: counts.len(),
+            });
+        }
+        for (&start, &n) in starts.iter().zip(counts) {
+            self.check_range(start, n)?;
+        }
+        Ok(Self::kernels().clear_ranges(&mut self.words, starts, counts))
+    }
+
+    /// ORs a KVM-layout dirty log into the bitmap: bit `i` of `log[j]` is page
+    /// `page_offset + 64*j + i`. Returns how many pages became newly dirty. `page_offset` must be
+    /// a multiple of 64; a log longer than the bitmap is accepted as long as every bit it sets is
+    /// a page of the bitmap.
+    pub fn merge_log(&mut self, log: &[u64], page_offset: u64) -> Result<u64, BitmapError> {
+        if page_offset % WORD_BITS != 0 {
+            return Err(BitmapError::MisalignedOffset { page_offset });
+        }
+        if page_offset > self.npages {
+            return Err(BitmapError::OutOfRange {
+                start: page_offset,
+                n: 0,
+                npages: self.npages,
+            });
+        }
+        let first = word_of(page_offset);
+        let fit = (self.words.len() - first).min(log.len());
+        // Bits for pages past the end: in the bitmap's last (partial) word, or past it.
+        let tail_bits = self.npages % WORD_BITS;
+        let tail_mask = if tail_bits == 0 {
+            0
+        } else {
+            !((1u64 << tail_bits) - 1)
+        };
+        let last_in_log = self.words.len().checked_sub(first + 1);
+        for (j, &w) in log.iter().enumerate() {
+            let past = if j >= fit {
+                w
+            } else if Some(j) == last_in_log {
+                w & tail_mask
+            } else {
+                0
+            };
+            if past != 0 {
+                let pfn = page_offset + j as u64 * WORD_BITS + u64::from(past.trailing_zeros());
+                return Err(BitmapError::LogPastEnd {
+                    pfn,
+                    npages: self.npages,
+                });
+            }
+        }
+        Ok(Self::kernels().merge_count(&mut self.words[first..first + fit], &log[..fit]))
+    }
+
+    /// The first dirty page at or after `start`, if any.
+    pub fn next_dirty(&self, start: u64) -> Result<Option<u64>, BitmapError> {
+        self.check_range(start, 0)?;
+        Ok(self.next_set(start, self.npages))
+    }
+
+    fn next_set(&self, from: u64, end: u64) -> Option<u64> {
+        if from >= end {
+            return None;
+        }
+        let w = word_of(from);
+        let head = self.words[w] & !(bit_of(from) - 1);
+        let found = if head != 0 {
+            Some(w as u64 * WORD_BITS + u64::from(head.trailing_zeros()))
+        } else {
+            let last = word_of(end - 1);
+            Self::kernels()
+                .find_nonzero(&self.words[w + 1..=last])
+                .map(|i| {
+                    let k = w + 1 + i;
+                    k as u64 * WORD_BITS + u64::from(self.words[k].trailing_zeros())
+                })
+        };
+        found.filter(|&p| p < end)
+    }
+
+    /// The first clean page at or after `from` and before `end`, or `end`.
+    fn next_clear(&self, from: u64, end: u64) -> u64 {
+        if from >= end {
+            return end;
+        }
+        let w = word_of(from);
+        let head = !self.words[w] & !(bit_of(from) - 1);
+        let found = if head != 0 {
+            w as u64 * WORD_BITS + u64::from(head.trailing_zeros())
+        } else {
+            let last = word_of(end - 1);
+            match Self::kernels().find_not_full(&self.words[w + 1..=last]) {
+                Some(i) => {
+                    let k = w + 1 + i;
+                    k as u64 * WORD_BITS + u64::from((!self.words[k]).trailing_zeros())
+                }
+                None => end,
+            }
+        };
+        found.min(end)
+    }
+
+    /// Test-and-clears up to `max_pages` dirty pages at or after `start`, appending their pfns to
+    /// `out` in ascending order (the sender's loop). Returns the pfn to resume from.
+    pub fn take_dirty(
+        &mut self,
+        max_pages: usize,
+        start: u64,
+        out: &mut Vec<u64>,
+    ) -> Result<u64, BitmapError> {
+        self.check_range(start, 0)?;
+        let npages = self.npages;
+        Ok(Self::kernels().take(&mut self.words, start, npages, max_pages, out))
+    }
+
+    /// Runs of consecutive dirty pages inside `[start, start + n)`, clipped to it: their starts
+    /// and lengths are appended to `starts` and `lens`.
+    pub fn dirty_runs(
+        &self,
+        start: u64,
+        n: u64,
+        starts: &mut Vec<u64>,
+        lens: &mut Vec<u64>,
+    ) -> Result<(), BitmapError> {
+        let end = self.check_range(start, n)?;
+        let mut pfn = start;
+        while let Some(run) = self.next_set(pfn, end) {
+            let run_end = self.next_clear(run, end);
+            starts.push(run);
+            lens.push(run_end - run);
+            pfn = run_end;
+        }
+        Ok(())
+    }
+}

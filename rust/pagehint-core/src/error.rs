@@ -1,0 +1,79 @@
+//! Errors of the core API. Guest faults are counted elsewhere; these are API misuse by the
+//! caller (the VMM or a Python prototype), and every one leaves the bitmap unchanged.
+
+use std::fmt;
+
+/// Why a bitmap call was refused. Each variant maps to one Python exception in the binding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BitmapError {
+    /// A page or page range lies (partly) outside `[0, npages)`.
+    OutOfRange { start: u64, n: u64, npages: u64 },
+    /// The bitmap cannot hold that many pages.
+    TooLarge { npages: u64, max: u64 },
+    /// The allocator refused the words (the machine cannot back them).
+    AllocationFailed { bytes: u64 },
+    /// Two arrays that go together have different lengths.
+    LengthMismatch { left: usize, right: usize },
+    /// A dirty log's page offset is not a multiple of 64 (KVM's own rule).
+    MisalignedOffset { page_offset: u64 },
+    /// A dirty log sets a bit for a page past the end of the bitmap.
+    LogPastEnd { pfn: u64, npages: u64 },
+}
+
+impl fmt::Display for BitmapError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::OutOfRange { start, n, npages } => write!(
+                f,
+                "pages [{start}, {start}+{n}) are not inside the bitmap's {npages} pages"
+            ),
+            Self::TooLarge { npages, max } => {
+                write!(f, "{npages} pages is more than the {max} a bitmap can hold")
+            }
+            Self::AllocationFailed { bytes } => {
+                write!(f, "could not allocate {bytes} bytes of bitmap words")
+            }
+            Self::LengthMismatch { left, right } => {
+                write!(f, "arrays of different lengths: {left} and {right}")
+            }
+            Self::MisalignedOffset { page_offset } => write!(
+                f,
+                "page_offset {page_offset} is not a multiple of 64 (a dirty log starts on a word)"
+            ),
+            Self::LogPastEnd { pfn, npages } => write!(
+                f,
+                "the dirty log marks page {pfn} dirty, past the bitmap's {npages} pages"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for BitmapError {}
+
+/// Why a `PAGEHINT_SIMD` request cannot be met.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SimdError {
+    /// The value is not a level name this build knows.
+    UnknownLevel(String),
+    /// The level exists but this CPU (or architecture) lacks the instructions for it.
+    Unsupported {
+        level: &'static str,
+        missing: &'static str,
+    },
+}
+
+impl fmt::Display for SimdError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::UnknownLevel(v) => write!(
+                f,
+                "PAGEHINT_SIMD={v:?} is not a level; use scalar, avx2, avx512 or neon"
+            ),
+            Self::Unsupported { level, missing } => {
+                write!(f, "PAGEHINT_SIMD={level} but this CPU lacks {missing}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for SimdError {}

@@ -1,0 +1,237 @@
+//! The bulk loops, written once. Each level instantiates them inside a function compiled with
+//! its target features (see `mod.rs`), so LLVM vectorizes the same source for AVX-512
+//! (VPOPCNTQ), AVX2, NEON or the baseline. Inputs are validated by the caller; nothing here can
+//! index out of bounds except through a caller bug, which panics rather than corrupts.
+//!
+//! Loops work in chunks of one cache line (8 words) and skip the store when a chunk would not
+//! change: clearing or merging into a lazily allocated bitmap must not fault in pages that stay
+//! zero, and clean cache lines are not written back.
+
+use crate::span::{WORD_BITS, bit_of, span, word_of};
+
+const CHUNK: usize = 8;
+
+#[inline(always)]
+fn popcount(words: &[u64]) -> u64 {
+    words.iter().map(|w| u64::from(w.count_ones())).sum()
+}
+
+#[inline(always)]
+fn or_reduce(words: &[u64]) -> u64 {
+    words.iter().fold(0, |acc, w| acc | w)
+}
+
+#[inline(always)]
+fn and_reduce(words: &[u64]) -> u64 {
+    words.iter().fold(u64::MAX, |acc, w| acc & w)
+}
+
+/// Pages set in `words`.
+#[inline(always)]
+pub fn count(words: &[u64]) -> u64 {
+    let chunks = words.chunks_exact(CHUNK);
+    let rest = popcount(chunks.remainder());
+    chunks.map(popcount).sum::<u64>() + rest
+}
+
+/// Clears `words`, returning how many pages were set.
+#[inline(always)]
+pub fn clear_count(words: &mut [u64]) -> u64 {
+    let mut cleared = 0;
+    let mut chunks = words.chunks_exact_mut(CHUNK);
+    for chunk in &mut chunks {
+        if or_reduce(chunk) != 0 {
+            cleared += popcount(chunk);
+            chunk.fill(0);
+        }
+    }
+    let rest = chunks.into_remainder();
+    cleared += popcount(rest);
+    rest.fill(0);
+    cleared
+}
+
+/// Sets `words`, returning how many pages were newly set.
+#[inline(always)]
+pub fn set_count(words: &mut [u64]) -> u64 {
+    let mut set = 0;
+    let mut chunks = words.chunks_exact_mut(CHUNK);
+    for chunk in &mut chunks {
+        if and_reduce(chunk) != u64::MAX {
+            set += chunk
+                .iter()
+                .map(|w| u64::from(w.count_zeros()))
+                .sum::<u64>();
+            chunk.fill(u64::MAX);
+        }
+    }
+    let rest = chunks.into_remainder();
+    set += rest.iter().map(|w| u64::from(w.count_zeros())).sum::<u64>();
+    rest.fill(u64::MAX);
+    set
+}
+
+/// ORs `log` into `dst` (same length), returning how many pages were newly set.
+#[inline(always)]
+pub fn merge_count(dst: &mut [u64], log: &[u64]) -> u64 {
+    let n = dst.len().min(log.len());
+    let (dst, log) = (&mut dst[..n], &log[..n]);
+    let mut new = 0;
+    let mut d_chunks = dst.chunks_exact_mut(CHUNK);
+    let mut l_chunks = log.chunks_exact(CHUNK);
+    for (d, l) in (&mut d_chunks).zip(&mut l_chunks) {
+        let mut fresh = [0u64; CHUNK];
+        for i in 0..CHUNK {
+            fresh[i] = l[i] & !d[i];
+        }
+        if or_reduce(&fresh) != 0 {
+            new += popcount(&fresh);
+            for i in 0..CHUNK {
+                d[i] |= l[i];
+            }
+        }
+    }
+    for (d, l) in d_chunks
+        .into_remainder()
+        .iter_mut()
+        .zip(l_chunks.remainder())
+    {
+        new += u64::from((l & !*d).count_ones());
+        *d |= l;
+    }
+    new
+}
+
+/// Index of the first non-zero word.
+#[inline(always)]
+pub fn find_nonzero(words: &[u64]) -> Option<usize> {
+    let chunks = words.chunks_exact(CHUNK);
+    let rest_at = words.len() - chunks.remainder().len();
+    for (c, chunk) in chunks.enumerate() {
+        if or_reduce(chunk) != 0 {
+            return chunk.iter().position(|&w| w != 0).map(|i| c * CHUNK + i);
+        }
+    }
+    words[rest_at..]
+        .iter()
+        .position(|&w| w != 0)
+        .map(|i| rest_at + i)
+}
+
+/// Index of the first word that is not all ones.
+#[inline(always)]
+pub fn find_not_full(words: &[u64]) -> Option<usize> {
+    let chunks = words.chunks_exact(CHUNK);
+    let rest_at = words.len() - chunks.remainder().len();
+    for (c, chunk) in chunks.enumerate() {
+        if and_reduce(chunk) != u64::MAX {
+            return chunk
+                .iter()
+                .position(|&w| w != u64::MAX)
+                .map(|i| c * CHUNK + i);
+        }
+    }
+    words[rest_at..]
+        .iter()
+        .position(|&w| w != u64::MAX)
+        .map(|i| rest_at + i)
+}
+
+/// Clears pages `[start, end)` (`start <= end <= 64 * words.len()`), returning how many were set.
+#[inline(always)]
+pub fn clear_range(words: &mut [u64], start: u64, end: u64) -> u64 {
+    let s = span(start, end);
+    let mut cleared = 0;
+    for (w, mask) in s.head.into_iter().chain(s.tail) {
+        cleared += u64::from((words[w] & mask).count_ones());
+        if words[w] & mask != 0 {
+            words[w] &= !mask;
+        }
+    }
+    cleared + clear_count(&mut words[s.body])
+}
+
+/// How far ahead `clear_ranges` looks to start fetching a hint's cache lines.
+const PREFETCH_AHEAD: usize = 16;
+
+/// Clears every range `[starts[i], starts[i] + counts[i])`, all validated by the caller, and
+/// returns how many pages were set. Hints arrive in no useful order, so the line of a range
+/// `PREFETCH_AHEAD` further on is requested while this one is cleared: the loop is bound by
+/// memory latency, not by arithmetic.
+#[inline(always)]
+pub fn clear_ranges(words: &mut [u64], starts: &[u64], counts: &[u64]) -> u64 {
+    let mut cleared = 0;
+    for (i, (&start, &n)) in starts.iter().zip(counts).enumerate() {
+        if let Some(&ahead) = starts.get(i + PREFETCH_AHEAD) {
+            prefetch_write(words, word_of(ahead));
+        }
+        cleared += clear_range(words, start, start + n);
+    }
+    cleared
+}
+
+#[inline(always)]
+fn prefetch_write(words: &[u64], index: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(w) = words.get(index) {
+        // SAFETY: `_mm_prefetch` needs SSE, part of the x86_64 baseline; a prefetch is only a
+        // hint and never faults, and the address is that of a live word anyway.
+        unsafe {
+            core::arch::x86_64::_mm_prefetch::<{ core::arch::x86_64::_MM_HINT_T0 }>(
+                std::ptr::from_ref(w).cast::<i8>(),
+            );
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (words, index);
+}
+
+/// Test-and-clears up to `max` set pages in `[start, end)`, ascending, appending their pfns to
+/// `out`. Returns the page after the last one taken (or `end`), where the next call resumes.
+#[inline(always)]
+pub fn take(words: &mut [u64], start: u64, end: u64, max: usize, out: &mut Vec<u64>) -> u64 {
+    let mut taken = 0usize;
+    let mut pfn = start;
+    while pfn < end && taken < max {
+        let w = word_of(pfn);
+        let Some(off) = find_nonzero_from(words, w, pfn, end) else {
+            return end;
+        };
+        let base = (w + off) as u64 * WORD_BITS;
+        let word = &mut words[w + off];
+        // Bits of this word inside [pfn, end).
+        let lo = pfn.saturating_sub(base);
+        let hi = (end - base).min(WORD_BITS);
+        let mut bits = *word & crate::span::bits_mask(lo, hi);
+        let mut took = 0u64;
+        while bits != 0 && taken < max {
+            let b = u64::from(bits.trailing_zeros());
+            out.push(base + b);
+            took |= 1 << b;
+            bits &= bits - 1;
+            taken += 1;
+        }
+        *word &= !took;
+        if bits != 0 {
+            // Stopped at `max` inside this word: resume after the last page taken.
+            return base + WORD_BITS - u64::from(took.leading_zeros());
+        }
+        pfn = base + hi;
+    }
+    pfn.min(end)
+}
+
+/// Offset (from word `w`) of the first word holding a set page in `[pfn, end)`, where `pfn` is in
+/// word `w`.
+#[inline(always)]
+fn find_nonzero_from(words: &[u64], w: usize, pfn: u64, end: u64) -> Option<usize> {
+    let last = word_of(end - 1);
+    let head = words[w] & !(bit_of(pfn) - 1);
+    if head != 0 {
+        return Some(0);
+    }
+    if w == last {
+        return None;
+    }
+    find_nonzero(&words[w + 1..=last]).map(|i| i + 1)
+}

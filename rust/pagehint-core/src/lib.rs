@@ -1,0 +1,14 @@
+//! pagehint-core: the dirty-bitmap engine behind pagehint, free of Python.
+//!
+//! A [`DirtyBitmap`] holds one bit per guest page in the KVM dirty-log word layout; its bulk
+//! loops live in [`kernels`], compiled per instruction-set level and chosen at run time.
+
+pub mod bitmap;
+pub mod error;
+pub mod kernels;
+pub mod span;
+pub mod words;
+
+pub use bitmap::{DirtyBitmap, MAX_PAGES};
+pub use error::{BitmapError, SimdError};
+pub use kernels::{Kernels, Level};

@@ -1,0 +1,75 @@
+//! Converting Python arguments: page numbers and counts from any integer, page arrays from
+//! 1-D C-contiguous `uint64` numpy arrays. Every refusal is a `TypeError`, `ValueError` or
+//! `IndexError` naming the argument.
+
+use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
+use pyo3::exceptions::{PyIndexError, PyOverflowError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+
+/// An integer argument as an `i128` (every Python int that can matter), saturated beyond it.
+fn integer(obj: &Bound<'_, PyAny>) -> PyResult<i128> {
+    match obj.extract::<i128>() {
+        Ok(v) => Ok(v),
+        Err(e) if e.is_instance_of::<PyOverflowError>(obj.py()) => {
+            Ok(if obj.lt(0)? { i128::MIN } else { i128::MAX })
+        }
+        Err(_) => Err(PyTypeError::new_err(format!(
+            "expected an int, not {}",
+            obj.get_type().name()?
+        ))),
+    }
+}
+
+/// A page number or position. Negative is an `IndexError`; too large becomes `u64::MAX`, which
+/// the bitmap's range check then refuses with an `IndexError` naming the bitmap's size.
+#[derive(Debug, Clone, Copy)]
+pub struct Pfn(pub u64);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Pfn {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let v = integer(&obj)?;
+        if v < 0 {
+            return Err(PyIndexError::new_err(format!("page {v} is negative")));
+        }
+        Ok(Self(u64::try_from(v).unwrap_or(u64::MAX)))
+    }
+}
+
+/// A number of pages. Negative is a `ValueError`; too large saturates as for [`Pfn`].
+#[derive(Debug, Clone, Copy)]
+pub struct Pages(pub u64);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Pages {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let v = integer(&obj)?;
+        if v < 0 {
+            return Err(PyValueError::new_err(format!("page count {v} is negative")));
+        }
+        Ok(Self(u64::try_from(v).unwrap_or(u64::MAX)))
+    }
+}
+
+/// A 1-D C-contiguous `uint64` array, borrowed read-only.
+pub fn u64_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray1<'py, u64>> {
+    let Ok(array) = obj.cast::<PyArray1<u64>>() else {
+        let what = match (obj.getattr("dtype"), obj.getattr("ndim")) {
+            (Ok(dtype), Ok(ndim)) => format!("a {ndim}-D array of {dtype}"),
+            _ => obj.get_type().name()?.to_string(),
+        };
+        return Err(PyTypeError::new_err(format!(
+            "{name} must be a 1-D numpy array of uint64, not {what}"
+        )));
+    };
+    if !array.is_c_contiguous() {
+        return Err(PyValueError::new_err(format!(
+            "{name} must be C-contiguous (use numpy.ascontiguousarray)"
+        )));
+    }
+    array
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("{name} cannot be borrowed: {e}")))
+}
