@@ -1,13 +1,15 @@
 """Type stubs for the Rust extension module ``pagehint._core``."""
 
-from typing import Any, final
+from typing import ClassVar, TypeAlias, final
 
 import numpy as np
 import numpy.typing as npt
 
+__all__ = ["DirtyBitmap", "__version__", "available_simd_levels", "simd_level"]
+
 __version__: str
 
-U64Array = npt.NDArray[np.uint64]
+_U64Array: TypeAlias = npt.NDArray[np.uint64]
 
 def simd_level() -> str:
     """The kernel level in use: "avx512", "avx2", "neon" or "scalar"."""
@@ -31,8 +33,8 @@ class DirtyBitmap:
     def nbytes(self) -> int:
         """Bytes of bitmap words (8 per 64 pages)."""
     def __len__(self) -> int: ...
-    def __eq__(self, other: object) -> bool: ...
-    def __ne__(self, other: object) -> bool: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
     def copy(self) -> DirtyBitmap:
         """A copy of the bitmap."""
     def set_range(self, start: int, n: int) -> int:
@@ -49,16 +51,16 @@ class DirtyBitmap:
         """Marks every page dirty."""
     def clear_all(self) -> None:
         """Marks every page clean."""
-    def clear_ranges(self, starts: U64Array, counts: U64Array) -> int:
+    def clear_ranges(self, starts: _U64Array, counts: _U64Array) -> int:
         """Clears ``[starts[i], starts[i] + counts[i])`` for every i; returns pages that were set."""
-    def merge_log(self, log: U64Array, page_offset: int = ...) -> int:
+    def merge_log(self, log: _U64Array, page_offset: int = ...) -> int:
         """ORs a KVM-layout dirty log in at ``page_offset``; returns pages newly dirty."""
     def next_dirty(self, start: int = ...) -> int | None:
         """The first dirty page at or after ``start``, or None."""
-    def take_dirty(self, max_pages: int, start: int = ...) -> U64Array:
+    def take_dirty(self, max_pages: int, start: int = ...) -> _U64Array:
         """Test-and-clears up to ``max_pages`` dirty pages at or after ``start``, ascending."""
-    def dirty_runs(self, start: int = ..., n: int | None = None) -> tuple[U64Array, U64Array]:
+    def dirty_runs(self, start: int = ..., n: int | None = None) -> tuple[_U64Array, _U64Array]:
         """Runs of dirty pages in ``[start, start + n)``: (starts, lengths)."""
-    def words(self) -> U64Array:
+    def words(self) -> _U64Array:
         """A read-only zero-copy view of the words (live: it shows later changes)."""
-    __hash__: Any
+    __hash__: ClassVar[None]  # type: ignore[assignment]

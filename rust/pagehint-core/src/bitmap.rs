@@ -171,7 +171,7 @@ impl DirtyBitmap {
     /// a multiple of 64; a log longer than the bitmap is accepted as long as every bit it sets is
     /// a page of the bitmap.
     pub fn merge_log(&mut self, log: &[u64], page_offset: u64) -> Result<u64, BitmapError> {
-        if page_offset % WORD_BITS != 0 {
+        if !page_offset.is_multiple_of(WORD_BITS) {
             return Err(BitmapError::MisalignedOffset { page_offset });
         }
         if page_offset > self.npages {

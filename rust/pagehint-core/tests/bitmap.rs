@@ -1,0 +1,254 @@
+//! DirtyBitmap against a `Vec<bool>` model: every operation, random ranges around word
+// Test oracles index small Vec<bool> models by page number; the sizes are tiny.
+#![allow(clippy::cast_possible_truncation, clippy::cast_lossless)]
+//! boundaries, and the rule that an error changes nothing.
+
+use pagehint_core::{BitmapError, DirtyBitmap};
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+#[derive(Debug, Clone)]
+enum Op {
+    Set(u64, u64),
+    Clear(u64, u64),
+    Count(u64, u64),
+    TestAndClear(u64),
+    ClearRanges(Vec<(u64, u64)>),
+    Merge(Vec<u64>, u64),
+    Take(usize, u64),
+    Runs(u64, u64),
+    Next(u64),
+    SetAll,
+    ClearAll,
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let pos = 0u64..1200;
+    let len = prop_oneof![0u64..3, 60u64..70, 0u64..1300];
+    prop_oneof![
+        (pos.clone(), len.clone()).prop_map(|(s, n)| Op::Set(s, n)),
+        (pos.clone(), len.clone()).prop_map(|(s, n)| Op::Clear(s, n)),
+        (pos.clone(), len.clone()).prop_map(|(s, n)| Op::Count(s, n)),
+        pos.clone().prop_map(Op::TestAndClear),
+        vec((pos.clone(), len.clone()), 0..8).prop_map(Op::ClearRanges),
+        (vec(any::<u64>(), 0..20), (0u64..20).prop_map(|w| w * 64))
+            .prop_map(|(l, o)| Op::Merge(l, o)),
+        (0usize..300, pos.clone()).prop_map(|(m, s)| Op::Take(m, s)),
+        (pos.clone(), len).prop_map(|(s, n)| Op::Runs(s, n)),
+        pos.prop_map(Op::Next),
+        Just(Op::SetAll),
+        Just(Op::ClearAll),
+    ]
+}
+
+struct Model(Vec<bool>);
+
+impl Model {
+    fn in_range(&self, s: u64, n: u64) -> bool {
+        s.checked_add(n).is_some_and(|e| e <= self.0.len() as u64)
+    }
+    fn words(&self) -> Vec<u64> {
+        let mut w = vec![0u64; self.0.len().div_ceil(64)];
+        for (p, &b) in self.0.iter().enumerate() {
+            if b {
+                w[p / 64] |= 1 << (p % 64);
+            }
+        }
+        w
+    }
+}
+
+fn run(npages: u64, ops: &[Op]) -> Result<(), TestCaseError> {
+    let mut bm = DirtyBitmap::new(npages).expect("small bitmap");
+    let mut m = Model(vec![false; npages as usize]);
+    for op in ops {
+        let before = bm.words().to_vec();
+        let ok = match op.clone() {
+            Op::Set(s, n) => {
+                let got = bm.set_range(s, n);
+                if m.in_range(s, n) {
+                    let r = (s..s + n).filter(|&p| !m.0[p as usize]).count() as u64;
+                    (s..s + n).for_each(|p| m.0[p as usize] = true);
+                    prop_assert_eq!(got, Ok(r));
+                }
+                m.in_range(s, n)
+            }
+            Op::Clear(s, n) => {
+                let got = bm.clear_range(s, n);
+                if m.in_range(s, n) {
+                    let r = (s..s + n).filter(|&p| m.0[p as usize]).count() as u64;
+                    (s..s + n).for_each(|p| m.0[p as usize] = false);
+                    prop_assert_eq!(got, Ok(r));
+                }
+                m.in_range(s, n)
+            }
+            Op::Count(s, n) => {
+                let got = bm.count(s, n);
+                if m.in_range(s, n) {
+                    prop_assert_eq!(
+                        got,
+                        Ok((s..s + n).filter(|&p| m.0[p as usize]).count() as u64)
+                    );
+                }
+                m.in_range(s, n)
+            }
+            Op::TestAndClear(p) => {
+                let got = bm.test_and_clear(p);
+                if p < npages {
+                    prop_assert_eq!(got, Ok(m.0[p as usize]));
+                    m.0[p as usize] = false;
+                }
+                p < npages
+            }
+            Op::ClearRanges(rs) => {
+                let (s, n): (Vec<u64>, Vec<u64>) = rs.iter().copied().unzip();
+                let got = bm.clear_ranges(&s, &n);
+                let valid = rs.iter().all(|&(s, n)| m.in_range(s, n));
+                if valid {
+                    let mut r = 0;
+                    for &(s, n) in &rs {
+                        for p in s..s + n {
+                            r += u64::from(m.0[p as usize]);
+                            m.0[p as usize] = false;
+                        }
+                    }
+                    prop_assert_eq!(got, Ok(r));
+                }
+                valid
+            }
+            Op::Merge(log, off) => {
+                let got = bm.merge_log(&log, off);
+                let past = (0..log.len() as u64 * 64)
+                    .any(|b| log[(b / 64) as usize] >> (b % 64) & 1 == 1 && off + b >= npages);
+                let valid = off <= npages && !past;
+                if valid {
+                    let mut r = 0;
+                    for b in 0..log.len() as u64 * 64 {
+                        if log[(b / 64) as usize] >> (b % 64) & 1 == 1 {
+                            let p = (off + b) as usize;
+                            r += u64::from(!m.0[p]);
+                            m.0[p] = true;
+                        }
+                    }
+                    prop_assert_eq!(got, Ok(r));
+                }
+                valid
+            }
+            Op::Take(max, s) => {
+                let mut out = Vec::new();
+                let got = bm.take_dirty(max, s, &mut out);
+                if s <= npages {
+                    let want: Vec<u64> =
+                        (s..npages).filter(|&p| m.0[p as usize]).take(max).collect();
+                    want.iter().for_each(|&p| m.0[p as usize] = false);
+                    prop_assert!(got.is_ok());
+                    prop_assert_eq!(out, want);
+                }
+                s <= npages
+            }
+            Op::Runs(s, n) => {
+                let (mut rs, mut rl) = (Vec::new(), Vec::new());
+                let got = bm.dirty_runs(s, n, &mut rs, &mut rl);
+                if m.in_range(s, n) {
+                    prop_assert!(got.is_ok());
+                    let (mut ws, mut wl) = (Vec::new(), Vec::new());
+                    let mut p = s;
+                    while p < s + n {
+                        if m.0[p as usize] {
+                            let start = p;
+                            while p < s + n && m.0[p as usize] {
+                                p += 1;
+                            }
+                            ws.push(start);
+                            wl.push(p - start);
+                        } else {
+                            p += 1;
+                        }
+                    }
+                    prop_assert_eq!((rs, rl), (ws, wl));
+                }
+                m.in_range(s, n)
+            }
+            Op::Next(s) => {
+                let got = bm.next_dirty(s);
+                if s <= npages {
+                    prop_assert_eq!(got, Ok((s..npages).find(|&p| m.0[p as usize])));
+                }
+                s <= npages
+            }
+            Op::SetAll => {
+                bm.set_all();
+                m.0.iter_mut().for_each(|b| *b = true);
+                true
+            }
+            Op::ClearAll => {
+                bm.clear_all();
+                m.0.iter_mut().for_each(|b| *b = false);
+                true
+            }
+        };
+        if !ok {
+            prop_assert_eq!(
+                bm.words(),
+                &before[..],
+                "a refused {:?} changed the bitmap",
+                op
+            );
+        }
+        prop_assert_eq!(bm.words(), &m.words()[..], "after {:?}", op);
+        prop_assert_eq!(bm.count_all(), m.0.iter().filter(|&&b| b).count() as u64);
+    }
+    Ok(())
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 300, ..ProptestConfig::default() })]
+
+    #[test]
+    fn bitmap_matches_model(
+        npages in prop_oneof![Just(0u64), Just(1), Just(63), Just(64), Just(65), 0u64..1100],
+        ops in vec(op(), 1..40),
+    ) {
+        run(npages, &ops)?;
+    }
+}
+
+#[test]
+fn errors_name_the_problem() {
+    let mut bm = DirtyBitmap::new(100).expect("alloc");
+    assert!(matches!(
+        bm.set_range(u64::MAX, 2),
+        Err(BitmapError::OutOfRange { .. })
+    ));
+    assert!(matches!(
+        bm.merge_log(&[1], 3),
+        Err(BitmapError::MisalignedOffset { .. })
+    ));
+    assert_eq!(
+        bm.merge_log(&[0, 1 << 40], 0),
+        Err(BitmapError::LogPastEnd {
+            pfn: 104,
+            npages: 100
+        })
+    );
+    assert!(matches!(
+        bm.clear_ranges(&[1], &[]),
+        Err(BitmapError::LengthMismatch { .. })
+    ));
+    assert!(matches!(
+        DirtyBitmap::new(1 << 60),
+        Err(BitmapError::TooLarge { .. })
+    ));
+}
+
+#[test]
+fn huge_bitmap_is_lazy_and_usable() {
+    // 2^36 pages is an 8 GiB allocation: only possible because nothing touches it.
+    let Ok(mut bm) = DirtyBitmap::new(1 << 36) else {
+        return; // A machine without overcommit refuses; the error path is what matters then.
+    };
+    let last = (1u64 << 36) - 1;
+    assert_eq!(bm.set_range(last - 99, 100), Ok(100));
+    assert_eq!(bm.next_dirty(1 << 30), Ok(Some(last - 99)));
+    assert_eq!(bm.count(last - 199, 200), Ok(100));
+}

@@ -1,0 +1,167 @@
+//! Every kernel at every level this CPU has, against a naive bit-by-bit oracle.
+// Test oracles index small Vec<bool> models by page number; the sizes are tiny.
+#![allow(clippy::cast_possible_truncation, clippy::cast_lossless)]
+
+use pagehint_core::{Kernels, Level};
+use proptest::collection::vec;
+use proptest::prelude::*;
+
+fn levels() -> Vec<Kernels> {
+    Level::available()
+        .into_iter()
+        .map(|l| Kernels::for_level(l).expect("available levels load"))
+        .collect()
+}
+
+fn bit(words: &[u64], p: u64) -> bool {
+    words[(p / 64) as usize] >> (p % 64) & 1 == 1
+}
+
+fn clear_bit(words: &mut [u64], p: u64) {
+    words[(p / 64) as usize] &= !(1 << (p % 64));
+}
+
+/// Words with a mix of empty, full and random values, so the chunk fast paths all run.
+fn words_strategy(max_len: usize) -> impl Strategy<Value = Vec<u64>> {
+    vec(
+        prop_oneof![
+            Just(0u64),
+            Just(u64::MAX),
+            any::<u64>(),
+            (0u32..64).prop_map(|b| 1u64 << b)
+        ],
+        0..max_len,
+    )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
+
+    #[test]
+    fn count_matches_oracle(words in words_strategy(300)) {
+        let expect = (0..words.len() as u64 * 64).filter(|&p| bit(&words, p)).count() as u64;
+        for k in levels() {
+            prop_assert_eq!(k.count(&words), expect, "{:?}", k.level());
+        }
+    }
+
+    #[test]
+    fn clear_and_set_count_match_oracle(words in words_strategy(300)) {
+        let ones = (0..words.len() as u64 * 64).filter(|&p| bit(&words, p)).count() as u64;
+        let zeros = words.len() as u64 * 64 - ones;
+        for k in levels() {
+            let mut w = words.clone();
+            prop_assert_eq!(k.clear_count(&mut w), ones, "{:?}", k.level());
+            prop_assert!(w.iter().all(|&x| x == 0));
+            let mut w = words.clone();
+            prop_assert_eq!(k.set_count(&mut w), zeros, "{:?}", k.level());
+            prop_assert!(w.iter().all(|&x| x == u64::MAX));
+        }
+    }
+
+    #[test]
+    fn merge_count_matches_oracle(dst in words_strategy(300), log in words_strategy(300)) {
+        let n = dst.len().min(log.len());
+        let mut expect = dst.clone();
+        let mut new = 0u64;
+        for p in 0..n as u64 * 64 {
+            if bit(&log, p) && !bit(&expect, p) {
+                new += 1;
+                expect[(p / 64) as usize] |= 1 << (p % 64);
+            }
+        }
+        for k in levels() {
+            let mut d = dst.clone();
+            prop_assert_eq!(k.merge_count(&mut d, &log), new, "{:?}", k.level());
+            prop_assert_eq!(&d, &expect, "{:?}", k.level());
+        }
+    }
+
+    #[test]
+    fn find_matches_oracle(words in words_strategy(300)) {
+        let nonzero = words.iter().position(|&w| w != 0);
+        let not_full = words.iter().position(|&w| w != u64::MAX);
+        for k in levels() {
+            prop_assert_eq!(k.find_nonzero(&words), nonzero, "{:?}", k.level());
+            prop_assert_eq!(k.find_not_full(&words), not_full, "{:?}", k.level());
+        }
+    }
+
+    #[test]
+    fn clear_ranges_matches_oracle(
+        words in words_strategy(200),
+        ranges in vec((any::<u64>(), 0u64..400), 0..40),
+    ) {
+        let npages = words.len() as u64 * 64;
+        // Clip random ranges into the words (the bitmap validates before calling the kernel).
+        let (starts, counts): (Vec<u64>, Vec<u64>) = ranges
+            .iter()
+            .map(|&(s, n)| {
+                let s = if npages == 0 { 0 } else { s % npages };
+                (s, n.min(npages - s))
+            })
+            .unzip();
+        let mut expect = words.clone();
+        let mut cleared = 0u64;
+        for (&s, &n) in starts.iter().zip(&counts) {
+            for p in s..s + n {
+                if bit(&expect, p) {
+                    cleared += 1;
+                    clear_bit(&mut expect, p);
+                }
+            }
+        }
+        for k in levels() {
+            let mut w = words.clone();
+            prop_assert_eq!(k.clear_ranges(&mut w, &starts, &counts), cleared, "{:?}", k.level());
+            prop_assert_eq!(&w, &expect, "{:?}", k.level());
+        }
+    }
+
+    #[test]
+    fn take_matches_oracle(
+        words in words_strategy(200),
+        start in any::<u64>(),
+        end_back in 0u64..300,
+        max in 0usize..2000,
+    ) {
+        let npages = words.len() as u64 * 64;
+        let start = if npages == 0 { 0 } else { start % npages };
+        let end = npages.saturating_sub(end_back).max(start);
+        let mut expect = words.clone();
+        let mut pfns = Vec::new();
+        let mut resume = end;
+        for p in start..end {
+            if pfns.len() == max {
+                resume = p;
+                break;
+            }
+            if bit(&expect, p) {
+                pfns.push(p);
+                clear_bit(&mut expect, p);
+            }
+        }
+        // Past the last page taken, the resume point may be any page up to the next dirty one.
+        let next_dirty = (resume..end).find(|&p| bit(&expect, p)).unwrap_or(end);
+        for k in levels() {
+            let mut w = words.clone();
+            let mut out = Vec::new();
+            let got_resume = k.take(&mut w, start, end, max, &mut out);
+            prop_assert_eq!(&out, &pfns, "{:?}", k.level());
+            prop_assert_eq!(&w, &expect, "{:?}", k.level());
+            prop_assert!(
+                got_resume >= pfns.last().map_or(start, |p| p + 1) && got_resume <= next_dirty,
+                "{:?}: resume {} outside [{:?}, {}]", k.level(), got_resume, pfns.last(), next_dirty
+            );
+        }
+    }
+}
+
+#[test]
+fn every_level_names_round_trip() {
+    for l in [Level::Scalar, Level::Avx2, Level::Avx512, Level::Neon] {
+        assert_eq!(Level::from_name(l.name()), Ok(l));
+    }
+    assert!(Level::from_name("sse9").is_err());
+    assert!(Level::available().contains(&Level::Scalar));
+}
