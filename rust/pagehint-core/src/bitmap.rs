@@ -183,29 +183,28 @@ impl DirtyBitmap {
         }
         let first = word_of(page_offset);
         let fit = (self.words.len() - first).min(log.len());
-        // Bits for pages past the end: in the bitmap's last (partial) word, or past it.
+        // Bits for pages past the end can only be in the bitmap's last word (past its tail)
+        // or in log words beyond it: check just those, not the whole log.
         let tail_bits = self.npages % WORD_BITS;
-        let tail_mask = if tail_bits == 0 {
-            0
-        } else {
-            !((1u64 << tail_bits) - 1)
+        let reaches_last_word = fit > 0 && first + fit == self.words.len();
+        let past_tail = match log.get(fit.wrapping_sub(1)) {
+            Some(&w) if reaches_last_word && tail_bits != 0 => w & !((1u64 << tail_bits) - 1),
+            _ => 0,
         };
-        let last_in_log = self.words.len().checked_sub(first + 1);
-        for (j, &w) in log.iter().enumerate() {
-            let past = if j >= fit {
-                w
-            } else if Some(j) == last_in_log {
-                w & tail_mask
-            } else {
-                0
-            };
-            if past != 0 {
-                let pfn = page_offset + j as u64 * WORD_BITS + u64::from(past.trailing_zeros());
-                return Err(BitmapError::LogPastEnd {
-                    pfn,
-                    npages: self.npages,
-                });
-            }
+        let past_end = if past_tail != 0 {
+            Some((fit - 1, past_tail))
+        } else {
+            let beyond = &log[fit..];
+            Self::kernels()
+                .find_nonzero(beyond)
+                .map(|i| (fit + i, beyond[i]))
+        };
+        if let Some((j, w)) = past_end {
+            let pfn = page_offset + j as u64 * WORD_BITS + u64::from(w.trailing_zeros());
+            return Err(BitmapError::LogPastEnd {
+                pfn,
+                npages: self.npages,
+            });
         }
         Ok(Self::kernels().merge_count(&mut self.words[first..first + fit], &log[..fit]))
     }
