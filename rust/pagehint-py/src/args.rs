@@ -20,8 +20,7 @@ fn integer(obj: &Bound<'_, PyAny>) -> PyResult<i128> {
     }
 }
 
-/// A page number or position. Negative is an `IndexError`; too large becomes `u64::MAX`, which
-/// the bitmap's range check then refuses with an `IndexError` naming the bitmap's size.
+/// A page number or position. Negative or beyond 64 bits is an `IndexError`.
 #[derive(Debug, Clone, Copy)]
 pub struct Pfn(pub u64);
 
@@ -33,7 +32,9 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Pfn {
         if v < 0 {
             return Err(PyIndexError::new_err(format!("page {v} is negative")));
         }
-        Ok(Self(u64::try_from(v).unwrap_or(u64::MAX)))
+        u64::try_from(v).map(Self).map_err(|_| {
+            PyIndexError::new_err(format!("page {v} is past the end of any bitmap"))
+        })
     }
 }
 

@@ -1,0 +1,123 @@
+"""Guest-sized bitmaps: a 2**36-page (256 TiB guest, 8 GiB of words) bitmap costs no memory
+until touched and works at its far end; a 2**28-page (1 TiB guest) dirty bitmap is cleared
+exactly by one batch of every 4 MiB block in random order."""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pagehint import DirtyBitmap
+
+STATUS = Path("/proc/self/status")
+MiB = 1 << 20
+
+
+def rss_bytes() -> int:
+    for line in STATUS.read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            value, unit = line.split()[1:3]
+            assert unit == "kB", line
+            return int(value) * 1024
+    raise AssertionError("no VmRSS line in /proc/self/status")
+
+
+@pytest.fixture
+def rss() -> None:
+    if not STATUS.exists():
+        pytest.skip("/proc/self/status is not available: cannot read the resident set size")
+    try:
+        rss_bytes()
+    except (OSError, AssertionError) as e:
+        pytest.skip(f"cannot read VmRSS from /proc/self/status: {e}")
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("rss")
+def test_huge_bitmap_is_lazy_and_works_at_the_far_end() -> None:
+    end = 2**36
+    gc.collect()
+    before = rss_bytes()
+    try:
+        bm = DirtyBitmap(end)
+    except MemoryError as e:
+        pytest.skip(f"the OS refused 8 GiB of address space (strict overcommit?): {e}")
+    created = rss_bytes()
+    assert bm.npages == len(bm) == end
+    assert bm.nbytes == 8 * 2**30
+    assert created - before < 64 * MiB, f"creating it grew RSS by {(created - before) // MiB} MiB"
+
+    # Ranges at the far end.
+    assert bm.set_range(end - 100, 100) == 100
+    assert bm.set_range(end - 100, 100) == 0
+    assert bm.test(end - 1) is True
+    assert bm.test(end - 101) is False
+    assert bm.count(end - 1000, 1000) == 100
+    assert bm.count(end - 10**6) == 100
+    assert bm.next_dirty(end - 10**6) == end - 100
+    assert bm.next_dirty(end - 99) == end - 99
+    assert bm.next_dirty(end) is None
+    assert bm.set_range(end - 5000, 3) == 3
+    starts, lens = bm.dirty_runs(end - 10**6)
+    assert starts.tolist() == [end - 5000, end - 100]
+    assert lens.tolist() == [3, 100]
+    starts, lens = bm.dirty_runs(end - 4999, 4950)
+    assert starts.tolist() == [end - 4999, end - 100]
+    assert lens.tolist() == [2, 51]
+    assert bm.clear_range(end - 50, 50) == 50
+    assert bm.count(end - 10**6) == 53
+    assert bm.test_and_clear(end - 51) is True
+    taken = bm.take_dirty(10, end - 10**6)
+    assert taken.tolist() == [end - 5000, end - 4999, end - 4998] + list(range(end - 100, end - 93))
+    assert bm.count(end - 10**6) == 52 - 10
+    # A KVM log for the last 1024 pages, all dirty.
+    log = np.full(16, 2**64 - 1, dtype=np.uint64)
+    assert bm.merge_log(log, end - 1024) == 1024 - 42
+    assert bm.count(end - 10**6) == 1024
+    assert bm.count(end - 1024, 1024) == 1024
+    # A log longer than the rest of the bitmap is fine while its extra bits are zero.
+    assert bm.merge_log(np.concatenate([log, np.zeros(4, np.uint64)]), end - 1024) == 0
+    with pytest.raises(IndexError):
+        bm.merge_log(np.concatenate([log, np.ones(1, np.uint64)]), end - 1024)
+    starts_arr = np.array([end - 1024, end - 512, end - 1], dtype=np.uint64)
+    counts_arr = np.array([256, 512, 1], dtype=np.uint64)
+    assert bm.clear_ranges(starts_arr, counts_arr) == 256 + 512
+    assert bm.count(end - 2048) == 1024 - 768
+    # The first page still works too, and the view reaches the last word.
+    assert bm.set_range(0, 1) == 1
+    w = bm.words()
+    assert w.size == 2**30
+    assert int(w[0]) == 1
+    assert int(w[-1]) == 0
+    assert int(w[-9]) == 2**64 - 1
+    assert bm.take_dirty(1).tolist() == [0]
+    after = rss_bytes()
+    assert after - before < 64 * MiB, f"RSS grew by {(after - before) // MiB} MiB"
+    del w, bm
+    gc.collect()
+
+
+@pytest.mark.slow
+def test_one_tib_guest_cleared_by_shuffled_4mib_blocks() -> None:
+    npages = 2**28
+    bm = DirtyBitmap(npages, dirty=True)
+    assert bm.count() == npages
+    assert bm.nbytes == npages // 8
+    starts = np.arange(0, npages, 1024, dtype=np.uint64)
+    np.random.default_rng(2024).shuffle(starts)
+    counts = np.full(starts.size, 1024, dtype=np.uint64)
+    assert starts.size == 2**18
+    assert bm.clear_ranges(starts, counts) == npages
+    assert bm.count() == 0
+    assert bm.next_dirty() is None
+    assert not bm.words().any()
+    assert bm.clear_ranges(starts, counts) == 0
+    # Half the blocks dirty again, cleared with the others overlapping them.
+    bm.set_all()
+    assert bm.clear_ranges(starts[::2].copy(), counts[::2].copy()) == npages // 2
+    assert bm.count() == npages // 2
+    assert bm.clear_ranges(starts, counts) == npages // 2
+    assert bm.count() == 0
