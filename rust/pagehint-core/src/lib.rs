@@ -12,3 +12,4 @@ pub mod words;
 pub use bitmap::{DirtyBitmap, MAX_PAGES};
 pub use error::{BitmapError, SimdError};
 pub use kernels::{Kernels, Level};
+pub use words::advise_huge_pages;

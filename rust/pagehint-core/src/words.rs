@@ -37,7 +37,9 @@ impl Words {
         // SAFETY: the layout has a non-zero size, as `alloc_zeroed` requires.
         let raw = unsafe { alloc::alloc_zeroed(layout) };
         let ptr = NonNull::new(raw.cast::<u64>()).ok_or(BitmapError::AllocationFailed { bytes })?;
-        Ok(Self { ptr, len })
+        let mut words = Self { ptr, len };
+        advise_huge_pages(&mut words);
+        Ok(words)
     }
 
     fn layout(&self) -> Option<Layout> {
@@ -45,6 +47,33 @@ impl Words {
             .ok()
             .filter(|l| l.size() != 0)
     }
+}
+
+/// Below this a buffer is not worth a huge-page hint.
+const HUGE_PAGE: usize = 2 << 20;
+
+/// Asks the kernel to back `buf` with transparent huge pages where it can (Linux's `madvise`
+/// mode, the default on many distributions, uses them only when asked). A fault then maps 2 MiB
+/// at once: filling a 256 MiB buffer takes 128 faults instead of 65,536, which matters most in a
+/// VM where every fault is an exit. Memory that is never touched stays unbacked. A refusal is
+/// harmless, so the result is ignored.
+pub fn advise_huge_pages<T>(buf: &mut [T]) {
+    #[cfg(target_os = "linux")]
+    {
+        let start = buf.as_mut_ptr() as usize;
+        let end = start + std::mem::size_of_val(buf);
+        let (lo, hi) = (
+            start.next_multiple_of(HUGE_PAGE),
+            end / HUGE_PAGE * HUGE_PAGE,
+        );
+        if hi > lo {
+            // SAFETY: [lo, hi) lies inside `buf`, memory this process owns; MADV_HUGEPAGE only
+            // changes how the kernel backs it, never its contents or its mapping.
+            unsafe { libc::madvise(lo as *mut libc::c_void, hi - lo, libc::MADV_HUGEPAGE) };
+        }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (buf, HUGE_PAGE);
 }
 
 impl Drop for Words {

@@ -32,9 +32,9 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Pfn {
         if v < 0 {
             return Err(PyIndexError::new_err(format!("page {v} is negative")));
         }
-        u64::try_from(v).map(Self).map_err(|_| {
-            PyIndexError::new_err(format!("page {v} is past the end of any bitmap"))
-        })
+        u64::try_from(v)
+            .map(Self)
+            .map_err(|_| PyIndexError::new_err(format!("page {v} is past the end of any bitmap")))
     }
 }
 

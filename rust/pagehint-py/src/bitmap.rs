@@ -10,7 +10,10 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockE
 
 use numpy::PyArray1;
 use numpy::ndarray::ArrayView1;
-use pagehint_core::DirtyBitmap;
+use pagehint_core::{DirtyBitmap, advise_huge_pages};
+
+/// From how many pages on `take_dirty` sizes its result exactly before taking.
+const LARGE_TAKE: usize = 1 << 20;
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
@@ -271,7 +274,16 @@ impl PyDirtyBitmap {
         let max = usize::try_from(max_pages).unwrap_or(usize::MAX);
         let pfns = self
             .heavy_write(py, |bm| {
-                let mut out = Vec::with_capacity(max.min(1 << 16));
+                // A large request gets its exact size up front (one fast count pass) instead of
+                // growing through copies; small batches, the sender's loop, skip the count.
+                let want = if max > LARGE_TAKE {
+                    bm.count(start, bm.npages().saturating_sub(start))
+                        .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX).min(max))
+                } else {
+                    max
+                };
+                let mut out = Vec::with_capacity(want);
+                advise_huge_pages(out.spare_capacity_mut());
                 bm.take_dirty(max, start, &mut out).map(|_| out)
             })
             .map_err(bitmap_err)?;

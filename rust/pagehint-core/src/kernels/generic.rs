@@ -7,7 +7,7 @@
 //! change: clearing or merging into a lazily allocated bitmap must not fault in pages that stay
 //! zero, and clean cache lines are not written back.
 
-use crate::span::{WORD_BITS, bit_of, bits_mask, span, word_of};
+use crate::span::{WORD_BITS, bit_of, span, word_of};
 
 /// Words per block of the modifying loops: 512 bytes, small enough to stay in L1 between the
 /// counting pass and the store pass, large enough that the horizontal sum is rare.
@@ -189,66 +189,50 @@ fn prefetch_write(words: &[u64], index: usize) {
 
 /// Test-and-clears up to `max` set pages in `[start, end)`, ascending, appending their pfns to
 /// `out`. Returns the page after the last one taken (or `end`), where the next call resumes.
-/// One streaming pass over cache lines: a clean line costs one vector test, and in a dirty one
-/// only the non-zero words are visited (a bit mask of them, so no branch per word).
 #[inline(always)]
 pub fn take(words: &mut [u64], start: u64, end: u64, max: usize, out: &mut Vec<u64>) -> u64 {
-    if start >= end || max == 0 {
-        return start.min(end);
-    }
-    let (first, last) = (word_of(start), word_of(end - 1));
-    let head_mask = !(bit_of(start) - 1);
-    let tail_mask = bits_mask(0, (end - 1) % WORD_BITS + 1);
-    let mut room = max;
-    let mut line = first - first % CHUNK;
-    while line <= last {
-        let line_end = (line + CHUNK).min(last + 1);
-        let mut nonzero = nonzero_mask(&words[line..line_end]);
-        while nonzero != 0 {
-            let w = line + nonzero.trailing_zeros() as usize;
-            nonzero &= nonzero - 1;
-            let mut bits = words[w];
-            if w == first {
-                bits &= head_mask;
-            }
-            if w == last {
-                bits &= tail_mask;
-            }
-            if w < first || bits == 0 {
-                continue;
-            }
-            let base = w as u64 * WORD_BITS;
-            let n = bits.count_ones() as usize;
-            if n > room {
-                // Keep only the lowest `room` bits: the batch ends inside this word.
-                let mut rest = bits;
-                for _ in 0..room {
-                    rest &= rest - 1;
-                }
-                bits &= !rest;
-            }
-            words[w] &= !bits;
-            room -= n.min(room);
-            out.reserve(n);
-            let resume = base + WORD_BITS - u64::from(bits.leading_zeros());
-            while bits != 0 {
-                out.push(base + u64::from(bits.trailing_zeros()));
-                bits &= bits - 1;
-            }
-            if room == 0 {
-                return resume;
-            }
+    let mut taken = 0usize;
+    let mut pfn = start;
+    while pfn < end && taken < max {
+        let w = word_of(pfn);
+        let Some(off) = find_nonzero_from(words, w, pfn, end) else {
+            return end;
+        };
+        let base = (w + off) as u64 * WORD_BITS;
+        let word = &mut words[w + off];
+        // Bits of this word inside [pfn, end).
+        let lo = pfn.saturating_sub(base);
+        let hi = (end - base).min(WORD_BITS);
+        let mut bits = *word & crate::span::bits_mask(lo, hi);
+        let mut took = 0u64;
+        while bits != 0 && taken < max {
+            let b = u64::from(bits.trailing_zeros());
+            out.push(base + b);
+            took |= 1 << b;
+            bits &= bits - 1;
+            taken += 1;
         }
-        line += CHUNK;
+        *word &= !took;
+        if bits != 0 {
+            // Stopped at `max` inside this word: resume after the last page taken.
+            return base + WORD_BITS - u64::from(took.leading_zeros());
+        }
+        pfn = base + hi;
     }
-    end
+    pfn.min(end)
 }
 
-/// Bit `i` set when `words[i]` is non-zero (`words.len() <= 8`).
+/// Offset (from word `w`) of the first word holding a set page in `[pfn, end)`, where `pfn` is in
+/// word `w`.
 #[inline(always)]
-fn nonzero_mask(words: &[u64]) -> u32 {
-    words
-        .iter()
-        .enumerate()
-        .fold(0, |m, (i, &w)| m | (u32::from(w != 0) << i))
+fn find_nonzero_from(words: &[u64], w: usize, pfn: u64, end: u64) -> Option<usize> {
+    let last = word_of(end - 1);
+    let head = words[w] & !(bit_of(pfn) - 1);
+    if head != 0 {
+        return Some(0);
+    }
+    if w == last {
+        return None;
+    }
+    find_nonzero(&words[w + 1..=last]).map(|i| i + 1)
 }
