@@ -3,6 +3,21 @@
 The Rust core (``pagehint._core``) holds the dirty bitmap; this package re-exports it.
 """
 
-from pagehint._core import DirtyBitmap, __version__, available_simd_levels, simd_level
+from pagehint._core import (
+    DirtyBitmap,
+    MemoryMap,
+    __version__,
+    available_simd_levels,
+    simd_level,
+)
+from pagehint.hints import HintResult, apply_hints
 
-__all__ = ["DirtyBitmap", "__version__", "available_simd_levels", "simd_level"]
+__all__ = [
+    "DirtyBitmap",
+    "HintResult",
+    "MemoryMap",
+    "__version__",
+    "apply_hints",
+    "available_simd_levels",
+    "simd_level",
+]

@@ -5,7 +5,14 @@ from typing import ClassVar, TypeAlias, final
 import numpy as np
 import numpy.typing as npt
 
-__all__ = ["DirtyBitmap", "__version__", "available_simd_levels", "simd_level"]
+__all__ = [
+    "DirtyBitmap",
+    "MemoryMap",
+    "__version__",
+    "apply_hints",
+    "available_simd_levels",
+    "simd_level",
+]
 
 __version__: str
 
@@ -64,3 +71,37 @@ class DirtyBitmap:
     def words(self) -> _U64Array:
         """A read-only zero-copy view of the words (live: it shows later changes)."""
     __hash__: ClassVar[None]  # type: ignore[assignment]
+
+@final
+class MemoryMap:
+    """Guest RAM regions ``(gpa, size)``, numbered into consecutive bitmap pages in order."""
+
+    def __new__(cls, regions: list[tuple[int, int]], page_size: int = 4096) -> MemoryMap: ...
+    @staticmethod
+    def x86(ram_bytes: int, *, below_4g: int = 2147483648, page_size: int = 4096) -> MemoryMap:
+        """RAM from 0 up to ``below_4g``, the rest from 4 GiB (QEMU's PC layout)."""
+    @property
+    def npages(self) -> int:
+        """Pages of RAM."""
+    @property
+    def page_size(self) -> int:
+        """Bytes per page."""
+    @property
+    def ram_bytes(self) -> int:
+        """Bytes of RAM."""
+    @property
+    def regions(self) -> list[tuple[int, int]]:
+        """The regions as ``(gpa, size)``, in bitmap order."""
+    def pfn_of(self, gpa: int) -> int:
+        """The bitmap page of a guest-physical address (ValueError in a hole)."""
+    def gpa_of(self, pfn: int) -> int:
+        """The guest-physical address of a bitmap page (IndexError past the end)."""
+    def __len__(self) -> int: ...
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    __hash__: ClassVar[None]  # type: ignore[assignment]
+
+def apply_hints(
+    bitmap: DirtyBitmap, memmap: MemoryMap, hints: npt.NDArray[np.uint64]
+) -> tuple[int, int, int, dict[str, int]]:
+    """Applies ``(gpa, len)`` hints; see ``pagehint.apply_hints``."""

@@ -59,6 +59,12 @@ impl DirtyBitmap {
         &self.words
     }
 
+    /// The words, for kernels applying ranges already checked against `npages` (hint decoding).
+    /// Writing bits past `npages` would break the tail invariant; callers check their ranges.
+    pub(crate) fn words_mut(&mut self) -> &mut [u64] {
+        &mut self.words
+    }
+
     fn kernels() -> &'static Kernels {
         kernels::active()
     }

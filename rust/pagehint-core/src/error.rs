@@ -18,6 +18,8 @@ pub enum BitmapError {
     MisalignedOffset { page_offset: u64 },
     /// A dirty log sets a bit for a page past the end of the bitmap.
     LogPastEnd { pfn: u64, npages: u64 },
+    /// A memory map has more pages than the bitmap it is applied to.
+    MapLargerThanBitmap { map_pages: u64, npages: u64 },
 }
 
 impl fmt::Display for BitmapError {
@@ -43,6 +45,10 @@ impl fmt::Display for BitmapError {
             Self::LogPastEnd { pfn, npages } => write!(
                 f,
                 "the dirty log marks page {pfn} dirty, past the bitmap's {npages} pages"
+            ),
+            Self::MapLargerThanBitmap { map_pages, npages } => write!(
+                f,
+                "the memory map has {map_pages} pages but the bitmap only {npages}"
             ),
         }
     }

@@ -6,6 +6,7 @@
 pub mod bitmap;
 pub mod error;
 pub mod guest_memory;
+pub mod hints;
 pub mod kernels;
 pub mod memmap;
 pub mod span;
@@ -14,6 +15,7 @@ pub mod words;
 pub use bitmap::{DirtyBitmap, MAX_PAGES};
 pub use error::{BitmapError, SimdError};
 pub use guest_memory::{GuestRam, OutsideRam};
+pub use hints::{HintDecoder, HintOutcome, HintRejects};
 pub use kernels::{Kernels, Level};
 pub use memmap::{MapError, MemoryMap, Region};
 pub use words::advise_huge_pages;

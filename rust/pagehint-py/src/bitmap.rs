@@ -79,7 +79,7 @@ impl PyDirtyBitmap {
     }
 
     /// O(n) write with the GIL released.
-    fn heavy_write<T: Send>(
+    pub(crate) fn heavy_write<T: Send>(
         &self,
         py: Python<'_>,
         f: impl FnOnce(&mut DirtyBitmap) -> T + Send,

@@ -1,6 +1,6 @@
 //! The one place where core errors become Python exceptions.
 
-use pagehint_core::{BitmapError, SimdError};
+use pagehint_core::{BitmapError, MapError, SimdError};
 use pyo3::PyErr;
 use pyo3::exceptions::{PyIndexError, PyMemoryError, PyValueError};
 
@@ -14,11 +14,17 @@ pub fn bitmap_err(e: BitmapError) -> PyErr {
         BitmapError::AllocationFailed { .. } => PyMemoryError::new_err(e.to_string()),
         BitmapError::TooLarge { .. }
         | BitmapError::LengthMismatch { .. }
-        | BitmapError::MisalignedOffset { .. } => PyValueError::new_err(e.to_string()),
+        | BitmapError::MisalignedOffset { .. }
+        | BitmapError::MapLargerThanBitmap { .. } => PyValueError::new_err(e.to_string()),
     }
 }
 
 /// A bad `PAGEHINT_SIMD` request.
 pub fn simd_err(e: SimdError) -> PyErr {
+    PyValueError::new_err(e.to_string())
+}
+
+/// A memory map that cannot be built.
+pub fn map_err(e: MapError) -> PyErr {
     PyValueError::new_err(e.to_string())
 }

@@ -4,6 +4,7 @@
 mod args;
 mod bitmap;
 mod errors;
+mod memmap;
 
 use pagehint_core::{Level, kernels};
 use pyo3::prelude::*;
@@ -26,6 +27,8 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     kernels::init_from_env().map_err(errors::simd_err)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<bitmap::PyDirtyBitmap>()?;
+    m.add_class::<memmap::PyMemoryMap>()?;
+    m.add_function(wrap_pyfunction!(memmap::apply_hints, m)?)?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(available_simd_levels, m)?)?;
     Ok(())

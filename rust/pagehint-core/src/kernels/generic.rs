@@ -171,6 +171,13 @@ pub fn clear_ranges(words: &mut [u64], starts: &[u64], counts: &[u64]) -> u64 {
     cleared
 }
 
+/// Prefetches the first and last bitmap line of pages `[pfn, pfn + pages)`.
+#[inline(always)]
+pub fn prefetch_range(words: &[u64], pfn: u64, pages: u64) {
+    prefetch_write(words, word_of(pfn));
+    prefetch_write(words, word_of(pfn.saturating_add(pages.saturating_sub(1))));
+}
+
 #[inline(always)]
 fn prefetch_write(words: &[u64], index: usize) {
     #[cfg(target_arch = "x86_64")]

@@ -1,0 +1,165 @@
+//! `pagehint.MemoryMap` and `apply_hints`: guest RAM layout and hint application.
+
+use std::sync::{Mutex, PoisonError};
+
+use numpy::{PyArray2, PyArrayMethods, PyUntypedArrayMethods};
+use pagehint_core::{HintDecoder, HintOutcome, MemoryMap};
+use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::PyDict;
+
+use crate::args::Pfn;
+use crate::bitmap::PyDirtyBitmap;
+use crate::errors::{bitmap_err, map_err};
+
+/// Guest RAM regions `(gpa, size)`, numbered into consecutive bitmap pages in the order given.
+#[derive(Debug)]
+#[pyclass(name = "MemoryMap", module = "pagehint._core", frozen)]
+pub struct PyMemoryMap {
+    pub(crate) map: MemoryMap,
+    /// Decode buffers reused across `apply_hints` batches on this map.
+    decoder: Mutex<HintDecoder>,
+}
+
+impl PyMemoryMap {
+    fn wrap(map: MemoryMap) -> Self {
+        Self {
+            map,
+            decoder: Mutex::new(HintDecoder::default()),
+        }
+    }
+}
+
+#[pymethods]
+impl PyMemoryMap {
+    #[new]
+    #[pyo3(signature = (regions, page_size = 4096))]
+    fn new(regions: Vec<(u64, u64)>, page_size: u64) -> PyResult<Self> {
+        MemoryMap::new(&regions, page_size)
+            .map(Self::wrap)
+            .map_err(map_err)
+    }
+
+    /// The PC layout: `below_4g` bytes of RAM from address 0 and the rest from 4 GiB, as QEMU
+    /// splits RAM around the PCI hole (q35 puts 2 GiB below 4 GiB once RAM reaches 2.75 GiB,
+    /// pc 3 GiB once it reaches 3.5 GiB).
+    #[staticmethod]
+    #[pyo3(signature = (ram_bytes, *, below_4g = 2_147_483_648, page_size = 4096))]
+    fn x86(ram_bytes: u64, below_4g: u64, page_size: u64) -> PyResult<Self> {
+        MemoryMap::x86(ram_bytes, below_4g, page_size)
+            .map(Self::wrap)
+            .map_err(map_err)
+    }
+
+    /// Pages of RAM (the bitmap a migration of this guest needs).
+    #[getter]
+    fn npages(&self) -> u64 {
+        self.map.npages()
+    }
+
+    /// Bytes per page.
+    #[getter]
+    fn page_size(&self) -> u64 {
+        self.map.page_size()
+    }
+
+    /// Bytes of RAM: the size of a buffer holding it.
+    #[getter]
+    fn ram_bytes(&self) -> u64 {
+        self.map.ram_bytes()
+    }
+
+    /// The regions as `(gpa, size)`, in bitmap order.
+    #[getter]
+    fn regions(&self) -> Vec<(u64, u64)> {
+        self.map.regions().iter().map(|r| (r.gpa, r.size)).collect()
+    }
+
+    /// The bitmap page of a guest-physical address; `ValueError` for an address in a hole.
+    fn pfn_of(&self, gpa: Pfn) -> PyResult<u64> {
+        self.map
+            .pfn_of(gpa.0)
+            .ok_or_else(|| PyValueError::new_err(format!("gpa {:#x} is not guest RAM", gpa.0)))
+    }
+
+    /// The guest-physical address of a bitmap page; `IndexError` past the last page.
+    fn gpa_of(&self, pfn: Pfn) -> PyResult<u64> {
+        self.map.gpa_of(pfn.0).ok_or_else(|| {
+            PyIndexError::new_err(format!(
+                "page {} is past the map's {} pages",
+                pfn.0,
+                self.map.npages()
+            ))
+        })
+    }
+
+    fn __len__(&self) -> usize {
+        self.map.regions().len()
+    }
+
+    fn __repr__(&self) -> String {
+        let regions: Vec<String> = self
+            .map
+            .regions()
+            .iter()
+            .map(|r| format!("({:#x}, {:#x})", r.gpa, r.size))
+            .collect();
+        format!(
+            "MemoryMap([{}], page_size={})",
+            regions.join(", "),
+            self.map.page_size()
+        )
+    }
+
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other.cast::<Self>().is_ok_and(|o| o.get().map == self.map)
+    }
+}
+
+/// Applies `(gpa, len)` hints (a C-contiguous `uint64` array of shape `(N, 2)`) to `bitmap`
+/// through `memmap`. Returns `(hints, pages_hinted, pages_cleared, rejected_by_reason)`;
+/// `pagehint.apply_hints` wraps it in a `HintResult`.
+#[pyfunction]
+pub fn apply_hints<'py>(
+    py: Python<'py>,
+    bitmap: &Bound<'py, PyDirtyBitmap>,
+    memmap: &Bound<'py, PyMemoryMap>,
+    hints: &Bound<'py, PyAny>,
+) -> PyResult<(u64, u64, u64, Bound<'py, PyDict>)> {
+    let Ok(array) = hints.cast::<PyArray2<u64>>() else {
+        return Err(PyTypeError::new_err(
+            "hints must be a numpy uint64 array of shape (N, 2)",
+        ));
+    };
+    if array.shape()[1] != 2 {
+        return Err(PyValueError::new_err(format!(
+            "hints must have shape (N, 2), not {:?}",
+            array.shape()
+        )));
+    }
+    if !array.is_c_contiguous() {
+        return Err(PyValueError::new_err(
+            "hints must be C-contiguous (numpy.ascontiguousarray)",
+        ));
+    }
+    let ro = array
+        .try_readonly()
+        .map_err(|e| PyValueError::new_err(format!("hints: {e}")))?;
+    let flat = ro.as_slice()?;
+    let (bitmap, memmap) = (bitmap.get(), memmap.get());
+    let pairs = flat.chunks_exact(2).map(|h| (h[0], h[1]));
+    let out: HintOutcome = bitmap
+        .heavy_write(py, |bm| {
+            let mut decoder = memmap
+                .decoder
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner);
+            decoder.apply(bm, &memmap.map, pairs)
+        })
+        .map_err(bitmap_err)?;
+    let rejected = PyDict::new(py);
+    for (reason, n) in out.rejected.by_reason() {
+        rejected.set_item(reason, n)?;
+    }
+    Ok((out.hints, out.pages_hinted, out.pages_cleared, rejected))
+}
