@@ -10,6 +10,7 @@ pub mod hints;
 pub mod kernels;
 pub mod memmap;
 pub mod span;
+pub mod virtq;
 pub mod words;
 
 pub use bitmap::{DirtyBitmap, MAX_PAGES};
@@ -18,4 +19,5 @@ pub use guest_memory::{GuestRam, OutsideRam};
 pub use hints::{HintDecoder, HintOutcome, HintRejects};
 pub use kernels::{Kernels, Level};
 pub use memmap::{MapError, MemoryMap, Region};
+pub use virtq::{Chain, Desc, ElementError, QueueError, RejectCounts, SplitQueue};
 pub use words::advise_huge_pages;

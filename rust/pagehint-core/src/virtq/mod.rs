@@ -1,0 +1,382 @@
+//! Virtqueue readers: the device side of a virtio queue in guest memory.
+//!
+//! Everything here reads guest-written memory through [`GuestRam`](crate::GuestRam) and treats
+//! it as hostile: every index is bounded, every length checked, every loop has a step limit,
+//! and nothing panics on any input. A fault of one element (a bad descriptor chain) is counted
+//! by reason in [`RejectCounts`], the element is returned to the driver with length 0, and
+//! processing goes on. A fault of the queue itself (a bad ring address, a head index past the
+//! table, an available index that jumps too far) is a [`QueueError`]: the queue stops and
+//! keeps the error for the caller to query, as QEMU's `virtio_error()` marks a device broken.
+//!
+//! Section numbers refer to the virtio 1.2 specification, "Split Virtqueues" (§2.7).
+
+pub mod split;
+
+use std::fmt;
+
+pub use split::SplitQueue;
+
+/// Descriptor flag: the chain goes on at `next` (§2.7.5).
+pub const VIRTQ_DESC_F_NEXT: u16 = 1;
+/// Descriptor flag: the buffer is device-writable (otherwise device-readable).
+pub const VIRTQ_DESC_F_WRITE: u16 = 2;
+/// Descriptor flag: the buffer is a table of indirect descriptors (§2.7.5.3).
+pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
+/// Available-ring flag: the driver asks for no used-buffer notifications (§2.7.7).
+pub const VIRTQ_AVAIL_F_NO_INTERRUPT: u16 = 1;
+/// Largest queue size the specification allows (§2.7: "The maximum Queue Size value is 32768").
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Bytes of one descriptor: `{addr: le64, len: le32, flags: le16, next: le16}`.
+pub const DESC_SIZE: u64 = 16;
+
+/// One validated buffer of a descriptor chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Desc {
+    /// Guest-physical address.
+    pub addr: u64,
+    /// Bytes, never 0.
+    pub len: u32,
+    /// Device-writable (the driver's "in" buffer); otherwise device-readable ("out").
+    pub writable: bool,
+}
+
+/// A reusable buffer for one element's descriptors: readable ones first, then writable ones
+/// (§2.7.4.2, "The driver MUST place any device-writable descriptor elements after any
+/// device-readable descriptor elements"; the reader rejects any other order).
+///
+/// A queue reader clears and refills it for each element, so after the first few elements no
+/// processing step allocates. After a rejected element its contents are unspecified.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Chain {
+    descs: Vec<Desc>,
+    readable: usize,
+    total_len: u64,
+}
+
+impl Chain {
+    /// An empty chain.
+    pub const fn new() -> Self {
+        Self {
+            descs: Vec::new(),
+            readable: 0,
+            total_len: 0,
+        }
+    }
+
+    /// An empty chain with room for `n` descriptors.
+    pub fn with_capacity(n: usize) -> Self {
+        Self {
+            descs: Vec::with_capacity(n),
+            readable: 0,
+            total_len: 0,
+        }
+    }
+
+    /// All buffers, in chain order.
+    pub fn descs(&self) -> &[Desc] {
+        &self.descs
+    }
+
+    /// The device-readable buffers (they come first).
+    pub fn readable(&self) -> &[Desc] {
+        &self.descs[..self.readable]
+    }
+
+    /// The device-writable buffers (they come last).
+    pub fn writable(&self) -> &[Desc] {
+        &self.descs[self.readable..]
+    }
+
+    /// Number of buffers.
+    pub fn len(&self) -> usize {
+        self.descs.len()
+    }
+
+    /// Whether there are no buffers.
+    pub fn is_empty(&self) -> bool {
+        self.descs.is_empty()
+    }
+
+    /// Sum of all buffer lengths; at most `u32::MAX` for an accepted element.
+    pub const fn total_len(&self) -> u64 {
+        self.total_len
+    }
+
+    pub(crate) fn clear(&mut self) {
+        self.descs.clear();
+        self.readable = 0;
+        self.total_len = 0;
+    }
+
+    /// Appends a buffer, enforcing out-before-in and the 32-bit total.
+    pub(crate) fn push(&mut self, d: Desc) -> Result<(), ElementError> {
+        if !d.writable && self.readable != self.descs.len() {
+            return Err(ElementError::ReadableAfterWritable);
+        }
+        let total = self.total_len + u64::from(d.len);
+        if total > u64::from(u32::MAX) {
+            return Err(ElementError::LengthOverflow { total });
+        }
+        self.total_len = total;
+        if !d.writable {
+            self.readable += 1;
+        }
+        self.descs.push(d);
+        Ok(())
+    }
+}
+
+/// Why one element (one descriptor chain) was rejected. The element is returned to the
+/// driver with used length 0 and the queue goes on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ElementError {
+    /// A `next` index is not below the table's entry count (the queue size, or the indirect
+    /// table's length / 16). QEMU: "Desc next is %u".
+    NextOutOfRange { next: u16, limit: u32 },
+    /// More descriptors than the table holds were followed: a loop (§2.7.5.2 "loops in the
+    /// descriptor chain are forbidden"; QEMU: "Looped descriptor").
+    ChainTooLong { limit: u32 },
+    /// A descriptor has both INDIRECT and NEXT (§2.7.5.3.1 "A driver MUST NOT set both").
+    IndirectWithNext,
+    /// A descriptor inside an indirect table has INDIRECT (§2.7.5.3.1 "only one table per
+    /// descriptor"; QEMU: "Indirect buffer in indirect buffer").
+    NestedIndirect,
+    /// An indirect table of length 0 (QEMU: "Invalid size for indirect buffer table").
+    IndirectEmpty,
+    /// An indirect table whose length is not a multiple of 16 (same QEMU message).
+    IndirectLenNotMultiple { len: u32 },
+    /// An indirect table with more entries than the queue size (§2.7.5.3.1 "A driver MUST NOT
+    /// create a descriptor chain longer than the Queue Size of the device").
+    IndirectTooLarge { entries: u32, size: u16 },
+    /// An indirect table not entirely in guest RAM (QEMU: "Cannot map indirect buffer").
+    IndirectOutsideRam { addr: u64, len: u32 },
+    /// A buffer of length 0 (QEMU `virtqueue_map_desc`: "virtio: zero sized buffers are not
+    /// allowed").
+    ZeroLengthBuffer { addr: u64 },
+    /// A buffer not entirely in guest RAM: in a hole, past the end, crossing from RAM into a
+    /// hole, or wrapping past 2^64 (QEMU: "virtio: bogus descriptor or out of resources").
+    BufferOutsideRam { addr: u64, len: u32 },
+    /// The buffers add up to more than `u32::MAX` bytes (§2.7.5.2 "Drivers MUST NOT add a
+    /// descriptor chain longer than 2^32 bytes in total"; the used length is 32-bit).
+    LengthOverflow { total: u64 },
+    /// A device-readable buffer after a device-writable one (§2.7.4.2; QEMU: "Incorrect
+    /// order for descriptors").
+    ReadableAfterWritable,
+}
+
+impl ElementError {
+    /// A short stable name of the reason, for reports (`snake_case`, the [`RejectCounts`]
+    /// field name).
+    pub const fn reason(&self) -> &'static str {
+        match self {
+            Self::NextOutOfRange { .. } => "next_out_of_range",
+            Self::ChainTooLong { .. } => "chain_too_long",
+            Self::IndirectWithNext => "indirect_with_next",
+            Self::NestedIndirect => "nested_indirect",
+            Self::IndirectEmpty => "indirect_empty",
+            Self::IndirectLenNotMultiple { .. } => "indirect_len_not_multiple",
+            Self::IndirectTooLarge { .. } => "indirect_too_large",
+            Self::IndirectOutsideRam { .. } => "indirect_outside_ram",
+            Self::ZeroLengthBuffer { .. } => "zero_length_buffer",
+            Self::BufferOutsideRam { .. } => "buffer_outside_ram",
+            Self::LengthOverflow { .. } => "length_overflow",
+            Self::ReadableAfterWritable => "readable_after_writable",
+        }
+    }
+}
+
+impl fmt::Display for ElementError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::NextOutOfRange { next, limit } => {
+                write!(f, "descriptor next index {next} is not below {limit}")
+            }
+            Self::ChainTooLong { limit } => write!(
+                f,
+                "descriptor chain longer than its table's {limit} entries (a loop)"
+            ),
+            Self::IndirectWithNext => write!(f, "descriptor has both INDIRECT and NEXT"),
+            Self::NestedIndirect => write!(f, "INDIRECT descriptor inside an indirect table"),
+            Self::IndirectEmpty => write!(f, "indirect descriptor table of length 0"),
+            Self::IndirectLenNotMultiple { len } => write!(
+                f,
+                "indirect descriptor table length {len} is not a multiple of 16"
+            ),
+            Self::IndirectTooLarge { entries, size } => write!(
+                f,
+                "indirect descriptor table of {entries} entries exceeds the queue size {size}"
+            ),
+            Self::IndirectOutsideRam { addr, len } => write!(
+                f,
+                "indirect descriptor table ({len} bytes at {addr:#x}) is not all guest RAM"
+            ),
+            Self::ZeroLengthBuffer { addr } => write!(f, "zero-length buffer at {addr:#x}"),
+            Self::BufferOutsideRam { addr, len } => {
+                write!(f, "buffer ({len} bytes at {addr:#x}) is not all guest RAM")
+            }
+            Self::LengthOverflow { total } => write!(
+                f,
+                "descriptor chain totals {total} bytes, more than 2^32 - 1"
+            ),
+            Self::ReadableAfterWritable => {
+                write!(f, "device-readable descriptor after a device-writable one")
+            }
+        }
+    }
+}
+
+impl std::error::Error for ElementError {}
+
+/// Which part of a split virtqueue.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ring {
+    /// The descriptor table (device-read).
+    Desc,
+    /// The available ring (driver area, device-read).
+    Avail,
+    /// The used ring (device area, device-written).
+    Used,
+}
+
+impl fmt::Display for Ring {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::Desc => "descriptor table",
+            Self::Avail => "available ring",
+            Self::Used => "used ring",
+        })
+    }
+}
+
+/// Why a queue was refused or broke. A broken queue processes nothing more until it is
+/// set up again; the error stays visible.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueError {
+    /// Queue size 0.
+    ZeroSize,
+    /// Queue size above 32768 (§2.7).
+    SizeTooLarge { size: u16 },
+    /// Queue size not a power of two (§2.7 "Queue Size value is always a power of 2").
+    SizeNotPowerOfTwo { size: u16 },
+    /// A ring's address breaks its alignment (§2.7: desc 16, avail 2, used 4).
+    Misaligned { ring: Ring, gpa: u64, align: u64 },
+    /// A ring is not entirely guest RAM (or an access to it failed).
+    RingOutsideRam { ring: Ring, gpa: u64, len: u64 },
+    /// The available index is more than the queue size ahead of the last one processed
+    /// (QEMU `virtqueue_num_heads`: "Guest moved used index from %u to %u").
+    AvailIdxJump {
+        avail_idx: u16,
+        last_avail: u16,
+        size: u16,
+    },
+    /// The available ring names a head at or past the queue size (QEMU
+    /// `virtqueue_get_head`: "Guest says index %u is available"). Returned without breaking
+    /// the queue when the caller passes such a head to `add_used`.
+    HeadOutOfRange { head: u16, size: u16 },
+}
+
+impl fmt::Display for QueueError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::ZeroSize => write!(f, "queue size is 0"),
+            Self::SizeTooLarge { size } => {
+                write!(f, "queue size {size} is more than {MAX_QUEUE_SIZE}")
+            }
+            Self::SizeNotPowerOfTwo { size } => {
+                write!(f, "queue size {size} is not a power of two")
+            }
+            Self::Misaligned { ring, gpa, align } => {
+                write!(f, "{ring} at {gpa:#x} is not {align}-byte aligned")
+            }
+            Self::RingOutsideRam { ring, gpa, len } => {
+                write!(f, "{ring} ({len} bytes at {gpa:#x}) is not all guest RAM")
+            }
+            Self::AvailIdxJump {
+                avail_idx,
+                last_avail,
+                size,
+            } => write!(
+                f,
+                "available index moved from {last_avail} to {avail_idx}, more than the queue size {size}"
+            ),
+            Self::HeadOutOfRange { head, size } => {
+                write!(f, "head index {head} is not below the queue size {size}")
+            }
+        }
+    }
+}
+
+impl std::error::Error for QueueError {}
+
+/// Rejected elements, counted by reason: one field per [`ElementError`] variant, plus the
+/// queue-breaking bad head (counted once, when it breaks the queue).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RejectCounts {
+    pub head_out_of_range: u64,
+    pub next_out_of_range: u64,
+    pub chain_too_long: u64,
+    pub indirect_with_next: u64,
+    pub nested_indirect: u64,
+    pub indirect_empty: u64,
+    pub indirect_len_not_multiple: u64,
+    pub indirect_too_large: u64,
+    pub indirect_outside_ram: u64,
+    pub zero_length_buffer: u64,
+    pub buffer_outside_ram: u64,
+    pub length_overflow: u64,
+    pub readable_after_writable: u64,
+}
+
+impl RejectCounts {
+    /// Counts one rejected element.
+    pub fn record(&mut self, e: &ElementError) {
+        let field = match e {
+            ElementError::NextOutOfRange { .. } => &mut self.next_out_of_range,
+            ElementError::ChainTooLong { .. } => &mut self.chain_too_long,
+            ElementError::IndirectWithNext => &mut self.indirect_with_next,
+            ElementError::NestedIndirect => &mut self.nested_indirect,
+            ElementError::IndirectEmpty => &mut self.indirect_empty,
+            ElementError::IndirectLenNotMultiple { .. } => &mut self.indirect_len_not_multiple,
+            ElementError::IndirectTooLarge { .. } => &mut self.indirect_too_large,
+            ElementError::IndirectOutsideRam { .. } => &mut self.indirect_outside_ram,
+            ElementError::ZeroLengthBuffer { .. } => &mut self.zero_length_buffer,
+            ElementError::BufferOutsideRam { .. } => &mut self.buffer_outside_ram,
+            ElementError::LengthOverflow { .. } => &mut self.length_overflow,
+            ElementError::ReadableAfterWritable => &mut self.readable_after_writable,
+        };
+        *field = field.saturating_add(1);
+    }
+
+    /// Every count with its reason name ([`ElementError::reason`], and `head_out_of_range`).
+    pub const fn by_reason(&self) -> [(&'static str, u64); 13] {
+        [
+            ("head_out_of_range", self.head_out_of_range),
+            ("next_out_of_range", self.next_out_of_range),
+            ("chain_too_long", self.chain_too_long),
+            ("indirect_with_next", self.indirect_with_next),
+            ("nested_indirect", self.nested_indirect),
+            ("indirect_empty", self.indirect_empty),
+            ("indirect_len_not_multiple", self.indirect_len_not_multiple),
+            ("indirect_too_large", self.indirect_too_large),
+            ("indirect_outside_ram", self.indirect_outside_ram),
+            ("zero_length_buffer", self.zero_length_buffer),
+            ("buffer_outside_ram", self.buffer_outside_ram),
+            ("length_overflow", self.length_overflow),
+            ("readable_after_writable", self.readable_after_writable),
+        ]
+    }
+
+    /// All rejections.
+    pub fn total(&self) -> u64 {
+        self.by_reason()
+            .iter()
+            .fold(0u64, |acc, &(_, n)| acc.saturating_add(n))
+    }
+}
+
+/// `vring_need_event` (§2.7.10 / Linux `include/uapi/linux/virtio_ring.h`): whether moving
+/// the used index from `old` to `new` passed `event` (the driver's `used_event`), in 16-bit
+/// wrapping arithmetic.
+pub const fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
+    new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
+}
