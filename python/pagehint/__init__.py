@@ -11,11 +11,14 @@ from pagehint._core import (
     simd_level,
 )
 from pagehint.hints import HintResult, apply_hints
+from pagehint.virtqueue import Elements, SplitQueue
 
 __all__ = [
     "DirtyBitmap",
+    "Elements",
     "HintResult",
     "MemoryMap",
+    "SplitQueue",
     "__version__",
     "apply_hints",
     "available_simd_levels",

@@ -1,6 +1,9 @@
 """Type stubs for the Rust extension module ``pagehint._core``."""
 
+from collections.abc import Sequence
 from typing import ClassVar, TypeAlias, final
+
+from typing_extensions import Buffer, disjoint_base
 
 import numpy as np
 import numpy.typing as npt
@@ -8,6 +11,7 @@ import numpy.typing as npt
 __all__ = [
     "DirtyBitmap",
     "MemoryMap",
+    "SplitQueue",
     "__version__",
     "apply_hints",
     "available_simd_levels",
@@ -105,3 +109,50 @@ def apply_hints(
     bitmap: DirtyBitmap, memmap: MemoryMap, hints: npt.NDArray[np.uint64]
 ) -> tuple[int, int, int, dict[str, int]]:
     """Applies ``(gpa, len)`` hints; see ``pagehint.apply_hints``."""
+
+@disjoint_base
+class SplitQueue:
+    """A split virtqueue read from guest RAM in a writable buffer laid out by a MemoryMap."""
+
+    def __new__(
+        cls,
+        mem: Buffer | npt.NDArray[np.uint8],
+        memmap: MemoryMap,
+        size: int,
+        desc_gpa: int,
+        avail_gpa: int,
+        used_gpa: int,
+        *,
+        event_idx: bool = False,
+    ) -> SplitQueue: ...
+    @property
+    def size(self) -> int:
+        """Queue size."""
+    @property
+    def last_avail(self) -> int:
+        """Next available-ring index the device reads."""
+    @property
+    def next_used(self) -> int:
+        """Next used-ring index the device writes."""
+    @property
+    def error(self) -> str | None:
+        """Why the queue stopped, or None."""
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Rejected elements so far, by reason."""
+    def set_indices(self, last_avail: int, next_used: int) -> None:
+        """Resumes at the given indices."""
+    def pop_batch(
+        self, max_elements: int
+    ) -> tuple[
+        npt.NDArray[np.uint16],
+        npt.NDArray[np.uint32],
+        npt.NDArray[np.uint64],
+        npt.NDArray[np.uint32],
+        npt.NDArray[np.bool_],
+    ]:
+        """Pops up to ``max_elements`` elements as parallel arrays."""
+    def add_used(self, heads: Sequence[int], lens: Sequence[int]) -> None:
+        """Returns elements to the driver."""
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants an interrupt now."""

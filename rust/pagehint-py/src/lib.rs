@@ -5,6 +5,7 @@ mod args;
 mod bitmap;
 mod errors;
 mod memmap;
+mod virtq;
 
 use pagehint_core::{Level, kernels};
 use pyo3::prelude::*;
@@ -29,6 +30,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bitmap::PyDirtyBitmap>()?;
     m.add_class::<memmap::PyMemoryMap>()?;
     m.add_function(wrap_pyfunction!(memmap::apply_hints, m)?)?;
+    m.add_class::<virtq::PySplitQueue>()?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(available_simd_levels, m)?)?;
     Ok(())

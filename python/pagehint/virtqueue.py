@@ -1,0 +1,64 @@
+"""Virtqueues read from guest RAM: the elements a driver made available, as numpy arrays."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+from pagehint import _core
+
+
+@dataclass(frozen=True)
+class Elements:
+    """Elements popped from a queue, as parallel arrays (no Python object per element).
+
+    ``heads[i]`` is element ``i``'s id (what ``add_used`` takes back). Descriptor ``j`` belongs to
+    element ``desc_element[j]``; descriptors are in chain order, device-readable (out) buffers
+    before device-writable (in) ones.
+    """
+
+    heads: npt.NDArray[np.uint16]
+    desc_element: npt.NDArray[np.uint32]
+    desc_addr: npt.NDArray[np.uint64]
+    desc_len: npt.NDArray[np.uint32]
+    desc_writable: npt.NDArray[np.bool_]
+
+    def __len__(self) -> int:
+        return int(self.heads.size)
+
+    def buffers(self, i: int) -> list[tuple[int, int, bool]]:
+        """Element ``i``'s descriptors as ``(addr, len, writable)``."""
+        sel = self.desc_element == i
+        return [
+            (int(a), int(n), bool(w))
+            for a, n, w in zip(self.desc_addr[sel], self.desc_len[sel], self.desc_writable[sel])
+        ]
+
+    def out_buffers(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64], npt.NDArray[np.uint32]]:
+        """Device-readable buffers: ``(element, addr, len)``."""
+        ro = ~self.desc_writable
+        return self.desc_element[ro], self.desc_addr[ro], self.desc_len[ro]
+
+    def in_buffers(self) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64], npt.NDArray[np.uint32]]:
+        """Device-writable buffers: ``(element, addr, len)``; for a free page queue, the hints."""
+        w = self.desc_writable
+        return self.desc_element[w], self.desc_addr[w], self.desc_len[w]
+
+
+class SplitQueue(_core.SplitQueue):
+    """A split virtqueue (virtio 1.2 §2.7) in guest RAM held by a writable buffer.
+
+    ``SplitQueue(mem, memmap, size, desc_gpa, avail_gpa, used_gpa, *, event_idx=False)``:
+    ``mem`` is a ``bytearray``, ``mmap`` or numpy ``uint8`` array laid out by ``memmap`` (it may
+    be written by the guest concurrently). Construction checks the size (a power of two up to
+    32768), ring alignment and that the rings are RAM (``ValueError`` otherwise). Every
+    guest-written field is validated: a bad element is counted in ``rejected`` and returned used
+    with length 0; a bad ring index stops the queue and sets ``error``.
+    """
+
+    def pop(self, max_elements: int = 1 << 16) -> Elements:
+        """Takes up to ``max_elements`` available elements (GIL released)."""
+        heads, elem, addr, length, writable = self.pop_batch(max_elements)
+        return Elements(heads, elem, addr, length, writable)
