@@ -123,3 +123,55 @@ def test_hostile_ring_bytes_never_crash_and_always_terminate(
     in_second = (els.desc_addr >= (1 << 20)) & (ends <= (1 << 20) + (1 << 16))
     assert np.all(in_first | in_second)
     assert np.all(els.desc_len > 0)
+
+
+def test_drain_hints_on_real_dump_stops_at_each_cmd_id() -> None:
+    """pc-2G: the start cmd id, 458 hint elements, then STOP. The drain hands back the first
+    out-buffer untouched, applies every hint when resumed, and stops again at STOP."""
+    ring, memmap, mem = load("pc-2G-frozen-full")
+    q = SplitQueue(
+        mem, memmap, ring["queue_size"], ring["desc_gpa"], ring["avail_gpa"], ring["used_gpa"],
+        event_idx=True,
+    )
+    bm = DirtyBitmap(memmap.npages, dirty=True)
+    first = q.drain_hints(bm)
+    assert first.elements == 0 and first.result.hints == 0
+    assert first.control is not None
+    assert (first.control.cmd_id, first.control.hints) == (0x80000001, [])
+    q.add_used([first.control.head], [0])
+    hints = q.drain_hints(bm)
+    assert hints.elements == 458
+    assert hints.result.hints == 458 and hints.result.rejected_total == 0
+    assert hints.result.pages_cleared == hints.result.pages_hinted == 458 * 1024
+    assert bm.count() == memmap.npages - 458 * 1024
+    assert hints.control is not None and hints.control.cmd_id == 0  # STOP
+    q.add_used([hints.control.head], [0])
+    rest = q.drain_hints(bm)
+    assert (rest.elements, rest.control) == (0, None)
+    assert q.next_used == 460 and q.error is None
+
+
+def test_drain_hints_limit_and_short_cmd_id() -> None:
+    memmap = MemoryMap([(0, 1 << 22)])
+    mem = np.zeros(memmap.ram_bytes, dtype=np.uint8)
+    size = 8
+    desc, avail = 0x1000, 0x2000
+
+    def put_desc(i: int, addr: int, length: int, flags: int) -> None:
+        mem[desc + 16 * i : desc + 16 * i + 16] = np.frombuffer(
+            struct.pack("<QIHH", addr, length, flags, 0), dtype=np.uint8
+        )
+
+    for i in range(3):  # three 64 KiB hints (device-writable)
+        put_desc(i, 0x100000 + i * 0x10000, 0x10000, 2)
+    put_desc(3, 0x8000, 2, 0)  # an out-buffer of 2 bytes: a short cmd id
+    mem[avail : avail + 4] = np.frombuffer(struct.pack("<HH", 0, 4), dtype=np.uint8)
+    mem[avail + 4 : avail + 12] = np.frombuffer(struct.pack("<4H", 0, 1, 2, 3), dtype=np.uint8)
+    q = SplitQueue(mem, memmap, size, desc, avail, 0x3000)
+    bm = DirtyBitmap(memmap.npages, dirty=True)
+    two = q.drain_hints(bm, max_elements=2)
+    assert (two.elements, two.control, two.result.pages_cleared) == (2, None, 32)
+    rest = q.drain_hints(bm)
+    assert rest.elements == 1 and rest.result.pages_cleared == 16
+    assert rest.control is not None and rest.control.cmd_id is None and rest.control.head == 3
+    assert bm.count() == memmap.npages - 48

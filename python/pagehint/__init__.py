@@ -11,11 +11,13 @@ from pagehint._core import (
     simd_level,
 )
 from pagehint.hints import HintResult, apply_hints
-from pagehint.virtqueue import Elements, SplitQueue
+from pagehint.virtqueue import ControlElement, Elements, HintDrain, SplitQueue
 
 __all__ = [
+    "ControlElement",
     "DirtyBitmap",
     "Elements",
+    "HintDrain",
     "HintResult",
     "MemoryMap",
     "SplitQueue",

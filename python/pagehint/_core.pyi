@@ -154,5 +154,16 @@ class SplitQueue:
         """Pops up to ``max_elements`` elements as parallel arrays."""
     def add_used(self, heads: Sequence[int], lens: Sequence[int]) -> None:
         """Returns elements to the driver."""
+    def _drain_hints(
+        self, bitmap: DirtyBitmap, max_elements: int = 65536
+    ) -> tuple[
+        int,
+        int,
+        int,
+        dict[str, int],
+        int,
+        tuple[int, int | None, list[tuple[int, int]]] | None,
+    ]:
+        """Applies hint elements until empty, the limit, or a control element."""
     def needs_interrupt(self) -> bool:
         """Whether the driver wants an interrupt now."""

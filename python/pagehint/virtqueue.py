@@ -8,6 +8,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pagehint import _core
+from pagehint.hints import HintResult
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,31 @@ class Elements:
         return self.desc_element[w], self.desc_addr[w], self.desc_len[w]
 
 
+@dataclass(frozen=True)
+class ControlElement:
+    """An element with a device-readable buffer, popped but not yet used.
+
+    For the free page queue that is a cmd id: ``cmd_id`` is its first 4 bytes (little endian),
+    or None when the out-buffers hold fewer than 4 bytes (QEMU puts the device in an error
+    state then). ``hints`` are the element's device-writable buffers as ``(gpa, len)``, to apply
+    only if the device state allows. Give the element back with ``add_used([head], [0])``.
+    """
+
+    head: int
+    cmd_id: int | None
+    hints: list[tuple[int, int]]
+
+
+@dataclass(frozen=True)
+class HintDrain:
+    """What one ``drain_hints`` call did: the hints applied (``result``), how many hint
+    elements were returned used, and the control element that stopped it, if any."""
+
+    result: HintResult
+    elements: int
+    control: ControlElement | None
+
+
 class SplitQueue(_core.SplitQueue):
     """A split virtqueue (virtio 1.2 §2.7) in guest RAM held by a writable buffer.
 
@@ -62,3 +88,10 @@ class SplitQueue(_core.SplitQueue):
         """Takes up to ``max_elements`` available elements (GIL released)."""
         heads, elem, addr, length, writable = self.pop_batch(max_elements)
         return Elements(heads, elem, addr, length, writable)
+
+    def drain_hints(self, bitmap: _core.DirtyBitmap, max_elements: int = 1 << 16) -> HintDrain:
+        """Applies available free-page-hint elements to ``bitmap`` until the queue is empty,
+        ``max_elements`` were applied, or an element with a cmd id comes up (GIL released)."""
+        n, hinted, cleared, rejected, elements, control = self._drain_hints(bitmap, max_elements)
+        ctl = None if control is None else ControlElement(control[0], control[1], control[2])
+        return HintDrain(HintResult(n, hinted, cleared, rejected), elements, ctl)

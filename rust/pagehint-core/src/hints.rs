@@ -56,118 +56,126 @@ pub struct HintOutcome {
 /// kernel's prefetching runs across the batch.
 const BATCH: usize = 256;
 
-/// Decoded page ranges waiting to be cleared.
-struct Batch<'a> {
+/// Applies hints one at a time to a bitmap, clearing them in L1-sized batches with each range's
+/// lines prefetched as it is decoded; [`finish`](Self::finish) clears the rest and reports.
+/// Used by [`apply_hints`] for flat arrays and by the queue readers for hints straight from a
+/// ring, so both share one decoding path.
+#[derive(Debug)]
+pub struct HintApplier<'a> {
+    map: &'a MemoryMap,
     words: &'a mut [u64],
     kernels: &'static kernels::Kernels,
     starts: [u64; BATCH],
     counts: [u64; BATCH],
     n: usize,
-    cleared: u64,
+    out: HintOutcome,
 }
 
-impl Batch<'_> {
-    fn push(&mut self, pfn: u64, pages: u64) {
-        if self.n == BATCH {
-            self.flush();
-        }
-        // Start fetching the range's bitmap lines now; it is cleared when the batch is full,
-        // by when they have arrived.
-        kernels::generic::prefetch_range(self.words, pfn, pages);
-        self.starts[self.n] = pfn;
-        self.counts[self.n] = pages;
-        self.n += 1;
-    }
-
-    fn flush(&mut self) {
-        // Every range lies inside the map, so inside the bitmap.
-        self.cleared +=
-            self.kernels
-                .clear_ranges(self.words, &self.starts[..self.n], &self.counts[..self.n]);
-        self.n = 0;
-    }
-}
-
-/// Decodes hints into bitmap page ranges and clears them, a batch at a time.
-#[derive(Debug, Default)]
-pub struct HintDecoder {
-    _private: (),
-}
-
-impl HintDecoder {
-    /// Applies `(gpa, len)` hints to `bitmap` through `map`. Fails (changing nothing) only when
-    /// the bitmap has fewer pages than the map: hints themselves are guest input, so a bad one
-    /// is counted, never an error.
-    pub fn apply(
-        &mut self,
-        bitmap: &mut DirtyBitmap,
-        map: &MemoryMap,
-        hints: impl IntoIterator<Item = (u64, u64)>,
-    ) -> Result<HintOutcome, BitmapError> {
+impl<'a> HintApplier<'a> {
+    /// An applier of hints through `map` to `bitmap`. Fails (changing nothing) only when the
+    /// bitmap has fewer pages than the map: hints themselves are guest input, so a bad one is
+    /// counted, never an error.
+    pub fn new(bitmap: &'a mut DirtyBitmap, map: &'a MemoryMap) -> Result<Self, BitmapError> {
         if bitmap.npages() < map.npages() {
             return Err(BitmapError::MapLargerThanBitmap {
                 map_pages: map.npages(),
                 npages: bitmap.npages(),
             });
         }
-        let mut batch = Batch {
+        Ok(Self {
+            map,
             words: bitmap.words_mut(),
             kernels: kernels::active(),
             starts: [0; BATCH],
             counts: [0; BATCH],
             n: 0,
-            cleared: 0,
-        };
-        let mut out = HintOutcome::default();
-        let (shift, page) = (map.page_shift(), map.page_size());
-        // Pages fully inside `[offset, offset + len)` of a region: regions are page aligned, so
-        // rounding inside a region is rounding the hint.
-        let mut add = |batch: &mut Batch<'_>, first_pfn: u64, offset: u64, len: u64| {
-            let first = offset.div_ceil(page);
-            let last = (offset + len) >> shift;
-            if last > first {
-                batch.push(first_pfn + first, last - first);
-                out.pages_hinted += last - first;
+            out: HintOutcome::default(),
+        })
+    }
+
+    /// Takes one `(gpa, len)` hint: rejects it whole (counted) or queues the pages it fully
+    /// covers for clearing.
+    #[inline]
+    pub fn add(&mut self, gpa: u64, len: u64) {
+        self.out.hints += 1;
+        if len == 0 {
+            self.out.rejected.zero_length += 1;
+            return;
+        }
+        let Some(end) = gpa.checked_add(len) else {
+            // Ending exactly at 2^64 wraps nothing; it is simply not RAM (no region reaches
+            // there, since a region's end must be representable).
+            if gpa.wrapping_add(len) == 0 {
+                self.out.rejected.outside_ram += 1;
+            } else {
+                self.out.rejected.overflow += 1;
             }
+            return;
         };
-        let mut hints_seen = 0;
-        let mut rejected = HintRejects::default();
-        for (gpa, len) in hints {
-            hints_seen += 1;
-            if len == 0 {
-                rejected.zero_length += 1;
-                continue;
-            }
-            let Some(end) = gpa.checked_add(len) else {
-                // Ending exactly at 2^64 wraps nothing; it is simply not RAM (no region reaches
-                // there, since a region's end must be representable).
-                if gpa.wrapping_add(len) == 0 {
-                    rejected.outside_ram += 1;
-                } else {
-                    rejected.overflow += 1;
-                }
-                continue;
-            };
-            match map.region_of(gpa) {
-                // The usual case: the whole hint inside one region.
-                Some(r) if end <= r.end() => add(&mut batch, r.first_pfn, gpa - r.gpa, len),
-                _ => {
-                    let Some(pieces) = map.pieces(gpa, len) else {
-                        rejected.outside_ram += 1;
-                        continue;
-                    };
-                    for (r, at, l) in pieces {
-                        add(&mut batch, r.first_pfn, at - r.gpa, l);
-                    }
+        match self.map.region_of(gpa) {
+            // The usual case: the whole hint inside one region.
+            Some(r) if end <= r.end() => self.add_piece(r.first_pfn, gpa - r.gpa, len),
+            _ => {
+                let Some(pieces) = self.map.pieces(gpa, len) else {
+                    self.out.rejected.outside_ram += 1;
+                    return;
+                };
+                for (r, at, l) in pieces {
+                    self.add_piece(r.first_pfn, at - r.gpa, l);
                 }
             }
         }
-        batch.flush();
-        out.hints = hints_seen;
-        out.rejected = rejected;
-        out.pages_cleared = batch.cleared;
-        Ok(out)
     }
+
+    /// Queues the pages fully inside `[offset, offset + len)` of the region starting at bitmap
+    /// page `first_pfn`: regions are page aligned, so rounding inside a region is rounding the
+    /// hint.
+    #[inline]
+    fn add_piece(&mut self, first_pfn: u64, offset: u64, len: u64) {
+        let first = offset.div_ceil(self.map.page_size());
+        let last = (offset + len) >> self.map.page_shift();
+        if last <= first {
+            return;
+        }
+        if self.n == BATCH {
+            self.flush();
+        }
+        let (pfn, pages) = (first_pfn + first, last - first);
+        // Start fetching the range's bitmap lines now; by the time the batch is cleared they
+        // have arrived.
+        kernels::generic::prefetch_range(self.words, pfn, pages);
+        self.starts[self.n] = pfn;
+        self.counts[self.n] = pages;
+        self.n += 1;
+        self.out.pages_hinted += pages;
+    }
+
+    fn flush(&mut self) {
+        // Every range lies inside the map, so inside the bitmap.
+        self.out.pages_cleared +=
+            self.kernels
+                .clear_ranges(self.words, &self.starts[..self.n], &self.counts[..self.n]);
+        self.n = 0;
+    }
+
+    /// Clears what is still queued and reports the whole run.
+    pub fn finish(mut self) -> HintOutcome {
+        self.flush();
+        self.out
+    }
+}
+
+/// Applies `(gpa, len)` hints to `bitmap` through `map` (see [`HintApplier`]).
+pub fn apply_hints(
+    bitmap: &mut DirtyBitmap,
+    map: &MemoryMap,
+    hints: impl IntoIterator<Item = (u64, u64)>,
+) -> Result<HintOutcome, BitmapError> {
+    let mut applier = HintApplier::new(bitmap, map)?;
+    for (gpa, len) in hints {
+        applier.add(gpa, len);
+    }
+    Ok(applier.finish())
 }
 
 #[cfg(test)]
@@ -178,7 +186,6 @@ mod tests {
     fn clears_only_fully_covered_pages_and_counts_rejects() {
         let map = MemoryMap::x86(8 << 20, 4 << 20, 4096).expect("map"); // 4 MiB low, 4 MiB at 4 GiB
         let mut bm = DirtyBitmap::new_dirty(map.npages()).expect("bitmap");
-        let mut dec = HintDecoder::default();
         let hints = [
             (4096 + 1, 3 * 4096),     // pages 2 and 3 only: start rounded up, end down
             (0, 0),                   // zero length
@@ -187,7 +194,7 @@ mod tests {
             (1 << 32, 4096),          // first page above 4 GiB: bitmap page 1024
             (100, 200),               // covers no whole page: accepted, clears nothing
         ];
-        let out = dec.apply(&mut bm, &map, hints).expect("fits");
+        let out = apply_hints(&mut bm, &map, hints).expect("fits");
         assert_eq!(out.hints, 6);
         assert_eq!(out.pages_hinted, 3);
         assert_eq!(out.pages_cleared, 3);
@@ -206,6 +213,6 @@ mod tests {
             assert_eq!(bm.test(p), Ok(false), "page {p}");
         }
         let small = &mut DirtyBitmap::new(10).expect("bitmap");
-        assert!(dec.apply(small, &map, []).is_err());
+        assert!(apply_hints(small, &map, []).is_err());
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod bitmap;
 pub mod error;
+pub mod free_page;
 pub mod guest_memory;
 pub mod hints;
 pub mod kernels;
@@ -16,7 +17,7 @@ pub mod words;
 pub use bitmap::{DirtyBitmap, MAX_PAGES};
 pub use error::{BitmapError, SimdError};
 pub use guest_memory::{GuestRam, OutsideRam};
-pub use hints::{HintDecoder, HintOutcome, HintRejects};
+pub use hints::{HintApplier, HintOutcome, HintRejects, apply_hints};
 pub use kernels::{Kernels, Level};
 pub use memmap::{MapError, MemoryMap, Region};
 pub use virtq::{Chain, Desc, ElementError, QueueError, RejectCounts, SplitQueue};

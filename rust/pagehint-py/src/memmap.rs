@@ -1,9 +1,7 @@
 //! `pagehint.MemoryMap` and `apply_hints`: guest RAM layout and hint application.
 
-use std::sync::{Mutex, PoisonError};
-
 use numpy::{PyArray2, PyArrayMethods, PyUntypedArrayMethods};
-use pagehint_core::{HintDecoder, HintOutcome, MemoryMap};
+use pagehint_core::{HintOutcome, MemoryMap};
 use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
@@ -17,16 +15,11 @@ use crate::errors::{bitmap_err, map_err};
 #[pyclass(name = "MemoryMap", module = "pagehint._core", frozen)]
 pub struct PyMemoryMap {
     pub(crate) map: MemoryMap,
-    /// Decode buffers reused across `apply_hints` batches on this map.
-    decoder: Mutex<HintDecoder>,
 }
 
 impl PyMemoryMap {
-    fn wrap(map: MemoryMap) -> Self {
-        Self {
-            map,
-            decoder: Mutex::new(HintDecoder::default()),
-        }
+    const fn wrap(map: MemoryMap) -> Self {
+        Self { map }
     }
 }
 
@@ -149,13 +142,7 @@ pub fn apply_hints<'py>(
     let (bitmap, memmap) = (bitmap.get(), memmap.get());
     let pairs = flat.chunks_exact(2).map(|h| (h[0], h[1]));
     let out: HintOutcome = bitmap
-        .heavy_write(py, |bm| {
-            let mut decoder = memmap
-                .decoder
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            decoder.apply(bm, &memmap.map, pairs)
-        })
+        .heavy_write(py, |bm| pagehint_core::apply_hints(bm, &memmap.map, pairs))
         .map_err(bitmap_err)?;
     let rejected = PyDict::new(py);
     for (reason, n) in out.rejected.by_reason() {

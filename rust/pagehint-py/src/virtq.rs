@@ -4,6 +4,8 @@ use std::sync::atomic::AtomicU8;
 use std::sync::{Mutex, PoisonError};
 
 use numpy::PyArray1;
+use pagehint_core::HintApplier;
+use pagehint_core::free_page::{DrainStop, drain_hints};
 use pagehint_core::virtq::{Chain, QueueError, SplitQueue};
 use pagehint_core::{GuestRam, MemoryMap};
 use pyo3::buffer::PyBuffer;
@@ -11,6 +13,8 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
+use crate::bitmap::PyDirtyBitmap;
+use crate::errors::bitmap_err;
 use crate::memmap::PyMemoryMap;
 
 /// Elements popped in one call, as parallel arrays (no Python object per element).
@@ -201,6 +205,50 @@ impl PySplitQueue {
                 .try_for_each(|(&h, &l)| guard.0.add_used(&ram, h, l))
         })
         .map_err(queue_err)
+    }
+
+    /// The free page queue's hot path, with the GIL released: applies every available hint
+    /// element (device-writable buffers only) to `bitmap` through this queue's memory map and
+    /// returns it used with length 0, up to `max_elements` elements or the first element with
+    /// a device-readable buffer (a cmd id), which is returned unused for the caller's state
+    /// machine. Returns `(hints, pages_hinted, pages_cleared, hint_rejects, elements, control)`
+    /// where `control` is None or `(head, cmd_id or None if shorter than 4 bytes, [(addr, len)
+    /// of its writable buffers])`.
+    #[pyo3(name = "_drain_hints", signature = (bitmap, max_elements = 65536))]
+    fn drain_hints<'py>(
+        &self,
+        py: Python<'py>,
+        bitmap: &Bound<'py, PyDirtyBitmap>,
+        max_elements: usize,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let ram = guest_ram(&self.mem, &self.map)?;
+        let (outcome, applied, stop) = bitmap
+            .get()
+            .heavy_write(py, |bm| {
+                let mut applier = HintApplier::new(bm, &self.map)?;
+                let mut guard = self.lock();
+                let (queue, chain) = &mut *guard;
+                let (applied, stop) = drain_hints(queue, &ram, chain, &mut applier, max_elements);
+                Ok((applier.finish(), applied, stop))
+            })
+            .map_err(bitmap_err)?;
+        let rejected = PyDict::new(py);
+        for (reason, n) in outcome.rejected.by_reason() {
+            rejected.set_item(reason, n)?;
+        }
+        let control = match stop {
+            DrainStop::Control(c) => Some((c.head, c.cmd_id, c.hints)),
+            DrainStop::Empty | DrainStop::Limit => None,
+        };
+        (
+            outcome.hints,
+            outcome.pages_hinted,
+            outcome.pages_cleared,
+            rejected,
+            applied,
+            control,
+        )
+            .into_pyobject(py)
     }
 
     /// Whether the driver wants an interrupt for what was used since the last decision.
