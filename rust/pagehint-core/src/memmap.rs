@@ -7,6 +7,9 @@
 
 use std::fmt;
 
+/// Up to this many regions, lookups scan instead of searching.
+const LINEAR_REGIONS: usize = 4;
+
 /// Largest guest page size accepted (arm64's 64 KiB granule).
 pub const MAX_PAGE_SIZE: u64 = 64 << 10;
 
@@ -166,8 +169,13 @@ impl MemoryMap {
         self.ram_bytes
     }
 
-    /// The region holding `gpa`, if it is RAM.
+    /// The region holding `gpa`, if it is RAM. Called for every ring access and every hint:
+    /// a PC guest has one to three regions, scanned directly; larger maps are searched.
+    #[inline]
     pub fn region_of(&self, gpa: u64) -> Option<&Region> {
+        if self.regions.len() <= LINEAR_REGIONS {
+            return self.regions.iter().find(|r| r.gpa <= gpa && gpa < r.end());
+        }
         // The last region starting at or below gpa is the only candidate.
         let i = self.by_gpa.partition_point(|&i| self.regions[i].gpa <= gpa);
         let r = &self.regions[*self.by_gpa.get(i.checked_sub(1)?)?];
