@@ -21,7 +21,8 @@ from collections.abc import Callable
 import numpy as np
 import pytest
 
-from benches.bench_apply_hints import MEMMAP, NBLOCKS, PAGE, _hints, numpy_decode
+from benches.bench_apply_hints import MEMMAP, NBLOCKS, _hints, numpy_decode
+from benches.bench_apply_hints import _peer as apply_hints_peer
 from benches.benchutil import ALL_ONES, GUEST_PAGES, HINT_PAGES, WORD_BITS, Bench, Peer, Settings, U64Array, check_then_measure
 from pagehint import DirtyBitmap, SplitQueue
 
@@ -96,13 +97,7 @@ def case() -> tuple[U64Array, U64Array, U64Array]:
 
 def _peer(impl: str, hints: U64Array, starts: U64Array, counts: U64Array) -> Peer:
     if impl == "pagehint-clear-ranges":
-        bm2 = DirtyBitmap(GUEST_PAGES, dirty=True)
-        return Peer(
-            "pagehint `clear_ranges` of the same ranges, pre-decoded",
-            lambda: bm2.clear_ranges(starts, counts),
-            bm2.set_all,
-            bm2.words,
-        )
+        return apply_hints_peer(hints, starts, counts, impl)
     guest = Guest(hints)
     if impl == "pagehint":
         bm = DirtyBitmap(GUEST_PAGES, dirty=True)
