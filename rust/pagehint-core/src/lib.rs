@@ -20,5 +20,6 @@ pub use guest_memory::{GuestRam, OutsideRam};
 pub use hints::{HintApplier, HintOutcome, HintRejects, apply_hints};
 pub use kernels::{Kernels, Level};
 pub use memmap::{MapError, MemoryMap, Region};
+pub use virtq::PackedQueue;
 pub use virtq::{Chain, Desc, ElementError, QueueError, RejectCounts, SplitQueue};
 pub use words::advise_huge_pages;

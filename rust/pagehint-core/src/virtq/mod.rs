@@ -8,12 +8,18 @@
 //! table, an available index that jumps too far) is a [`QueueError`]: the queue stops and
 //! keeps the error for the caller to query, as QEMU's `virtio_error()` marks a device broken.
 //!
-//! Section numbers refer to the virtio 1.2 specification, "Split Virtqueues" (§2.7).
+//! Section numbers refer to the virtio 1.2 specification, "Split Virtqueues" (§2.7) and
+//! "Packed Virtqueues" (§2.8).
 
+pub mod packed;
 pub mod split;
 
 use std::fmt;
 
+pub use packed::{
+    PackedQueue, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
+    VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED,
+};
 pub use split::SplitQueue;
 
 /// Descriptor flag: the chain goes on at `next` (§2.7.5).
@@ -162,6 +168,10 @@ pub enum ElementError {
     /// A device-readable buffer after a device-writable one (§2.7.4.2; QEMU: "Incorrect
     /// order for descriptors").
     ReadableAfterWritable,
+    /// Packed ring: an INDIRECT descriptor that is not the first of its list (§2.8 "Indirect
+    /// Descriptors", driver requirements: "A driver MUST NOT write direct descriptors with
+    /// DESC_F_INDIRECT set in a scatter-gather list linked by VIRTQ_DESC_F_NEXT").
+    IndirectInChain,
 }
 
 impl ElementError {
@@ -181,6 +191,7 @@ impl ElementError {
             Self::BufferOutsideRam { .. } => "buffer_outside_ram",
             Self::LengthOverflow { .. } => "length_overflow",
             Self::ReadableAfterWritable => "readable_after_writable",
+            Self::IndirectInChain => "indirect_in_chain",
         }
     }
 }
@@ -221,20 +232,31 @@ impl fmt::Display for ElementError {
             Self::ReadableAfterWritable => {
                 write!(f, "device-readable descriptor after a device-writable one")
             }
+            Self::IndirectInChain => {
+                write!(
+                    f,
+                    "INDIRECT descriptor after the first of a NEXT-linked list"
+                )
+            }
         }
     }
 }
 
 impl std::error::Error for ElementError {}
 
-/// Which part of a split virtqueue.
+/// Which part of a virtqueue: its descriptor area, driver area or device area (§2.6). The
+/// names are the split queue's; for a packed queue they mean the descriptor ring, the driver
+/// event suppression structure and the device event suppression structure.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ring {
-    /// The descriptor table (device-read).
+    /// The descriptor table (device-read); packed: the descriptor ring (device-read and
+    /// device-written).
     Desc,
-    /// The available ring (driver area, device-read).
+    /// The available ring (driver area, device-read); packed: the driver event suppression
+    /// structure.
     Avail,
-    /// The used ring (device area, device-written).
+    /// The used ring (device area, device-written); packed: the device event suppression
+    /// structure.
     Used,
 }
 
@@ -273,6 +295,37 @@ pub enum QueueError {
     /// `virtqueue_get_head`: "Guest says index %u is available"). Returned without breaking
     /// the queue when the caller passes such a head to `add_used`.
     HeadOutOfRange { head: u16, size: u16 },
+    /// Packed ring: the last descriptor of an available list carries a buffer id at or past
+    /// the queue size. It cannot be returned: a driver rejects such a used id (Linux
+    /// `virtqueue_get_buf_ctx_packed`: "id %u out of range"; the example in §2.8 "Receiving
+    /// Used Buffers From The Device" asserts `id < vq->size`). Also returned, without
+    /// breaking the queue, when the caller passes such an id to `add_used`.
+    BufferIdOutOfRange { id: u16, size: u16 },
+    /// Packed ring: an available list reuses the buffer id of an element still in flight
+    /// (§2.8 "Placing Available Buffers Into The Descriptor Ring": "Get the next free buffer
+    /// id value"; returning both would make the driver see one id twice, Linux: "id %u is not
+    /// a head!").
+    BufferIdInUse { id: u16 },
+    /// Packed ring: `add_used` with a buffer id that is not in flight (caller misuse; the
+    /// queue is not broken).
+    BufferIdNotInFlight { id: u16 },
+    /// Packed ring: a descriptor after the first of a NEXT-linked list is not available in
+    /// the lap it is read in (§2.8 "Next Flag: Descriptor Chaining": "The driver always makes
+    /// the first descriptor in the list available after the rest of the list has been written
+    /// out ... the device will never observe a partial scatter/gather list"; its flags,
+    /// including AVAIL/USED, "must be set/cleared correctly in all descriptors in the list").
+    /// The list cannot be delimited.
+    ChainDescNotAvailable { index: u16, wrap: bool },
+    /// Packed ring: taking a list would put more descriptors in flight than the ring holds:
+    /// the driver made available slots the device has not used yet (QEMU
+    /// `virtqueue_packed_pop`: "Virtqueue size exceeded").
+    RingOverrun {
+        in_flight: u32,
+        list: u32,
+        size: u16,
+    },
+    /// Packed ring: `set_indices` with a ring index at or past the queue size.
+    IndexOutOfRange { index: u16, size: u16 },
 }
 
 impl fmt::Display for QueueError {
@@ -302,6 +355,29 @@ impl fmt::Display for QueueError {
             Self::HeadOutOfRange { head, size } => {
                 write!(f, "head index {head} is not below the queue size {size}")
             }
+            Self::BufferIdOutOfRange { id, size } => {
+                write!(f, "buffer id {id} is not below the queue size {size}")
+            }
+            Self::BufferIdInUse { id } => {
+                write!(f, "buffer id {id} made available again while in flight")
+            }
+            Self::BufferIdNotInFlight { id } => write!(f, "buffer id {id} is not in flight"),
+            Self::ChainDescNotAvailable { index, wrap } => write!(
+                f,
+                "descriptor {index} inside a list is not available for wrap counter {}",
+                u8::from(*wrap)
+            ),
+            Self::RingOverrun {
+                in_flight,
+                list,
+                size,
+            } => write!(
+                f,
+                "a list of {list} descriptors with {in_flight} in flight overruns the ring of {size}"
+            ),
+            Self::IndexOutOfRange { index, size } => {
+                write!(f, "ring index {index} is not below the queue size {size}")
+            }
         }
     }
 }
@@ -309,7 +385,10 @@ impl fmt::Display for QueueError {
 impl std::error::Error for QueueError {}
 
 /// Rejected elements, counted by reason: one field per [`ElementError`] variant, plus the
-/// queue-breaking bad head (counted once, when it breaks the queue).
+/// queue-breaking guest faults (counted once, when they break the queue): the split ring's
+/// bad head, and the packed ring's bad or reused buffer id, unavailable list descriptor and
+/// ring overrun. A split queue never counts the packed-only reasons
+/// ([`PACKED_ONLY_REASONS`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RejectCounts {
     pub head_out_of_range: u64,
@@ -325,7 +404,21 @@ pub struct RejectCounts {
     pub buffer_outside_ram: u64,
     pub length_overflow: u64,
     pub readable_after_writable: u64,
+    pub indirect_in_chain: u64,
+    pub buffer_id_out_of_range: u64,
+    pub buffer_id_in_use: u64,
+    pub chain_desc_not_available: u64,
+    pub ring_overrun: u64,
 }
+
+/// The [`RejectCounts`] reasons only a packed queue records.
+pub const PACKED_ONLY_REASONS: [&str; 5] = [
+    "indirect_in_chain",
+    "buffer_id_out_of_range",
+    "buffer_id_in_use",
+    "chain_desc_not_available",
+    "ring_overrun",
+];
 
 impl RejectCounts {
     /// Counts one rejected element.
@@ -343,12 +436,14 @@ impl RejectCounts {
             ElementError::BufferOutsideRam { .. } => &mut self.buffer_outside_ram,
             ElementError::LengthOverflow { .. } => &mut self.length_overflow,
             ElementError::ReadableAfterWritable => &mut self.readable_after_writable,
+            ElementError::IndirectInChain => &mut self.indirect_in_chain,
         };
         *field = field.saturating_add(1);
     }
 
-    /// Every count with its reason name ([`ElementError::reason`], and `head_out_of_range`).
-    pub const fn by_reason(&self) -> [(&'static str, u64); 13] {
+    /// Every count with its reason name ([`ElementError::reason`], then the queue-breaking
+    /// ones: `head_out_of_range` and the packed ring's).
+    pub const fn by_reason(&self) -> [(&'static str, u64); 18] {
         [
             ("head_out_of_range", self.head_out_of_range),
             ("next_out_of_range", self.next_out_of_range),
@@ -363,6 +458,11 @@ impl RejectCounts {
             ("buffer_outside_ram", self.buffer_outside_ram),
             ("length_overflow", self.length_overflow),
             ("readable_after_writable", self.readable_after_writable),
+            ("indirect_in_chain", self.indirect_in_chain),
+            ("buffer_id_out_of_range", self.buffer_id_out_of_range),
+            ("buffer_id_in_use", self.buffer_id_in_use),
+            ("chain_desc_not_available", self.chain_desc_not_available),
+            ("ring_overrun", self.ring_overrun),
         ]
     }
 
