@@ -11,7 +11,7 @@ from pagehint._core import (
     simd_level,
 )
 from pagehint.hints import HintResult, apply_hints
-from pagehint.virtqueue import ControlElement, Elements, HintDrain, SplitQueue
+from pagehint.virtqueue import ControlElement, Elements, HintDrain, PackedQueue, SplitQueue
 
 __all__ = [
     "ControlElement",
@@ -20,6 +20,7 @@ __all__ = [
     "HintDrain",
     "HintResult",
     "MemoryMap",
+    "PackedQueue",
     "SplitQueue",
     "__version__",
     "apply_hints",

@@ -11,6 +11,7 @@ import numpy.typing as npt
 __all__ = [
     "DirtyBitmap",
     "MemoryMap",
+    "PackedQueue",
     "SplitQueue",
     "__version__",
     "apply_hints",
@@ -142,6 +143,66 @@ class SplitQueue:
         """Rejected elements so far, by reason."""
     def set_indices(self, last_avail: int, next_used: int) -> None:
         """Resumes at the given indices."""
+    def pop_batch(
+        self, max_elements: int
+    ) -> tuple[
+        npt.NDArray[np.uint16],
+        npt.NDArray[np.uint32],
+        npt.NDArray[np.uint64],
+        npt.NDArray[np.uint32],
+        npt.NDArray[np.bool_],
+    ]:
+        """Pops up to ``max_elements`` elements as parallel arrays."""
+    def add_used(self, heads: Sequence[int], lens: Sequence[int]) -> None:
+        """Returns elements to the driver."""
+    def _drain_hints(
+        self, bitmap: DirtyBitmap, max_elements: int = 65536
+    ) -> tuple[
+        int,
+        int,
+        int,
+        dict[str, int],
+        int,
+        tuple[int, int | None, list[tuple[int, int]]] | None,
+    ]:
+        """Applies hint elements until empty, the limit, or a control element."""
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants an interrupt now."""
+
+@disjoint_base
+class PackedQueue:
+    """A packed virtqueue read from guest RAM in a writable buffer laid out by a MemoryMap."""
+
+    def __new__(
+        cls,
+        mem: Buffer | npt.NDArray[np.uint8],
+        memmap: MemoryMap,
+        size: int,
+        desc_gpa: int,
+        driver_event_gpa: int,
+        device_event_gpa: int,
+        *,
+        event_idx: bool = False,
+    ) -> PackedQueue: ...
+    @property
+    def size(self) -> int:
+        """Queue size."""
+    @property
+    def next_avail(self) -> tuple[int, bool]:
+        """Next ring slot the device reads, and the wrap counter expected there."""
+    @property
+    def next_used(self) -> tuple[int, bool]:
+        """Next ring slot the device writes used, and its wrap counter."""
+    @property
+    def error(self) -> str | None:
+        """Why the queue stopped, or None."""
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Rejected elements so far, by reason."""
+    def set_indices(
+        self, next_avail: int, avail_wrap: bool, next_used: int, used_wrap: bool
+    ) -> None:
+        """Resumes at the given slots and wrap counters."""
     def pop_batch(
         self, max_elements: int
     ) -> tuple[

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -73,7 +74,41 @@ class HintDrain:
     control: ControlElement | None
 
 
-class SplitQueue(_core.SplitQueue):
+class _Ring(Protocol):
+    """The core methods both queue layouts share."""
+
+    def pop_batch(self, max_elements: int) -> tuple[
+        npt.NDArray[np.uint16],
+        npt.NDArray[np.uint32],
+        npt.NDArray[np.uint64],
+        npt.NDArray[np.uint32],
+        npt.NDArray[np.bool_],
+    ]: ...
+
+    def _drain_hints(self, bitmap: _core.DirtyBitmap, max_elements: int = ...) -> tuple[
+        int, int, int, dict[str, int], int, tuple[int, int | None, list[tuple[int, int]]] | None
+    ]: ...
+
+
+class _Elements:
+    """``pop`` and ``drain_hints`` as dataclasses, for either layout."""
+
+    def pop(self: _Ring, max_elements: int = 1 << 16) -> Elements:
+        """Takes up to ``max_elements`` available elements (GIL released)."""
+        heads, elem, addr, length, writable = self.pop_batch(max_elements)
+        return Elements(heads, elem, addr, length, writable)
+
+    def drain_hints(
+        self: _Ring, bitmap: _core.DirtyBitmap, max_elements: int = 1 << 16
+    ) -> HintDrain:
+        """Applies available free-page-hint elements to ``bitmap`` until the queue is empty,
+        ``max_elements`` were applied, or an element with a cmd id comes up (GIL released)."""
+        n, hinted, cleared, rejected, elements, control = self._drain_hints(bitmap, max_elements)
+        ctl = None if control is None else ControlElement(control[0], control[1], control[2])
+        return HintDrain(HintResult(n, hinted, cleared, rejected), elements, ctl)
+
+
+class SplitQueue(_Elements, _core.SplitQueue):
     """A split virtqueue (virtio 1.2 §2.7) in guest RAM held by a writable buffer.
 
     ``SplitQueue(mem, memmap, size, desc_gpa, avail_gpa, used_gpa, *, event_idx=False)``:
@@ -84,14 +119,11 @@ class SplitQueue(_core.SplitQueue):
     with length 0; a bad ring index stops the queue and sets ``error``.
     """
 
-    def pop(self, max_elements: int = 1 << 16) -> Elements:
-        """Takes up to ``max_elements`` available elements (GIL released)."""
-        heads, elem, addr, length, writable = self.pop_batch(max_elements)
-        return Elements(heads, elem, addr, length, writable)
 
-    def drain_hints(self, bitmap: _core.DirtyBitmap, max_elements: int = 1 << 16) -> HintDrain:
-        """Applies available free-page-hint elements to ``bitmap`` until the queue is empty,
-        ``max_elements`` were applied, or an element with a cmd id comes up (GIL released)."""
-        n, hinted, cleared, rejected, elements, control = self._drain_hints(bitmap, max_elements)
-        ctl = None if control is None else ControlElement(control[0], control[1], control[2])
-        return HintDrain(HintResult(n, hinted, cleared, rejected), elements, ctl)
+class PackedQueue(_Elements, _core.PackedQueue):
+    """A packed virtqueue (virtio 1.2 §2.8) in guest RAM held by a writable buffer.
+
+    ``PackedQueue(mem, memmap, size, desc_gpa, driver_event_gpa, device_event_gpa, *,
+    event_idx=False)``: the same guarantees as ``SplitQueue``; ids are buffer ids, and indices
+    come with their wrap counters (``next_avail``, ``next_used``, ``set_indices``).
+    """

@@ -10,7 +10,7 @@
 
 use crate::guest_memory::GuestRam;
 use crate::hints::HintApplier;
-use crate::virtq::{Chain, Desc, SplitQueue};
+use crate::virtq::{Chain, Desc, Virtqueue};
 
 /// An element with device-readable buffers: the device model's business.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,8 +39,8 @@ pub enum DrainStop {
 /// driver used with length 0 (QEMU's used length for free page hints), up to `max_elements`
 /// elements or the first control element. Rejected elements are counted by the queue and
 /// already returned. Returns how many hint elements were applied and why it stopped.
-pub fn drain_hints(
-    queue: &mut SplitQueue,
+pub fn drain_hints<Q: Virtqueue>(
+    queue: &mut Q,
     ram: &GuestRam<'_>,
     chain: &mut Chain,
     applier: &mut HintApplier<'_>,

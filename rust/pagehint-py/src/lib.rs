@@ -31,6 +31,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<memmap::PyMemoryMap>()?;
     m.add_function(wrap_pyfunction!(memmap::apply_hints, m)?)?;
     m.add_class::<virtq::PySplitQueue>()?;
+    m.add_class::<virtq::PyPackedQueue>()?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(available_simd_levels, m)?)?;
     Ok(())

@@ -1,13 +1,14 @@
-//! `pagehint._core.SplitQueue`: the core split-ring reader over a Python buffer of guest RAM.
+//! `pagehint._core.SplitQueue` and `PackedQueue`: the core ring readers over a Python buffer of
+//! guest RAM. Both classes are thin shells over one generic [`QueueCore`]; only construction
+//! and index accessors differ between the layouts.
 
 use std::sync::atomic::AtomicU8;
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 
 use numpy::PyArray1;
-use pagehint_core::HintApplier;
 use pagehint_core::free_page::{DrainStop, drain_hints};
-use pagehint_core::virtq::{Chain, QueueError, SplitQueue};
-use pagehint_core::{GuestRam, MemoryMap};
+use pagehint_core::virtq::{Chain, PackedQueue, QueueError, SplitQueue, Virtqueue};
+use pagehint_core::{GuestRam, HintApplier, MemoryMap};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -19,18 +20,6 @@ use crate::memmap::PyMemoryMap;
 
 /// Elements popped in one call, as parallel arrays (no Python object per element).
 type Popped = (Vec<u16>, Vec<u32>, Vec<u64>, Vec<u32>, Vec<bool>);
-
-/// A split virtqueue read from guest RAM held in a writable Python buffer (`bytearray`,
-/// `mmap`, a numpy `uint8` array) laid out by a `MemoryMap`.
-#[derive(Debug)]
-#[pyclass(name = "SplitQueue", module = "pagehint._core", frozen, subclass)]
-pub struct PySplitQueue {
-    /// The buffer export, held for the queue's life: the memory cannot move or shrink (a
-    /// `bytearray` refuses to resize while exported).
-    mem: PyBuffer<u8>,
-    map: MemoryMap,
-    state: Mutex<(SplitQueue, Chain)>,
-}
 
 fn queue_err(e: QueueError) -> PyErr {
     PyValueError::new_err(e.to_string())
@@ -52,81 +41,61 @@ fn guest_ram<'a>(mem: &'a PyBuffer<u8>, map: &'a MemoryMap) -> PyResult<GuestRam
     })
 }
 
-impl PySplitQueue {
-    fn lock(&self) -> std::sync::MutexGuard<'_, (SplitQueue, Chain)> {
-        self.state.lock().unwrap_or_else(PoisonError::into_inner)
+/// A writable, contiguous byte buffer export.
+fn writable_buffer(mem: &Bound<'_, PyAny>) -> PyResult<PyBuffer<u8>> {
+    let buf = PyBuffer::<u8>::get(mem)
+        .map_err(|e| PyTypeError::new_err(format!("mem must be a writable byte buffer: {e}")))?;
+    if buf.readonly() {
+        return Err(PyTypeError::new_err(
+            "mem must be writable (the device writes the used ring)",
+        ));
     }
+    if !buf.is_c_contiguous() {
+        return Err(PyValueError::new_err("mem must be contiguous"));
+    }
+    Ok(buf)
 }
 
-#[pymethods]
-impl PySplitQueue {
-    #[new]
-    #[pyo3(signature = (mem, memmap, size, desc_gpa, avail_gpa, used_gpa, *, event_idx = false))]
+/// A queue size as the readers take it; `ValueError` past 16 bits.
+fn queue_size(size: u32) -> PyResult<u16> {
+    u16::try_from(size)
+        .map_err(|_| PyValueError::new_err(format!("queue size {size} is more than 32768")))
+}
+
+/// What both queue classes hold: the buffer export (held for the queue's life, so the memory
+/// cannot move or shrink: a `bytearray` refuses to resize while exported), the map, and the
+/// reader with its reusable chain behind a lock.
+#[derive(Debug)]
+struct QueueCore<Q> {
+    mem: PyBuffer<u8>,
+    map: MemoryMap,
+    state: Mutex<(Q, Chain)>,
+}
+
+impl<Q: Virtqueue + Send> QueueCore<Q> {
     fn new(
         mem: &Bound<'_, PyAny>,
         memmap: &Bound<'_, PyMemoryMap>,
-        size: u32,
-        desc_gpa: u64,
-        avail_gpa: u64,
-        used_gpa: u64,
-        event_idx: bool,
+        make: impl FnOnce(&GuestRam<'_>) -> Result<Q, QueueError>,
     ) -> PyResult<Self> {
-        let mem = PyBuffer::<u8>::get(mem).map_err(|e| {
-            PyTypeError::new_err(format!("mem must be a writable byte buffer: {e}"))
-        })?;
-        if mem.readonly() {
-            return Err(PyTypeError::new_err(
-                "mem must be writable (the device writes the used ring)",
-            ));
-        }
-        if !mem.is_c_contiguous() {
-            return Err(PyValueError::new_err("mem must be contiguous"));
-        }
-        let size = u16::try_from(size)
-            .map_err(|_| PyValueError::new_err(format!("queue size {size} is more than 32768")))?;
+        let mem = writable_buffer(mem)?;
         let map = memmap.get().map.clone();
-        let q = SplitQueue::new(
-            &guest_ram(&mem, &map)?,
-            size,
-            desc_gpa,
-            avail_gpa,
-            used_gpa,
-            event_idx,
-        )
-        .map_err(queue_err)?;
+        let queue = make(&guest_ram(&mem, &map)?).map_err(queue_err)?;
         Ok(Self {
             mem,
             map,
-            state: Mutex::new((q, Chain::new())),
+            state: Mutex::new((queue, Chain::new())),
         })
     }
 
-    /// Queue size.
-    #[getter]
-    fn size(&self) -> u16 {
-        self.lock().0.size()
+    fn lock(&self) -> MutexGuard<'_, (Q, Chain)> {
+        self.state.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
-    /// Next available-ring index the device will read.
-    #[getter]
-    fn last_avail(&self) -> u16 {
-        self.lock().0.last_avail()
-    }
-
-    /// Next used-ring index the device will write.
-    #[getter]
-    fn next_used(&self) -> u16 {
-        self.lock().0.next_used()
-    }
-
-    /// Why the queue stopped (a broken ring), or None.
-    #[getter]
     fn error(&self) -> Option<String> {
         self.lock().0.error().map(ToString::to_string)
     }
 
-    /// Rejected elements so far, by reason.
-    #[getter]
     fn rejected<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
         let d = PyDict::new(py);
         for (reason, n) in self.lock().0.counts().by_reason() {
@@ -135,16 +104,6 @@ impl PySplitQueue {
         Ok(d)
     }
 
-    /// Resumes at the given indices (e.g. from a saved device state or a dump).
-    fn set_indices(&self, last_avail: u16, next_used: u16) {
-        self.lock().0.set_indices(last_avail, next_used);
-    }
-
-    /// Pops up to `max_elements` available elements with the GIL released. Returns parallel
-    /// arrays: the accepted elements' head ids (`uint16`), and per descriptor the index of its
-    /// element in that list (`uint32`), its address (`uint64`), length (`uint32`) and whether it
-    /// is device-writable (`bool`), in chain order. Rejected elements are counted in
-    /// `rejected` and already returned used with length 0.
     fn pop_batch<'py>(
         &self,
         py: Python<'py>,
@@ -160,8 +119,6 @@ impl PySplitQueue {
                     None => break,
                     Some(Err(_)) => {}
                     Some(Ok(head)) => {
-                        // At most `max_elements` elements, each index fits u32 for any sane
-                        // request; saturate rather than wrap otherwise.
                         let e = u32::try_from(out.0.len()).unwrap_or(u32::MAX);
                         out.0.push(head);
                         for d in chain.descs() {
@@ -187,8 +144,7 @@ impl PySplitQueue {
         )
     }
 
-    /// Returns elements to the driver: `heads[i]` with `lens[i]` bytes written, in order.
-    fn add_used(&self, py: Python<'_>, heads: Vec<u16>, lens: Vec<u32>) -> PyResult<()> {
+    fn add_used(&self, py: Python<'_>, heads: &[u16], lens: &[u32]) -> PyResult<()> {
         if heads.len() != lens.len() {
             return Err(PyValueError::new_err(format!(
                 "heads and lens differ in length: {} and {}",
@@ -201,20 +157,12 @@ impl PySplitQueue {
             let mut guard = self.lock();
             heads
                 .iter()
-                .zip(&lens)
+                .zip(lens)
                 .try_for_each(|(&h, &l)| guard.0.add_used(&ram, h, l))
         })
         .map_err(queue_err)
     }
 
-    /// The free page queue's hot path, with the GIL released: applies every available hint
-    /// element (device-writable buffers only) to `bitmap` through this queue's memory map and
-    /// returns it used with length 0, up to `max_elements` elements or the first element with
-    /// a device-readable buffer (a cmd id), which is returned unused for the caller's state
-    /// machine. Returns `(hints, pages_hinted, pages_cleared, hint_rejects, elements, control)`
-    /// where `control` is None or `(head, cmd_id or None if shorter than 4 bytes, [(addr, len)
-    /// of its writable buffers])`.
-    #[pyo3(name = "_drain_hints", signature = (bitmap, max_elements = 65536))]
     fn drain_hints<'py>(
         &self,
         py: Python<'py>,
@@ -222,6 +170,7 @@ impl PySplitQueue {
         max_elements: usize,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let ram = guest_ram(&self.mem, &self.map)?;
+        // Lock order everywhere: the bitmap, then the queue.
         let (outcome, applied, stop) = bitmap
             .get()
             .heavy_write(py, |bm| {
@@ -251,9 +200,179 @@ impl PySplitQueue {
             .into_pyobject(py)
     }
 
-    /// Whether the driver wants an interrupt for what was used since the last decision.
     fn needs_interrupt(&self) -> PyResult<bool> {
         let ram = guest_ram(&self.mem, &self.map)?;
         Ok(self.lock().0.needs_interrupt(&ram))
     }
 }
+
+/// The methods both queue classes expose, delegating to their `QueueCore`.
+/// One `#[pymethods]` block per class: its own construction and index methods, then these.
+macro_rules! queue_methods {
+    ($class:ident { $($own:tt)* }) => {
+        #[pymethods]
+        impl $class {
+            $($own)*
+
+            /// Queue size.
+            #[getter]
+            fn size(&self) -> u16 {
+                self.core.lock().0.size()
+            }
+
+            /// Why the queue stopped (a broken ring), or None.
+            #[getter]
+            fn error(&self) -> Option<String> {
+                self.core.error()
+            }
+
+            /// Rejected elements so far, by reason.
+            #[getter]
+            fn rejected<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+                self.core.rejected(py)
+            }
+
+            /// Pops up to `max_elements` available elements with the GIL released. Returns
+            /// parallel arrays: the accepted elements' ids (`uint16`), and per descriptor the
+            /// index of its element in that list (`uint32`), its address (`uint64`), length
+            /// (`uint32`) and whether it is device-writable (`bool`), in chain order. Rejected
+            /// elements are counted in `rejected` and already returned used with length 0.
+            fn pop_batch<'py>(
+                &self,
+                py: Python<'py>,
+                max_elements: usize,
+            ) -> PyResult<Bound<'py, PyTuple>> {
+                self.core.pop_batch(py, max_elements)
+            }
+
+            /// Returns elements to the driver: `heads[i]` with `lens[i]` bytes written.
+            fn add_used(&self, py: Python<'_>, heads: Vec<u16>, lens: Vec<u32>) -> PyResult<()> {
+                self.core.add_used(py, &heads, &lens)
+            }
+
+            /// The free page queue's hot path, with the GIL released: applies every available
+            /// hint element (device-writable buffers only) to `bitmap` through this queue's
+            /// memory map and returns it used with length 0, up to `max_elements` elements or
+            /// the first element with a device-readable buffer (a cmd id), which is returned
+            /// unused. Returns `(hints, pages_hinted, pages_cleared, hint_rejects, elements,
+            /// control)`, `control` being None or `(id, cmd_id or None if shorter than 4 bytes,
+            /// [(addr, len) of its writable buffers])`.
+            #[pyo3(name = "_drain_hints", signature = (bitmap, max_elements = 65536))]
+            fn drain_hints<'py>(
+                &self,
+                py: Python<'py>,
+                bitmap: &Bound<'py, PyDirtyBitmap>,
+                max_elements: usize,
+            ) -> PyResult<Bound<'py, PyTuple>> {
+                self.core.drain_hints(py, bitmap, max_elements)
+            }
+
+            /// Whether the driver wants an interrupt for what was used since the last decision.
+            fn needs_interrupt(&self) -> PyResult<bool> {
+                self.core.needs_interrupt()
+            }
+        }
+    };
+}
+
+/// A split virtqueue (virtio 1.2 §2.7) read from guest RAM in a writable Python buffer
+/// (`bytearray`, `mmap`, a numpy `uint8` array) laid out by a `MemoryMap`.
+#[derive(Debug)]
+#[pyclass(name = "SplitQueue", module = "pagehint._core", frozen, subclass)]
+pub struct PySplitQueue {
+    core: QueueCore<SplitQueue>,
+}
+
+queue_methods!(PySplitQueue {
+    #[new]
+    #[pyo3(signature = (mem, memmap, size, desc_gpa, avail_gpa, used_gpa, *, event_idx = false))]
+    fn new(
+        mem: &Bound<'_, PyAny>,
+        memmap: &Bound<'_, PyMemoryMap>,
+        size: u32,
+        desc_gpa: u64,
+        avail_gpa: u64,
+        used_gpa: u64,
+        event_idx: bool,
+    ) -> PyResult<Self> {
+        let size = queue_size(size)?;
+        let core = QueueCore::new(mem, memmap, |ram| {
+            SplitQueue::new(ram, size, desc_gpa, avail_gpa, used_gpa, event_idx)
+        })?;
+        Ok(Self { core })
+    }
+
+    /// Next available-ring index the device will read.
+    #[getter]
+    fn last_avail(&self) -> u16 {
+        self.core.lock().0.last_avail()
+    }
+
+    /// Next used-ring index the device will write.
+    #[getter]
+    fn next_used(&self) -> u16 {
+        self.core.lock().0.next_used()
+    }
+
+    /// Resumes at the given indices (e.g. from a saved device state or a dump).
+    fn set_indices(&self, last_avail: u16, next_used: u16) {
+        self.core.lock().0.set_indices(last_avail, next_used);
+    }
+});
+
+/// A packed virtqueue (virtio 1.2 §2.8) read from guest RAM in a writable Python buffer laid
+/// out by a `MemoryMap`.
+#[derive(Debug)]
+#[pyclass(name = "PackedQueue", module = "pagehint._core", frozen, subclass)]
+pub struct PyPackedQueue {
+    core: QueueCore<PackedQueue>,
+}
+
+queue_methods!(PyPackedQueue {
+    #[new]
+    #[pyo3(signature = (mem, memmap, size, desc_gpa, driver_event_gpa, device_event_gpa, *, event_idx = false))]
+    fn new(
+        mem: &Bound<'_, PyAny>,
+        memmap: &Bound<'_, PyMemoryMap>,
+        size: u32,
+        desc_gpa: u64,
+        driver_event_gpa: u64,
+        device_event_gpa: u64,
+        event_idx: bool,
+    ) -> PyResult<Self> {
+        let size = queue_size(size)?;
+        let core = QueueCore::new(mem, memmap, |ram| {
+            PackedQueue::new(ram, size, desc_gpa, driver_event_gpa, device_event_gpa, event_idx)
+        })?;
+        Ok(Self { core })
+    }
+
+    /// Next ring slot the device reads, and the driver's wrap counter it expects there.
+    #[getter]
+    fn next_avail(&self) -> (u16, bool) {
+        let g = self.core.lock();
+        (g.0.next_avail(), g.0.avail_wrap())
+    }
+
+    /// Next ring slot the device writes used, and its wrap counter.
+    #[getter]
+    fn next_used(&self) -> (u16, bool) {
+        let g = self.core.lock();
+        (g.0.next_used(), g.0.used_wrap())
+    }
+
+    /// Resumes at the given slots and wrap counters (e.g. from a saved device state).
+    fn set_indices(
+        &self,
+        next_avail: u16,
+        avail_wrap: bool,
+        next_used: u16,
+        used_wrap: bool,
+    ) -> PyResult<()> {
+        self.core
+            .lock()
+            .0
+            .set_indices(next_avail, avail_wrap, next_used, used_wrap)
+            .map_err(queue_err)
+    }
+});

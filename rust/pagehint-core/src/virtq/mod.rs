@@ -16,6 +16,8 @@ pub mod split;
 
 use std::fmt;
 
+use crate::guest_memory::GuestRam;
+
 pub use packed::{
     PackedQueue, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
     VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED,
@@ -480,3 +482,59 @@ impl RejectCounts {
 pub const fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
     new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
 }
+
+/// What a device does with either ring layout: take available elements, return them used,
+/// decide on interrupts. Lets the free page path and the bindings serve split and packed
+/// queues with one piece of code.
+pub trait Virtqueue {
+    /// Takes the next available element (see [`SplitQueue::pop`]); for a packed queue the
+    /// returned id is the buffer id.
+    fn pop(&mut self, ram: &GuestRam<'_>, chain: &mut Chain) -> Option<Result<u16, ElementError>>;
+    /// Returns element `id` with `len` bytes written.
+    fn add_used(&mut self, ram: &GuestRam<'_>, id: u16, len: u32) -> Result<(), QueueError>;
+    /// Whether the driver wants an interrupt for what was used since the last decision.
+    fn needs_interrupt(&mut self, ram: &GuestRam<'_>) -> bool;
+    /// Why the queue stopped, if it did.
+    fn error(&self) -> Option<&QueueError>;
+    /// Rejected elements by reason.
+    fn counts(&self) -> &RejectCounts;
+    /// Queue size.
+    fn size(&self) -> u16;
+}
+
+macro_rules! impl_virtqueue {
+    ($q:ty) => {
+        impl Virtqueue for $q {
+            fn pop(
+                &mut self,
+                ram: &GuestRam<'_>,
+                chain: &mut Chain,
+            ) -> Option<Result<u16, ElementError>> {
+                <$q>::pop(self, ram, chain)
+            }
+            fn add_used(
+                &mut self,
+                ram: &GuestRam<'_>,
+                id: u16,
+                len: u32,
+            ) -> Result<(), QueueError> {
+                <$q>::add_used(self, ram, id, len)
+            }
+            fn needs_interrupt(&mut self, ram: &GuestRam<'_>) -> bool {
+                <$q>::needs_interrupt(self, ram)
+            }
+            fn error(&self) -> Option<&QueueError> {
+                <$q>::error(self)
+            }
+            fn counts(&self) -> &RejectCounts {
+                <$q>::counts(self)
+            }
+            fn size(&self) -> u16 {
+                <$q>::size(self)
+            }
+        }
+    };
+}
+
+impl_virtqueue!(SplitQueue);
+impl_virtqueue!(PackedQueue);
