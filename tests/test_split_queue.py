@@ -175,3 +175,15 @@ def test_drain_hints_limit_and_short_cmd_id() -> None:
     assert rest.elements == 1 and rest.result.pages_cleared == 16
     assert rest.control is not None and rest.control.cmd_id is None and rest.control.head == 3
     assert bm.count() == memmap.npages - 48
+
+
+def test_overlapping_used_ring_and_inconsistent_indices_are_refused() -> None:
+    memmap = MemoryMap([(0, 1 << 20)])
+    mem = bytearray(1 << 20)
+    with pytest.raises(ValueError, match="overlaps"):
+        SplitQueue(mem, memmap, 256, 0x1000, 0x8000, 0x8000)
+    q = SplitQueue(mem, memmap, 256, 0x1000, 0x8000, 0x9000)
+    with pytest.raises(ValueError, match="used index"):
+        q.set_indices(0, 1)  # used ahead of avail: QEMU refuses to load this too
+    q.set_indices(256, 0)
+    assert (q.last_avail, q.next_used) == (256, 0)

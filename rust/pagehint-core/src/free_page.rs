@@ -29,16 +29,17 @@ pub struct ControlElement {
 pub enum DrainStop {
     /// Nothing more is available (or the queue is broken: see its `error()`).
     Empty,
-    /// `max_elements` hint elements were applied.
+    /// `max_elements` elements were taken.
     Limit,
     /// A control element was popped and not used yet.
     Control(ControlElement),
 }
 
 /// Applies every available hint element of `queue` through `applier` and returns each to the
-/// driver used with length 0 (QEMU's used length for free page hints), up to `max_elements`
-/// elements or the first control element. Rejected elements are counted by the queue and
-/// already returned. Returns how many hint elements were applied and why it stopped.
+/// driver used with length 0 (QEMU's used length for free page hints), taking at most
+/// `max_elements` elements (rejected ones included, so a guest cannot keep the loop going) or
+/// up to the first control element. Rejected elements are counted by the queue and already
+/// returned. Returns how many hint elements were applied and why it stopped.
 pub fn drain_hints<Q: Virtqueue>(
     queue: &mut Q,
     ram: &GuestRam<'_>,
@@ -47,7 +48,7 @@ pub fn drain_hints<Q: Virtqueue>(
     max_elements: usize,
 ) -> (usize, DrainStop) {
     let mut applied = 0usize;
-    while applied < max_elements {
+    for _ in 0..max_elements {
         let head = match queue.pop(ram, chain) {
             None => return (applied, DrainStop::Empty),
             Some(Err(_)) => continue,

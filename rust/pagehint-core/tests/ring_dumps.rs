@@ -200,7 +200,8 @@ fn replay(name: &'static str) {
     let mut q = SplitQueue::new(&ram, size, desc, avail, used, event_idx).expect("queue");
     let last_avail = u16_of(&r["last_avail_idx"]);
     let used_idx = u16_of(&r["used_idx"]);
-    q.set_indices(last_avail, used_idx);
+    q.set_indices(last_avail, used_idx)
+        .expect("consistent indices");
 
     // The indices in memory are the ones the dump reports.
     let avail_idx = ram.read_u16(avail + 2).expect("ring");
@@ -413,7 +414,7 @@ fn the_early_dump_history_decodes_as_qemu_says() {
     )
     .expect("queue");
     let history = u16_of(&d.verify["history_slots"]);
-    q.set_indices(0, 0);
+    q.set_indices(0, 0).expect("consistent indices");
     let by_index = d.elements["by_index"].as_array().expect("by_index");
     let mut chain = Chain::new();
     let mut heads = std::collections::BTreeSet::new();

@@ -684,7 +684,7 @@ fn sixteen_bit_indices_wrap() {
     assert_eq!(rig.avail_idx(), 2);
     let ram = rig.ram();
     let mut q = rig.queue(true);
-    q.set_indices(start, start);
+    q.set_indices(start, start).expect("consistent indices");
     assert_eq!((q.last_avail(), q.next_used()), (start, start));
     let mut chain = Chain::new();
     let mut heads = vec![];
@@ -751,7 +751,7 @@ fn needs_interrupt_with_event_idx_follows_used_event() {
     // Nothing new: no interrupt.
     assert!(!q.needs_interrupt(&ram));
     // Across the 16-bit wrap.
-    q.set_indices(0, 65534);
+    q.set_indices(0, 65534).expect("consistent indices");
     assert!(q.needs_interrupt(&ram)); // forgotten decision
     rig.set_used_event(65535);
     q.add_used(&ram, 0, 0).expect("ok");
@@ -828,7 +828,7 @@ proptest! {
         ram.write(TABLE, &data).expect("ram");
         ram.write_u16(USED + 2, last_avail).expect("ram");
         let mut q = rig.queue(event_idx);
-        q.set_indices(last_avail, last_avail);
+        q.set_indices(last_avail, last_avail).expect("consistent indices");
         let (ok, bad) = drain(&mut q, &ram, size);
         prop_assert!(ok + bad <= u32::from(size));
         prop_assert_eq!(rig.used_idx(), last_avail.wrapping_add(u16::try_from(ok + bad).expect("small")));
@@ -875,4 +875,68 @@ proptest! {
             prop_assert!(q.is_broken());
         }
     }
+}
+
+/// Found by the split_queue fuzz target: with the used ring on top of the available ring and
+/// the used index ahead of the available one, every rejected element's used-index write
+/// published another available element, so a drain never ended. Each of three defences
+/// stops it on its own.
+#[test]
+fn a_self_feeding_ring_cannot_keep_the_device_busy() {
+    let rig = Rig::new(4);
+    let ram = rig.ram();
+    // 1. The used ring may not overlap what the device reads.
+    assert_eq!(
+        SplitQueue::new(&ram, 4, DESC, AVAIL, AVAIL, false).err(),
+        Some(QueueError::UsedRingOverlaps { ring: Ring::Avail })
+    );
+    assert_eq!(
+        SplitQueue::new(&ram, 4, DESC, AVAIL, DESC + 32, false).err(),
+        Some(QueueError::UsedRingOverlaps { ring: Ring::Desc })
+    );
+    // 2. Restored indices must be consistent (QEMU's virtio_load rule).
+    let mut q = rig.queue(false);
+    assert_eq!(
+        q.set_indices(0, 1),
+        Err(QueueError::IndicesInconsistent {
+            last_avail: 0,
+            next_used: 1,
+            size: 4
+        })
+    );
+    assert!(q.set_indices(5, 0).is_err());
+    q.set_indices(4, 0)
+        .expect("a full queue in flight is consistent");
+    // 3. A drain takes at most the elements it was allowed, rejected ones included: here every
+    // element is rejected (zero-length buffers) and the driver keeps publishing more.
+    let mut q = rig.queue(false);
+    let mut chain = Chain::new();
+    for i in 0..4 {
+        rig.desc(i, DATA, 0, 0, 0);
+    }
+    let mut bitmap = pagehint_core::DirtyBitmap::new(rig.map.npages()).expect("bitmap");
+    let mut applier = pagehint_core::HintApplier::new(&mut bitmap, &rig.map).expect("fits");
+    let mut taken = 0u32;
+    for _ in 0..3 {
+        for head in 0..4 {
+            rig.push(head);
+        }
+        let (applied, stop) =
+            pagehint_core::free_page::drain_hints(&mut q, &ram, &mut chain, &mut applier, 3);
+        assert_eq!(
+            (applied, stop),
+            (0, pagehint_core::free_page::DrainStop::Limit)
+        );
+        taken += 3;
+        assert_eq!(u64::from(taken), q.counts().total());
+        let (applied, stop) =
+            pagehint_core::free_page::drain_hints(&mut q, &ram, &mut chain, &mut applier, 100);
+        assert_eq!(
+            (applied, stop),
+            (0, pagehint_core::free_page::DrainStop::Empty)
+        );
+        taken += 1;
+        assert_eq!(u64::from(taken), q.counts().total());
+    }
+    assert_eq!(q.counts().zero_length_buffer, 12);
 }

@@ -114,7 +114,8 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
             let mut guard = self.lock();
             let (queue, chain) = &mut *guard;
             let mut out: Popped = Default::default();
-            while out.0.len() < max_elements {
+            // Rejected elements count too: a guest must not be able to keep this loop going.
+            for _ in 0..max_elements {
                 match queue.pop(&ram, chain) {
                     None => break,
                     Some(Err(_)) => {}
@@ -232,7 +233,8 @@ macro_rules! queue_methods {
                 self.core.rejected(py)
             }
 
-            /// Pops up to `max_elements` available elements with the GIL released. Returns
+            /// Takes up to `max_elements` available elements (rejected ones count) with the GIL
+            /// released. Returns
             /// parallel arrays: the accepted elements' ids (`uint16`), and per descriptor the
             /// index of its element in that list (`uint32`), its address (`uint64`), length
             /// (`uint32`) and whether it is device-writable (`bool`), in chain order. Rejected
@@ -314,9 +316,10 @@ queue_methods!(PySplitQueue {
         self.core.lock().0.next_used()
     }
 
-    /// Resumes at the given indices (e.g. from a saved device state or a dump).
-    fn set_indices(&self, last_avail: u16, next_used: u16) {
-        self.core.lock().0.set_indices(last_avail, next_used);
+    /// Resumes at the given indices (e.g. from a saved device state or a dump); `ValueError`
+    /// for a used index ahead of the available one or more than a queue behind it.
+    fn set_indices(&self, last_avail: u16, next_used: u16) -> PyResult<()> {
+        self.core.lock().0.set_indices(last_avail, next_used).map_err(queue_err)
     }
 });
 

@@ -328,6 +328,18 @@ pub enum QueueError {
     },
     /// Packed ring: `set_indices` with a ring index at or past the queue size.
     IndexOutOfRange { index: u16, size: u16 },
+    /// Split ring: the used ring shares bytes with the descriptor table or the available
+    /// ring. The device would be writing what it then reads as driver input: returning an
+    /// element could publish a new available one, without end.
+    UsedRingOverlaps { ring: Ring },
+    /// Split ring: `set_indices` with a used index ahead of the available one or more than a
+    /// queue behind it (QEMU refuses to load such a queue: "VQ %d size 0x%x < last_avail_idx
+    /// 0x%x - used_idx 0x%x").
+    IndicesInconsistent {
+        last_avail: u16,
+        next_used: u16,
+        size: u16,
+    },
 }
 
 impl fmt::Display for QueueError {
@@ -380,6 +392,20 @@ impl fmt::Display for QueueError {
             Self::IndexOutOfRange { index, size } => {
                 write!(f, "ring index {index} is not below the queue size {size}")
             }
+            Self::UsedRingOverlaps { ring } => {
+                write!(
+                    f,
+                    "the used ring overlaps the {ring}, which the device reads"
+                )
+            }
+            Self::IndicesInconsistent {
+                last_avail,
+                next_used,
+                size,
+            } => write!(
+                f,
+                "used index {next_used} is not within a queue of {size} behind available index {last_avail}"
+            ),
         }
     }
 }

@@ -159,6 +159,13 @@ impl SplitQueue {
                 return Err(QueueError::RingOutsideRam { ring, gpa, len });
             }
         }
+        // The rings are in RAM, so their ends do not overflow.
+        let used_end = used_gpa + 6 + 8 * n;
+        for (ring, gpa, _, len) in &rings[..2] {
+            if *gpa < used_end && used_gpa < gpa + len {
+                return Err(QueueError::UsedRingOverlaps { ring: *ring });
+            }
+        }
         Ok(Self {
             size,
             desc_gpa,
@@ -228,11 +235,21 @@ impl SplitQueue {
     /// is available-ring index `last_avail`, the next one returned goes to used-ring index
     /// `next_used`. Forgets the last interrupt decision (the next `needs_interrupt` with
     /// EVENT_IDX says yes, as QEMU does after loading a queue). A broken queue stays broken.
-    pub const fn set_indices(&mut self, last_avail: u16, next_used: u16) {
+    /// Refuses (changing nothing) a used index ahead of the available one or more than a queue
+    /// behind it, as QEMU's `virtio_load` does: elements in flight cannot exceed the queue.
+    pub const fn set_indices(&mut self, last_avail: u16, next_used: u16) -> Result<(), QueueError> {
+        if last_avail.wrapping_sub(next_used) > self.size {
+            return Err(QueueError::IndicesInconsistent {
+                last_avail,
+                next_used,
+                size: self.size,
+            });
+        }
         self.last_avail = last_avail;
         self.shadow_avail = last_avail;
         self.next_used = next_used;
         self.signalled_used = None;
+        Ok(())
     }
 
     fn fail<T>(&mut self, e: QueueError) -> Option<T> {
