@@ -564,3 +564,51 @@ macro_rules! impl_virtqueue {
 
 impl_virtqueue!(SplitQueue);
 impl_virtqueue!(PackedQueue);
+
+/// The rules for a descriptor that points to an indirect table, shared by both layouts
+/// (§2.7.5.3 and §2.8 "Indirect Flag"): a non-empty whole number of 16-byte entries, no more
+/// than the queue size, entirely RAM. Returns the number of entries. (INDIRECT with NEXT and
+/// nesting are each layout's own checks, since they depend on where the descriptor sits.)
+pub(crate) fn check_indirect_table(
+    ram: &GuestRam<'_>,
+    addr: u64,
+    len: u32,
+    size: u16,
+) -> Result<u32, ElementError> {
+    if len == 0 {
+        return Err(ElementError::IndirectEmpty);
+    }
+    if !len.is_multiple_of(16) {
+        return Err(ElementError::IndirectLenNotMultiple { len });
+    }
+    let entries = len / 16;
+    if entries > u32::from(size) {
+        return Err(ElementError::IndirectTooLarge { entries, size });
+    }
+    if !ram.contains(addr, u64::from(len)) {
+        return Err(ElementError::IndirectOutsideRam { addr, len });
+    }
+    Ok(entries)
+}
+
+/// Checks one buffer descriptor (non-empty, entirely RAM in `layout`) and appends it to the
+/// chain, which enforces the order and total-length rules.
+pub(crate) fn push_buffer(
+    layout: &crate::memmap::MemoryMap,
+    chain: &mut Chain,
+    addr: u64,
+    len: u32,
+    writable: bool,
+) -> Result<(), ElementError> {
+    if len == 0 {
+        return Err(ElementError::ZeroLengthBuffer { addr });
+    }
+    if layout.pieces(addr, u64::from(len)).is_none() {
+        return Err(ElementError::BufferOutsideRam { addr, len });
+    }
+    chain.push(Desc {
+        addr,
+        len,
+        writable,
+    })
+}

@@ -76,8 +76,9 @@
 use std::sync::atomic::{Ordering, fence};
 
 use super::{
-    Chain, DESC_SIZE, Desc, ElementError, MAX_QUEUE_SIZE, QueueError, RejectCounts, Ring,
-    VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, vring_need_event,
+    Chain, DESC_SIZE, ElementError, MAX_QUEUE_SIZE, QueueError, RejectCounts, Ring,
+    VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE, check_indirect_table,
+    push_buffer, vring_need_event,
 };
 use crate::guest_memory::GuestRam;
 use crate::memmap::MemoryMap;
@@ -514,7 +515,13 @@ impl PackedQueue {
         chain: &mut Chain,
     ) -> Result<(), ElementError> {
         if d.flags & VIRTQ_DESC_F_INDIRECT == 0 {
-            return push_buffer(layout, d, chain);
+            return push_buffer(
+                layout,
+                chain,
+                d.addr,
+                d.len,
+                d.flags & VIRTQ_DESC_F_WRITE != 0,
+            );
         }
         if !first {
             return Err(ElementError::IndirectInChain);
@@ -522,26 +529,11 @@ impl PackedQueue {
         if d.flags & VIRTQ_DESC_F_NEXT != 0 {
             return Err(ElementError::IndirectWithNext);
         }
-        if d.len == 0 {
-            return Err(ElementError::IndirectEmpty);
-        }
-        if !d.len.is_multiple_of(16) {
-            return Err(ElementError::IndirectLenNotMultiple { len: d.len });
-        }
-        let entries = d.len / 16;
-        if entries > u32::from(self.size) {
-            return Err(ElementError::IndirectTooLarge {
-                entries,
-                size: self.size,
-            });
-        }
+        let entries = check_indirect_table(ram, d.addr, d.len, self.size)?;
         let outside = ElementError::IndirectOutsideRam {
             addr: d.addr,
             len: d.len,
         };
-        if !ram.contains(d.addr, u64::from(d.len)) {
-            return Err(outside);
-        }
         for i in 0..entries {
             // The table lies in RAM, so this cannot overflow; a failing read means the map
             // changed under us.
@@ -549,7 +541,13 @@ impl PackedQueue {
             if t.flags & VIRTQ_DESC_F_INDIRECT != 0 {
                 return Err(ElementError::NestedIndirect);
             }
-            push_buffer(layout, &t, chain)?;
+            push_buffer(
+                layout,
+                chain,
+                t.addr,
+                t.len,
+                t.flags & VIRTQ_DESC_F_WRITE != 0,
+            )?;
         }
         Ok(())
     }
@@ -676,22 +674,4 @@ impl PackedQueue {
             .wrapping_sub(u16::try_from(n).unwrap_or(u16::MAX));
         vring_need_event(event, self.next_used, old)
     }
-}
-
-/// Checks one buffer descriptor and appends it.
-fn push_buffer(layout: &MemoryMap, d: &RawDesc, chain: &mut Chain) -> Result<(), ElementError> {
-    if d.len == 0 {
-        return Err(ElementError::ZeroLengthBuffer { addr: d.addr });
-    }
-    if layout.pieces(d.addr, u64::from(d.len)).is_none() {
-        return Err(ElementError::BufferOutsideRam {
-            addr: d.addr,
-            len: d.len,
-        });
-    }
-    chain.push(Desc {
-        addr: d.addr,
-        len: d.len,
-        writable: d.flags & VIRTQ_DESC_F_WRITE != 0,
-    })
 }

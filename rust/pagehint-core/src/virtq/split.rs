@@ -43,9 +43,9 @@
 use std::sync::atomic::{Ordering, fence};
 
 use super::{
-    Chain, DESC_SIZE, Desc, ElementError, MAX_QUEUE_SIZE, QueueError, RejectCounts, Ring,
+    Chain, DESC_SIZE, ElementError, MAX_QUEUE_SIZE, QueueError, RejectCounts, Ring,
     VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
-    vring_need_event,
+    check_indirect_table, push_buffer, vring_need_event,
 };
 use crate::guest_memory::GuestRam;
 use crate::memmap::MemoryMap;
@@ -389,27 +389,7 @@ impl SplitQueue {
                 if d.flags & VIRTQ_DESC_F_NEXT != 0 {
                     return Err(ElementError::IndirectWithNext.into());
                 }
-                if d.len == 0 {
-                    return Err(ElementError::IndirectEmpty.into());
-                }
-                if d.len % 16 != 0 {
-                    return Err(ElementError::IndirectLenNotMultiple { len: d.len }.into());
-                }
-                let n = d.len / 16;
-                if n > size {
-                    return Err(ElementError::IndirectTooLarge {
-                        entries: n,
-                        size: self.size,
-                    }
-                    .into());
-                }
-                if !ram.contains(d.addr, u64::from(d.len)) {
-                    return Err(ElementError::IndirectOutsideRam {
-                        addr: d.addr,
-                        len: d.len,
-                    }
-                    .into());
-                }
+                let n = check_indirect_table(ram, d.addr, d.len, self.size)?;
                 table = d.addr;
                 entries = n;
                 indirect = true;
@@ -417,21 +397,13 @@ impl SplitQueue {
                 steps = 0;
                 continue;
             }
-            if d.len == 0 {
-                return Err(ElementError::ZeroLengthBuffer { addr: d.addr }.into());
-            }
-            if layout.pieces(d.addr, u64::from(d.len)).is_none() {
-                return Err(ElementError::BufferOutsideRam {
-                    addr: d.addr,
-                    len: d.len,
-                }
-                .into());
-            }
-            chain.push(Desc {
-                addr: d.addr,
-                len: d.len,
-                writable: d.flags & VIRTQ_DESC_F_WRITE != 0,
-            })?;
+            push_buffer(
+                layout,
+                chain,
+                d.addr,
+                d.len,
+                d.flags & VIRTQ_DESC_F_WRITE != 0,
+            )?;
             if d.flags & VIRTQ_DESC_F_NEXT == 0 {
                 return Ok(());
             }
