@@ -208,7 +208,7 @@ class ModelBitmap:
 
     # -- batches ---------------------------------------------------------------------------
 
-    def clear_ranges(self, starts: object, counts: object) -> int:
+    def _ranges_mask(self, starts: object, counts: object) -> int:
         ss = _u64_array(starts, "starts")
         cs = _u64_array(counts, "counts")
         if len(ss) != len(cs):
@@ -218,6 +218,16 @@ class ModelBitmap:
         mask = 0
         for s, c in zip(ss, cs):
             mask |= self._mask(s, c)
+        return mask
+
+    def set_ranges(self, starts: object, counts: object) -> int:
+        mask = self._ranges_mask(starts, counts)
+        new = (mask & ~self.bits).bit_count()
+        self.bits |= mask
+        return new
+
+    def clear_ranges(self, starts: object, counts: object) -> int:
+        mask = self._ranges_mask(starts, counts)
         was = (mask & self.bits).bit_count()
         self.bits &= ~mask
         return was

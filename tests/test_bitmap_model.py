@@ -162,8 +162,10 @@ class BitmapMachine(RuleBasedStateMachine):
 
     # -- batches ---------------------------------------------------------------------------
 
-    @rule(data=st.data(), k=st.integers(0, 40), overlap=st.booleans())
-    def clear_ranges(self, data: st.DataObject, k: int, overlap: bool) -> None:
+    @rule(data=st.data(), k=st.integers(0, 40), overlap=st.booleans(), setting=st.booleans())
+    def set_or_clear_ranges(
+        self, data: st.DataObject, k: int, overlap: bool, setting: bool
+    ) -> None:
         ranges = [page_range(data, self.npages) for _ in range(k)]
         if overlap and ranges:
             # Repeat and nest some ranges so they overlap.
@@ -171,7 +173,10 @@ class BitmapMachine(RuleBasedStateMachine):
             ranges += [ranges[0], (s + n // 2, n - n // 2), (s, n // 3)]
         starts = u64([s for s, _ in ranges])
         counts = u64([n for _, n in ranges])
-        assert self.bm.clear_ranges(starts, counts) == self.model.clear_ranges(starts, counts)
+        if setting:
+            assert self.bm.set_ranges(starts, counts) == self.model.set_ranges(starts, counts)
+        else:
+            assert self.bm.clear_ranges(starts, counts) == self.model.clear_ranges(starts, counts)
 
     @rule(data=st.data())
     def merge_log(self, data: st.DataObject) -> None:

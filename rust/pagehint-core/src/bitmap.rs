@@ -96,13 +96,38 @@ impl DirtyBitmap {
     /// Sets pages `[start, start + n)`, returning how many were newly set.
     pub fn set_range(&mut self, start: u64, n: u64) -> Result<u64, BitmapError> {
         let end = self.check_range(start, n)?;
+        Ok(self.set_span(start, end))
+    }
+
+    /// Sets every range `[starts[i], starts[i] + counts[i])` (overlaps allowed) and returns how
+    /// many pages were newly set: a guest's writes, or a dirty log made from ranges. Every
+    /// range is checked before any is set.
+    pub fn set_ranges(&mut self, starts: &[u64], counts: &[u64]) -> Result<u64, BitmapError> {
+        if starts.len() != counts.len() {
+            return Err(BitmapError::LengthMismatch {
+                left: starts.len(),
+                right: counts.len(),
+            });
+        }
+        for (&start, &n) in starts.iter().zip(counts) {
+            self.check_range(start, n)?;
+        }
+        Ok(starts
+            .iter()
+            .zip(counts)
+            .map(|(&start, &n)| self.set_span(start, start + n))
+            .sum())
+    }
+
+    /// Sets pages `[start, end)`, already checked.
+    fn set_span(&mut self, start: u64, end: u64) -> u64 {
         let s = span(start, end);
         let mut set = 0;
         for (w, mask) in s.head.into_iter().chain(s.tail) {
             set += u64::from((!self.words[w] & mask).count_ones());
             self.words[w] |= mask;
         }
-        Ok(set + Self::kernels().set_count(&mut self.words[s.body]))
+        set + Self::kernels().set_count(&mut self.words[s.body])
     }
 
     /// Clears pages `[start, start + n)`, returning how many were set (QEMU's dirty counter

@@ -14,6 +14,7 @@ enum Op {
     Count(u64, u64),
     TestAndClear(u64),
     ClearRanges(Vec<(u64, u64)>),
+    SetRanges(Vec<(u64, u64)>),
     Merge(Vec<u64>, u64),
     Take(usize, u64),
     Runs(u64, u64),
@@ -31,6 +32,7 @@ fn op() -> impl Strategy<Value = Op> {
         (pos.clone(), len.clone()).prop_map(|(s, n)| Op::Count(s, n)),
         pos.clone().prop_map(Op::TestAndClear),
         vec((pos.clone(), len.clone()), 0..8).prop_map(Op::ClearRanges),
+        vec((pos.clone(), len.clone()), 0..8).prop_map(Op::SetRanges),
         (vec(any::<u64>(), 0..20), (0u64..20).prop_map(|w| w * 64))
             .prop_map(|(l, o)| Op::Merge(l, o)),
         (0usize..300, pos.clone()).prop_map(|(m, s)| Op::Take(m, s)),
@@ -110,6 +112,22 @@ fn run(npages: u64, ops: &[Op]) -> Result<(), TestCaseError> {
                         for p in s..s + n {
                             r += u64::from(m.0[p as usize]);
                             m.0[p as usize] = false;
+                        }
+                    }
+                    prop_assert_eq!(got, Ok(r));
+                }
+                valid
+            }
+            Op::SetRanges(rs) => {
+                let (s, n): (Vec<u64>, Vec<u64>) = rs.iter().copied().unzip();
+                let got = bm.set_ranges(&s, &n);
+                let valid = rs.iter().all(|&(s, n)| m.in_range(s, n));
+                if valid {
+                    let mut r = 0;
+                    for &(s, n) in &rs {
+                        for p in s..s + n {
+                            r += u64::from(!m.0[p as usize]);
+                            m.0[p as usize] = true;
                         }
                     }
                     prop_assert_eq!(got, Ok(r));

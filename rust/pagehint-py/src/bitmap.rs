@@ -223,6 +223,24 @@ impl PyDirtyBitmap {
         self.heavy_write(py, DirtyBitmap::clear_all);
     }
 
+    /// Sets `[starts[i], starts[i] + counts[i])` for every i (overlaps allowed); returns how
+    /// many pages were newly set. Every range is checked before any is set.
+    fn set_ranges(
+        &self,
+        py: Python<'_>,
+        starts: &Bound<'_, PyAny>,
+        counts: &Bound<'_, PyAny>,
+    ) -> PyResult<u64> {
+        let starts = args::u64_array(starts, "starts")?;
+        let counts = args::u64_array(counts, "counts")?;
+        let (starts, counts) = (
+            self.unaliased(starts.as_slice()?),
+            self.unaliased(counts.as_slice()?),
+        );
+        self.heavy_write(py, |bm| bm.set_ranges(&starts, &counts))
+            .map_err(bitmap_err)
+    }
+
     /// Clears `[starts[i], starts[i] + counts[i])` for every i (overlaps allowed); returns how
     /// many pages were set. Every range is checked before any is cleared.
     fn clear_ranges(
