@@ -63,6 +63,8 @@ class DirtyBitmap:
         """Marks every page dirty."""
     def clear_all(self) -> None:
         """Marks every page clean."""
+    def set_ranges(self, starts: _U64Array, counts: _U64Array) -> int:
+        """Sets ``[starts[i], starts[i] + counts[i])`` for every i; returns pages newly set."""
     def clear_ranges(self, starts: _U64Array, counts: _U64Array) -> int:
         """Clears ``[starts[i], starts[i] + counts[i])`` for every i; returns pages that were set."""
     def merge_log(self, log: _U64Array, page_offset: int = ...) -> int:
@@ -156,7 +158,7 @@ class SplitQueue:
     def add_used(self, heads: Sequence[int], lens: Sequence[int]) -> None:
         """Returns elements to the driver."""
     def _drain_hints(
-        self, bitmap: DirtyBitmap, max_elements: int = 65536
+        self, bitmap: DirtyBitmap | None, max_elements: int = 65536
     ) -> tuple[
         int,
         int,
@@ -164,6 +166,7 @@ class SplitQueue:
         dict[str, int],
         int,
         tuple[int, int | None, list[tuple[int, int]]] | None,
+        bool,
     ]:
         """Applies hint elements until empty, the limit, or a control element."""
     def needs_interrupt(self) -> bool:
@@ -216,7 +219,7 @@ class PackedQueue:
     def add_used(self, heads: Sequence[int], lens: Sequence[int]) -> None:
         """Returns elements to the driver."""
     def _drain_hints(
-        self, bitmap: DirtyBitmap, max_elements: int = 65536
+        self, bitmap: DirtyBitmap | None, max_elements: int = 65536
     ) -> tuple[
         int,
         int,
@@ -224,6 +227,7 @@ class PackedQueue:
         dict[str, int],
         int,
         tuple[int, int | None, list[tuple[int, int]]] | None,
+        bool,
     ]:
         """Applies hint elements until empty, the limit, or a control element."""
     def needs_interrupt(self) -> bool:

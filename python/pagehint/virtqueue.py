@@ -67,11 +67,13 @@ class ControlElement:
 @dataclass(frozen=True)
 class HintDrain:
     """What one ``drain_hints`` call did: the hints applied (``result``), how many hint
-    elements were returned used, and the control element that stopped it, if any."""
+    elements were returned used, the control element that stopped it, if any, and whether
+    the element budget ran out first (``limited``: more may be available)."""
 
     result: HintResult
     elements: int
     control: ControlElement | None
+    limited: bool = False
 
 
 class _Ring(Protocol):
@@ -85,8 +87,9 @@ class _Ring(Protocol):
         npt.NDArray[np.bool_],
     ]: ...
 
-    def _drain_hints(self, bitmap: _core.DirtyBitmap, max_elements: int = ...) -> tuple[
-        int, int, int, dict[str, int], int, tuple[int, int | None, list[tuple[int, int]]] | None
+    def _drain_hints(self, bitmap: _core.DirtyBitmap | None, max_elements: int = ...) -> tuple[
+        int, int, int, dict[str, int], int, tuple[int, int | None, list[tuple[int, int]]] | None,
+        bool,
     ]: ...
 
 
@@ -99,13 +102,17 @@ class _Elements:
         return Elements(heads, elem, addr, length, writable)
 
     def drain_hints(
-        self: _Ring, bitmap: _core.DirtyBitmap, max_elements: int = 1 << 16
+        self: _Ring, bitmap: _core.DirtyBitmap | None, max_elements: int = 1 << 16
     ) -> HintDrain:
         """Applies available free-page-hint elements to ``bitmap`` until the queue is empty,
-        ``max_elements`` were applied, or an element with a cmd id comes up (GIL released)."""
-        n, hinted, cleared, rejected, elements, control = self._drain_hints(bitmap, max_elements)
+        ``max_elements`` were taken, or an element with a cmd id comes up (GIL released).
+        With ``bitmap=None`` the hint elements are returned used without being applied (a
+        device outside its START state)."""
+        n, hinted, cleared, rejected, elements, control, limited = self._drain_hints(
+            bitmap, max_elements
+        )
         ctl = None if control is None else ControlElement(control[0], control[1], control[2])
-        return HintDrain(HintResult(n, hinted, cleared, rejected), elements, ctl)
+        return HintDrain(HintResult(n, hinted, cleared, rejected), elements, ctl, limited)
 
 
 class SplitQueue(_Elements, _core.SplitQueue):

@@ -132,7 +132,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     let budget = usize::from(u.int_in_range(0..=8u8)?);
     let (applied, _) = {
         let mut applier = HintApplier::new(&mut bm, &map).expect("fits");
-        drain_hints(&mut q2, &ram, &mut chain, &mut applier, budget)
+        drain_hints(&mut q2, &ram, &mut chain, Some(&mut applier), budget)
     };
     assert!(applied <= budget);
     assert!(bm.count_all() <= map.npages());

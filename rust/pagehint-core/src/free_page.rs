@@ -35,16 +35,17 @@ pub enum DrainStop {
     Control(ControlElement),
 }
 
-/// Applies every available hint element of `queue` through `applier` and returns each to the
-/// driver used with length 0 (QEMU's used length for free page hints), taking at most
-/// `max_elements` elements (rejected ones included, so a guest cannot keep the loop going) or
-/// up to the first control element. Rejected elements are counted by the queue and already
-/// returned. Returns how many hint elements were applied and why it stopped.
+/// Takes every available hint element of `queue`, applies its buffers through `applier` (or
+/// not at all when `applier` is `None`: hints outside a START window are returned unread) and
+/// returns it to the driver used with length 0 (QEMU's used length for free page hints),
+/// taking at most `max_elements` elements (rejected ones included, so a guest cannot keep the
+/// loop going) or up to the first control element. Rejected elements are counted by the queue
+/// and already returned. Returns how many hint elements were returned used and why it stopped.
 pub fn drain_hints<Q: Virtqueue>(
     queue: &mut Q,
     ram: &GuestRam<'_>,
     chain: &mut Chain,
-    applier: &mut HintApplier<'_>,
+    mut applier: Option<&mut HintApplier<'_>>,
     max_elements: usize,
 ) -> (usize, DrainStop) {
     let mut applied = 0usize;
@@ -62,8 +63,10 @@ pub fn drain_hints<Q: Virtqueue>(
             };
             return (applied, DrainStop::Control(control));
         }
-        for d in chain.writable() {
-            applier.add(d.addr, u64::from(d.len));
+        if let Some(applier) = applier.as_deref_mut() {
+            for d in chain.writable() {
+                applier.add(d.addr, u64::from(d.len));
+            }
         }
         if queue.add_used(ram, head, 0).is_err() {
             // The used ring broke; the queue records why and stops.

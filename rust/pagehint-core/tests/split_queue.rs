@@ -922,15 +922,20 @@ fn a_self_feeding_ring_cannot_keep_the_device_busy() {
             rig.push(head);
         }
         let (applied, stop) =
-            pagehint_core::free_page::drain_hints(&mut q, &ram, &mut chain, &mut applier, 3);
+            pagehint_core::free_page::drain_hints(&mut q, &ram, &mut chain, Some(&mut applier), 3);
         assert_eq!(
             (applied, stop),
             (0, pagehint_core::free_page::DrainStop::Limit)
         );
         taken += 3;
         assert_eq!(u64::from(taken), q.counts().total());
-        let (applied, stop) =
-            pagehint_core::free_page::drain_hints(&mut q, &ram, &mut chain, &mut applier, 100);
+        let (applied, stop) = pagehint_core::free_page::drain_hints(
+            &mut q,
+            &ram,
+            &mut chain,
+            Some(&mut applier),
+            100,
+        );
         assert_eq!(
             (applied, stop),
             (0, pagehint_core::free_page::DrainStop::Empty)
@@ -939,4 +944,44 @@ fn a_self_feeding_ring_cannot_keep_the_device_busy() {
         assert_eq!(u64::from(taken), q.counts().total());
     }
     assert_eq!(q.counts().zero_length_buffer, 12);
+}
+
+/// Outside a START window the device returns hint elements without applying them, and still
+/// stops at the next cmd id so the state machine sees it in order.
+#[test]
+fn a_drain_without_an_applier_returns_hints_unapplied_and_stops_at_a_cmd_id() {
+    use pagehint_core::free_page::{ControlElement, DrainStop, drain_hints};
+    let rig = Rig::new(8);
+    let ram = rig.ram();
+    let mut q = rig.queue(false);
+    let mut chain = Chain::new();
+    // Two hint elements of one page each, then a cmd id 0x8000_0001.
+    rig.desc(0, DATA, 4096, WRITE, 0);
+    rig.desc(1, DATA + 4096, 4096, WRITE, 0);
+    rig.desc(2, DATA + 0x2000, 4, 0, 0);
+    ram.write(DATA + 0x2000, &0x8000_0001u32.to_le_bytes())
+        .expect("ram");
+    for head in 0..3 {
+        rig.push(head);
+    }
+    let (returned, stop) = drain_hints(&mut q, &ram, &mut chain, None, 100);
+    assert_eq!(returned, 2);
+    assert_eq!(
+        stop,
+        DrainStop::Control(ControlElement {
+            head: 2,
+            cmd_id: Some(0x8000_0001),
+            hints: vec![]
+        })
+    );
+    assert_eq!(rig.used_idx(), 2);
+    assert_eq!((rig.used(0), rig.used(1)), ((0, 0), (1, 0)));
+    // The same ring applied: the bitmap loses exactly the two hinted pages.
+    let mut q = rig.queue(false);
+    let mut bitmap = pagehint_core::DirtyBitmap::new(rig.map.npages()).expect("bitmap");
+    bitmap.set_all();
+    let mut applier = pagehint_core::HintApplier::new(&mut bitmap, &rig.map).expect("fits");
+    let (returned, _) = drain_hints(&mut q, &ram, &mut chain, Some(&mut applier), 100);
+    assert_eq!(returned, 2);
+    assert_eq!(applier.finish().pages_cleared, 2);
 }

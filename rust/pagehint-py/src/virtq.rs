@@ -8,7 +8,7 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use numpy::PyArray1;
 use pagehint_core::free_page::{DrainStop, drain_hints};
 use pagehint_core::virtq::{Chain, PackedQueue, QueueError, SplitQueue, Virtqueue};
-use pagehint_core::{GuestRam, HintApplier, MemoryMap};
+use pagehint_core::{GuestRam, HintApplier, HintOutcome, MemoryMap};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
@@ -167,25 +167,35 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
     fn drain_hints<'py>(
         &self,
         py: Python<'py>,
-        bitmap: &Bound<'py, PyDirtyBitmap>,
+        bitmap: Option<&Bound<'py, PyDirtyBitmap>>,
         max_elements: usize,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let ram = guest_ram(&self.mem, &self.map)?;
+        let drain = |applier: Option<&mut HintApplier<'_>>| {
+            let mut guard = self.lock();
+            let (queue, chain) = &mut *guard;
+            drain_hints(queue, &ram, chain, applier, max_elements)
+        };
         // Lock order everywhere: the bitmap, then the queue.
-        let (outcome, applied, stop) = bitmap
-            .get()
-            .heavy_write(py, |bm| {
-                let mut applier = HintApplier::new(bm, &self.map)?;
-                let mut guard = self.lock();
-                let (queue, chain) = &mut *guard;
-                let (applied, stop) = drain_hints(queue, &ram, chain, &mut applier, max_elements);
-                Ok((applier.finish(), applied, stop))
-            })
-            .map_err(bitmap_err)?;
+        let (outcome, applied, stop) = match bitmap {
+            Some(bitmap) => bitmap
+                .get()
+                .heavy_write(py, |bm| {
+                    let mut applier = HintApplier::new(bm, &self.map)?;
+                    let (applied, stop) = drain(Some(&mut applier));
+                    Ok((applier.finish(), applied, stop))
+                })
+                .map_err(bitmap_err)?,
+            None => {
+                let (applied, stop) = py.detach(|| drain(None));
+                (HintOutcome::default(), applied, stop)
+            }
+        };
         let rejected = PyDict::new(py);
         for (reason, n) in outcome.rejected.by_reason() {
             rejected.set_item(reason, n)?;
         }
+        let limited = stop == DrainStop::Limit;
         let control = match stop {
             DrainStop::Control(c) => Some((c.head, c.cmd_id, c.hints)),
             DrainStop::Empty | DrainStop::Limit => None,
@@ -197,6 +207,7 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
             rejected,
             applied,
             control,
+            limited,
         )
             .into_pyobject(py)
     }
@@ -254,16 +265,17 @@ macro_rules! queue_methods {
 
             /// The free page queue's hot path, with the GIL released: applies every available
             /// hint element (device-writable buffers only) to `bitmap` through this queue's
-            /// memory map and returns it used with length 0, up to `max_elements` elements or
-            /// the first element with a device-readable buffer (a cmd id), which is returned
-            /// unused. Returns `(hints, pages_hinted, pages_cleared, hint_rejects, elements,
-            /// control)`, `control` being None or `(id, cmd_id or None if shorter than 4 bytes,
-            /// [(addr, len) of its writable buffers])`.
+            /// memory map (or, with `bitmap=None`, applies nothing) and returns it used with
+            /// length 0, up to `max_elements` elements or the first element with a
+            /// device-readable buffer (a cmd id), which is returned unused. Returns `(hints,
+            /// pages_hinted, pages_cleared, hint_rejects, elements, control, limited)`, `control`
+            /// being None or `(id, cmd_id or None if shorter than 4 bytes, [(addr, len) of its
+            /// writable buffers])` and `limited` whether the element budget ran out first.
             #[pyo3(name = "_drain_hints", signature = (bitmap, max_elements = 65536))]
             fn drain_hints<'py>(
                 &self,
                 py: Python<'py>,
-                bitmap: &Bound<'py, PyDirtyBitmap>,
+                bitmap: Option<&Bound<'py, PyDirtyBitmap>>,
                 max_elements: usize,
             ) -> PyResult<Bound<'py, PyTuple>> {
                 self.core.drain_hints(py, bitmap, max_elements)
