@@ -1,0 +1,553 @@
+"""The virtio-balloon device's free page hinting, as a VMM embeds it.
+
+``FreePageHintDevice`` models what QEMU's ``hw/virtio/virtio-balloon.c`` does for
+VIRTIO_BALLOON_F_FREE_PAGE_HINT (and for VIRTIO_BALLOON_F_REPORTING): feature negotiation, the
+config space, the STOP / REQUESTED / START / DONE state machine driven by the migration
+(``start_hinting``, ``stop_hinting``, ``finish``) and by the driver's cmd id out-buffers, and
+the free page queue drained through the Rust queue reader. The inflate, deflate and stats
+queues are not modelled: a VMM keeps its own.
+
+Threading: ``process()`` may run on a device thread while the migration thread calls
+``stop_hinting()``. One lock covers the state and each bounded chunk of queue work (as QEMU's
+``free_page_lock``), so once ``stop_hinting()`` returns no hint of the old id is applied.
+Config-change callbacks run after the lock is released.
+"""
+
+from __future__ import annotations
+
+import enum
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from pagehint import _core
+from pagehint.hints import HintResult, apply_hints
+from pagehint.virtqueue import ControlElement, PackedQueue, SplitQueue
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+# Device feature bits (virtio 1.2 §5.5.3, Linux include/uapi/linux/virtio_balloon.h).
+F_MUST_TELL_HOST = 0
+F_STATS_VQ = 1
+F_DEFLATE_ON_OOM = 2
+F_FREE_PAGE_HINT = 3
+F_PAGE_POISON = 4
+F_REPORTING = 5
+# Transport feature bits the model offers (virtio 1.2 §6).
+F_INDIRECT_DESC = 28
+F_EVENT_IDX = 29
+F_VERSION_1 = 32
+F_RING_PACKED = 34
+
+CMD_ID_STOP = 0
+CMD_ID_DONE = 1
+CMD_ID_MIN = 0x8000_0000
+"""QEMU's first cmd id (VIRTIO_BALLOON_FREE_PAGE_HINT_CMD_ID_MIN); ids wrap back to it."""
+
+# Config space offsets (struct virtio_balloon_config, little endian even for legacy devices).
+CONFIG_NUM_PAGES = 0
+CONFIG_ACTUAL = 4
+CONFIG_FREE_PAGE_HINT_CMD_ID = 8
+CONFIG_POISON_VAL = 12
+
+# Queue sizes QEMU gives the device (the driver may choose smaller split rings).
+FREE_PAGE_QUEUE_MAX = 1024  # VIRTQUEUE_MAX_SIZE
+REPORTING_QUEUE_MAX = 32
+OTHER_QUEUE_MAX = 128
+
+# Queue elements handled per lock hold: bounds how long stop_hinting() can wait for process().
+_CHUNK = 1024
+
+_U64Array = npt.NDArray[np.uint64]
+
+
+class HintState(enum.Enum):
+    """QEMU's FREE_PAGE_HINT_S_* states."""
+
+    STOP = "stop"
+    REQUESTED = "requested"
+    START = "start"
+    DONE = "done"
+
+
+def _bit(n: int) -> int:
+    return 1 << n
+
+
+@dataclass(frozen=True)
+class ProcessResult:
+    """What one ``process()`` call did on the free page queue.
+
+    ``elements`` counts elements returned used (hint elements and cmd id elements; rejected
+    elements are counted in the device's ``rejected``). ``hints`` covers the in-buffers applied
+    in START; ``hint_elements_ignored`` were returned unapplied because the state was not START
+    (or no bitmap was bound). ``interrupt`` says whether the driver asked to be interrupted.
+    """
+
+    elements: int
+    hint_elements_applied: int
+    hint_elements_ignored: int
+    cmd_ids: list[int]
+    hints: HintResult
+    state: HintState
+    interrupt: bool
+    more: bool
+    error: str | None
+
+
+@dataclass(frozen=True)
+class ReportResult:
+    """What one ``process_reporting()`` call did on the free page reporting queue.
+
+    ``ranges`` were handed to ``discard`` as ``(gpa, len)`` rows; ``skipped_poison`` elements
+    were returned without discarding because ``poison_val`` is non-zero (the guest expects freed
+    pages to keep its poison pattern; QEMU's rule). ``rejected`` counts buffers that were not
+    page aligned or not entirely inside one RAM region (QEMU ignores those too).
+    """
+
+    elements: int
+    ranges: int
+    bytes: int
+    skipped_poison: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    interrupt: bool = False
+
+
+_Queue = SplitQueue | PackedQueue
+
+
+class FreePageHintDevice:
+    """A virtio-balloon device offering free page hinting, over guest RAM in a buffer.
+
+    ``mem`` is the writable buffer holding guest RAM as laid out by ``memmap`` (an ``mmap``, a
+    numpy ``uint8`` array or a ``bytearray``); ``bitmap`` is the migration's dirty bitmap
+    (bind or replace it later with ``bind``). Offered features: FREE_PAGE_HINT always,
+    STATS_VQ and PAGE_POISON by default (as QEMU), DEFLATE_ON_OOM and REPORTING if asked, plus
+    VERSION_1, INDIRECT_DESC, EVENT_IDX and, with ``packed_ring``, RING_PACKED.
+
+    ``queue_numbering="dense"`` (the default, what QEMU and Linux do) numbers only existing
+    queues: inflate 0, deflate 1, stats 2 if negotiated, then the free page queue, then the
+    reporting queue. ``"spec"`` uses virtio 1.2's fixed numbers (free page 3, reporting 4).
+
+    During START the config shows the active cmd id; ``qemu_compat=True`` shows 0 instead, as
+    QEMU does, which makes the Linux driver end its round at the next config interrupt.
+    ``notify_config`` is called after every change the driver must see (a config interrupt);
+    ``discard`` receives the reporting queue's page ranges as a ``uint64`` ``(N, 2)`` array of
+    ``(gpa, len)``.
+    """
+
+    def __init__(
+        self,
+        mem: Buffer | npt.NDArray[np.uint8],
+        memmap: _core.MemoryMap,
+        bitmap: _core.DirtyBitmap | None = None,
+        *,
+        stats_vq: bool = True,
+        page_poison: bool = True,
+        deflate_on_oom: bool = False,
+        reporting: bool = False,
+        packed_ring: bool = False,
+        queue_numbering: Literal["dense", "spec"] = "dense",
+        qemu_compat: bool = False,
+        notify_config: Callable[[], None] | None = None,
+        discard: Callable[[_U64Array], None] | None = None,
+    ) -> None:
+        if queue_numbering not in ("dense", "spec"):
+            raise ValueError(f"queue_numbering must be 'dense' or 'spec', not {queue_numbering!r}")
+        if bitmap is not None and bitmap.npages < memmap.npages:
+            raise ValueError(
+                f"the bitmap has {bitmap.npages} pages but the memory map has {memmap.npages}"
+            )
+        self._mem = mem
+        self._memmap = memmap
+        self._bitmap = bitmap
+        self._numbering = queue_numbering
+        self.qemu_compat = qemu_compat
+        self.notify_config = notify_config
+        """The config interrupt: called after every change the driver must see."""
+        self._discard = discard
+        offered = _bit(F_FREE_PAGE_HINT) | _bit(F_VERSION_1) | _bit(F_INDIRECT_DESC)
+        offered |= _bit(F_EVENT_IDX)
+        for on, bit in (
+            (stats_vq, F_STATS_VQ),
+            (page_poison, F_PAGE_POISON),
+            (deflate_on_oom, F_DEFLATE_ON_OOM),
+            (reporting, F_REPORTING),
+            (packed_ring, F_RING_PACKED),
+        ):
+            if on:
+                offered |= _bit(bit)
+        self.features: int = offered
+        """Features the device offers."""
+        self._lock = threading.Lock()
+        self._report_lock = threading.Lock()
+        self._cmd_id = CMD_ID_MIN - 1  # so the first start_hinting() issues CMD_ID_MIN
+        self._reset_locked()
+
+    # -- negotiation and queues -------------------------------------------------------------
+
+    def _reset_locked(self) -> None:
+        self._negotiated = 0
+        self._features_ok = False
+        self._state = HintState.STOP
+        self._error: str | None = None
+        self._queue: _Queue | None = None
+        self._report_queue: _Queue | None = None
+        self.num_pages = 0
+        self.actual = 0
+        self.poison_val = 0
+        self.config_faults = 0
+
+    def reset(self) -> None:
+        """A device reset: negotiation, queues, config and error state start over. The cmd id
+        counter is kept, so a new round after a reset never reuses an id."""
+        with self._lock, self._report_lock:
+            self._reset_locked()
+
+    def negotiate(self, driver_features: int) -> int:
+        """Takes the driver's accepted feature set; returns the negotiated set (what both
+        have). Bits the device did not offer are dropped and ``features_ok`` is False, as a
+        transport refuses FEATURES_OK then. Queues are set up afresh afterwards."""
+        if driver_features < 0 or driver_features >= 1 << 64:
+            raise ValueError(f"driver_features must be a 64-bit mask, not {driver_features}")
+        with self._lock, self._report_lock:
+            self._negotiated = driver_features & self.features
+            self._features_ok = driver_features & ~self.features == 0
+            self._queue = None
+            self._report_queue = None
+            if not self.has(F_PAGE_POISON):
+                self.poison_val = 0
+            return self._negotiated
+
+    @property
+    def negotiated(self) -> int:
+        """The negotiated feature set."""
+        return self._negotiated
+
+    @property
+    def features_ok(self) -> bool:
+        """False if the driver accepted a feature the device did not offer."""
+        return self._features_ok
+
+    def has(self, bit: int) -> bool:
+        """Whether feature ``bit`` was negotiated."""
+        return bool(self._negotiated >> bit & 1)
+
+    @property
+    def hinting(self) -> bool:
+        """Whether free page hinting was negotiated (if not, the hinting calls do nothing)."""
+        return self.has(F_FREE_PAGE_HINT)
+
+    def queue_indices(self) -> dict[str, int]:
+        """The negotiated device's queues by name: ``inflate``, ``deflate``, ``stats``,
+        ``free_page``, ``reporting`` (each only if it exists)."""
+        names = ["inflate", "deflate"]
+        fixed = {"inflate": 0, "deflate": 1, "stats": 2, "free_page": 3, "reporting": 4}
+        for bit, name in ((F_STATS_VQ, "stats"), (F_FREE_PAGE_HINT, "free_page"),
+                          (F_REPORTING, "reporting")):
+            if self.has(bit):
+                names.append(name)
+        if self._numbering == "spec":
+            return {n: fixed[n] for n in names}
+        return {n: i for i, n in enumerate(names)}
+
+    @property
+    def free_page_queue_index(self) -> int | None:
+        """The free page queue's index, or None if hinting was not negotiated."""
+        return self.queue_indices().get("free_page")
+
+    def set_queue(
+        self, index: int, size: int, desc_gpa: int, driver_gpa: int, device_gpa: int
+    ) -> None:
+        """The driver enabled queue ``index`` with ``size`` entries at these guest addresses
+        (split ring: descriptor table, available ring, used ring; packed ring: descriptor
+        ring, driver and device event areas). Only the free page and reporting queues are
+        read by this model; the others are accepted and left to the VMM. ``ValueError`` for
+        an index the negotiated device does not have, a size above the queue's maximum, or a
+        ring the reader refuses."""
+        queues = {i: n for n, i in self.queue_indices().items()}
+        if index not in queues:
+            raise ValueError(f"queue {index} does not exist (queues: {sorted(queues)})")
+        name = queues[index]
+        limit = {"free_page": FREE_PAGE_QUEUE_MAX, "reporting": REPORTING_QUEUE_MAX}.get(
+            name, OTHER_QUEUE_MAX
+        )
+        if not 1 <= size <= limit:
+            raise ValueError(f"the {name} queue takes 1 to {limit} entries, not {size}")
+        if name not in ("free_page", "reporting"):
+            return
+        cls: type[_Queue] = PackedQueue if self.has(F_RING_PACKED) else SplitQueue
+        queue = cls(self._mem, self._memmap, size, desc_gpa, driver_gpa, device_gpa,
+                    event_idx=self.has(F_EVENT_IDX))
+        if name == "free_page":
+            with self._lock:
+                self._queue = queue
+        else:
+            with self._report_lock:
+                self._report_queue = queue
+
+    @property
+    def free_page_queue(self) -> _Queue | None:
+        """The free page queue's reader, once set up."""
+        return self._queue
+
+    def bind(self, bitmap: _core.DirtyBitmap | None) -> None:
+        """Applies later hints to ``bitmap`` (None: hints are returned unapplied)."""
+        if bitmap is not None and bitmap.npages < self._memmap.npages:
+            raise ValueError(
+                f"the bitmap has {bitmap.npages} pages but the memory map has "
+                f"{self._memmap.npages}"
+            )
+        with self._lock:
+            self._bitmap = bitmap
+
+    # -- config space ------------------------------------------------------------------------
+
+    @property
+    def config_size(self) -> int:
+        """8, 12 with FREE_PAGE_HINT offered, 16 with PAGE_POISON offered (QEMU's sizes)."""
+        if self.features >> F_PAGE_POISON & 1:
+            return 16
+        if self.features >> F_FREE_PAGE_HINT & 1:
+            return 12
+        return 8
+
+    def _config_cmd_id(self) -> int:
+        state = self._state
+        if state is HintState.REQUESTED:
+            return self._cmd_id
+        if state is HintState.START:
+            return 0 if self.qemu_compat else self._cmd_id
+        if state is HintState.DONE:
+            return CMD_ID_DONE
+        return CMD_ID_STOP
+
+    def _config_bytes(self) -> bytes:
+        fields = (self.num_pages, self.actual, self._config_cmd_id(), self.poison_val)
+        return b"".join(f.to_bytes(4, "little") for f in fields)[: self.config_size]
+
+    @staticmethod
+    def _check_access(offset: int, size: int) -> None:
+        if offset < 0:
+            raise ValueError(f"config offset must not be negative, not {offset}")
+        if size not in (1, 2, 4, 8):
+            raise ValueError(f"config accesses are 1, 2, 4 or 8 bytes, not {size}")
+
+    def read_config(self, offset: int, size: int) -> bytes:
+        """The driver reads ``size`` bytes of config at ``offset`` (little endian). A read past
+        the config returns all ones and counts in ``config_faults``, as QEMU."""
+        self._check_access(offset, size)
+        with self._lock:
+            config = self._config_bytes()
+            if offset + size > len(config):
+                self.config_faults += 1
+                return b"\xff" * size
+            return config[offset : offset + size]
+
+    def write_config(self, offset: int, data: bytes) -> None:
+        """The driver writes config bytes. Only ``actual`` and, when PAGE_POISON was
+        negotiated, ``poison_val`` take the written values (QEMU's set_config); writes past
+        the config are ignored and counted in ``config_faults``."""
+        self._check_access(offset, len(data))
+        with self._lock:
+            config = bytearray(self._config_bytes())
+            if offset + len(data) > len(config):
+                self.config_faults += 1
+                return
+            config[offset : offset + len(data)] = data
+            self.actual = int.from_bytes(config[CONFIG_ACTUAL : CONFIG_ACTUAL + 4], "little")
+            self.poison_val = 0
+            if self.has(F_PAGE_POISON) and len(config) >= CONFIG_POISON_VAL + 4:
+                self.poison_val = int.from_bytes(config[CONFIG_POISON_VAL:], "little")
+
+    # -- the hinting state machine -------------------------------------------------------------
+
+    @property
+    def state(self) -> HintState:
+        """The hinting state."""
+        return self._state
+
+    @property
+    def cmd_id(self) -> int:
+        """The latest cmd id issued (CMD_ID_MIN - 1 before the first)."""
+        return self._cmd_id
+
+    @property
+    def error(self) -> str | None:
+        """Why the device needs a reset (QEMU's virtio_error), or None."""
+        return self._error
+
+    def _notify_config(self) -> None:
+        notify = self.notify_config
+        if notify is not None:
+            notify()
+
+    def start_hinting(self) -> int | None:
+        """After a dirty bitmap sync while the guest runs: a new cmd id (CMD_ID_MIN upward,
+        wrapping back to it), state REQUESTED, config interrupt. Returns the id, or None
+        (doing nothing) if hinting was not negotiated."""
+        if not self.hinting:
+            return None
+        with self._lock:
+            self._cmd_id = CMD_ID_MIN if self._cmd_id >= 0xFFFF_FFFF else self._cmd_id + 1
+            self._state = HintState.REQUESTED
+            cmd_id = self._cmd_id
+        self._notify_config()
+        return cmd_id
+
+    def _leave(self, to: HintState) -> None:
+        if not self.hinting:
+            return
+        with self._lock:
+            changed = self._state is not to
+            self._state = to
+        if changed:
+            self._notify_config()
+
+    def stop_hinting(self) -> None:
+        """Before a dirty bitmap sync: STOP (config interrupt if the state changed). When this
+        returns, no hint is being applied and none of this round will be."""
+        self._leave(HintState.STOP)
+
+    def finish(self) -> None:
+        """After the final sync, or on cancel or failure: DONE, so the guest frees every
+        hinted page (config interrupt if the state changed)."""
+        self._leave(HintState.DONE)
+
+    def _control(self, ctl: ControlElement) -> None:
+        """A cmd id element, under the lock: QEMU's get_free_page_hints for out-buffers."""
+        if ctl.cmd_id is None:
+            self._error = "received an incorrect cmd id (fewer than 4 bytes)"
+            return
+        if self._state is HintState.REQUESTED and ctl.cmd_id == self._cmd_id:
+            self._state = HintState.START
+        elif self._state is HintState.START:
+            # Any other out-buffer ends a started round; a stale id before START is ignored.
+            self._state = HintState.STOP
+
+    def process(self, max_elements: int = 1 << 20) -> ProcessResult:
+        """Drains the free page queue (the device's queue notification handler): cmd id
+        out-buffers drive the state machine, hint in-buffers are applied to the bound bitmap
+        only in START, every element is returned used with length 0. Takes at most
+        ``max_elements`` elements; ``more`` says whether the budget ran out first.
+        ``RuntimeError`` if the free page queue is not set up."""
+        if max_elements < 0:
+            raise ValueError(f"max_elements must not be negative, not {max_elements}")
+        queue = self._queue
+        if queue is None:
+            raise RuntimeError("the free page queue is not set up (negotiate, then set_queue)")
+        totals = [0, 0, 0, 0]  # hints, pages hinted, pages cleared, elements used
+        applied = ignored = 0
+        rejected: dict[str, int] = {}
+        cmd_ids: list[int] = []
+        budget = max_elements
+        more = budget == 0
+        while budget > 0:
+            with self._lock:
+                if self._error is not None or self._queue is not queue:
+                    break
+                bitmap = self._bitmap if self._state is HintState.START else None
+                refused = sum(queue.rejected.values())
+                drain = queue.drain_hints(bitmap, min(budget, _CHUNK))
+                results = [drain.result]
+                used = drain.elements
+                if bitmap is not None:
+                    applied += drain.elements
+                else:
+                    ignored += drain.elements
+                ctl = drain.control
+                if ctl is not None:
+                    if ctl.cmd_id is not None:
+                        cmd_ids.append(ctl.cmd_id)
+                    self._control(ctl)
+                    if ctl.hints and self._error is None and self._state is HintState.START \
+                            and self._bitmap is not None:
+                        hints = np.array(ctl.hints, dtype=np.uint64).reshape(-1, 2)
+                        results.append(apply_hints(self._bitmap, self._memmap, hints))
+                    queue.add_used([ctl.head], [0])
+                    used += 1
+                if queue.error is not None and self._error is None:
+                    self._error = f"free page queue: {queue.error}"
+                # Rejected elements use the budget too, so a guest cannot keep this going.
+                budget -= used + sum(queue.rejected.values()) - refused
+            for r in results:
+                totals[0] += r.hints
+                totals[1] += r.pages_hinted
+                totals[2] += r.pages_cleared
+                for k, v in r.rejected.items():
+                    rejected[k] = rejected.get(k, 0) + v
+            totals[3] += used
+            if ctl is None and not drain.limited:
+                break
+            more = budget <= 0
+        interrupt = totals[3] > 0 and queue.needs_interrupt()
+        return ProcessResult(
+            elements=totals[3],
+            hint_elements_applied=applied,
+            hint_elements_ignored=ignored,
+            cmd_ids=cmd_ids,
+            hints=HintResult(totals[0], totals[1], totals[2], rejected),
+            state=self._state,
+            interrupt=interrupt,
+            more=more,
+            error=self._error,
+        )
+
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Free page queue elements rejected so far, by reason (see ``SplitQueue``)."""
+        return {} if self._queue is None else self._queue.rejected
+
+    # -- free page reporting -----------------------------------------------------------------
+
+    def process_reporting(self, max_elements: int = 1 << 16) -> ReportResult:
+        """Drains the free page reporting queue: each in-buffer that is page aligned and
+        inside one RAM region goes to ``discard`` (skipped while ``poison_val`` is non-zero),
+        and every element is returned used with length 0. ``RuntimeError`` if the reporting
+        queue is not set up."""
+        with self._report_lock:
+            queue = self._report_queue
+            if queue is None:
+                raise RuntimeError("the reporting queue is not set up (negotiate REPORTING)")
+            els = queue.pop(max_elements)
+            n = len(els)
+            ranges = np.empty((0, 2), dtype=np.uint64)
+            rejected: dict[str, int] = {}
+            skipped = 0
+            if self.poison_val != 0:
+                skipped = n
+            elif n:
+                _, addr, length = els.in_buffers()
+                ranges, rejected = _page_ranges(self._memmap, addr, length.astype(np.uint64))
+            if n:
+                queue.add_used(els.heads.tolist(), [0] * n)
+            interrupt = n > 0 and queue.needs_interrupt()
+        if len(ranges) and self._discard is not None:
+            self._discard(ranges)
+        return ReportResult(n, len(ranges), int(ranges[:, 1].sum()), skipped, rejected,
+                            interrupt)
+
+
+def _page_ranges(
+    memmap: _core.MemoryMap, addr: _U64Array, length: _U64Array
+) -> tuple[_U64Array, dict[str, int]]:
+    """The ``(gpa, len)`` buffers that are page aligned, non-empty and inside one RAM region,
+    as an ``(N, 2)`` array; the others counted by reason."""
+    page = memmap.page_size
+    aligned = (addr % page == 0) & (length % page == 0) & (length > 0)
+    regions = sorted(memmap.regions)
+    starts = np.array([r[0] for r in regions], dtype=np.uint64)
+    ends = np.array([r[0] + r[1] for r in regions], dtype=np.uint64)
+    region = np.searchsorted(starts, addr, side="right").astype(np.int64) - 1
+    end = addr + length
+    inside = (region >= 0) & (end >= addr)
+    idx = np.clip(region, 0, len(starts) - 1)
+    inside &= (addr >= starts[idx]) & (end <= ends[idx])
+    ok = aligned & inside
+    rejected = {"unaligned": int((~aligned).sum()), "outside_ram": int((aligned & ~inside).sum())}
+    return np.ascontiguousarray(np.stack([addr[ok], length[ok]], axis=1)), rejected
