@@ -199,6 +199,8 @@ class FreePageHintDevice:
         self._queue: _Queue | None = None
         self._report_queue: _Queue | None = None
         self.num_pages = 0
+        self.retired_at_start = 0
+        """Elements returned unapplied by ``start_hinting`` (made available before it)."""
         self.actual = 0
         self.poison_val = 0
         self.config_faults = 0
@@ -365,6 +367,15 @@ class FreePageHintDevice:
             if self.has(F_PAGE_POISON) and len(config) >= CONFIG_POISON_VAL + 4:
                 self.poison_val = int.from_bytes(config[CONFIG_POISON_VAL:], "little")
 
+    def set_target(self, num_pages: int) -> None:
+        """Asks the guest to balloon to ``num_pages`` 4 KiB pages (QEMU's
+        virtio_balloon_to_target): sets ``num_pages`` and raises a config interrupt."""
+        if not 0 <= num_pages <= 0xFFFF_FFFF:
+            raise ValueError(f"num_pages is a u32 of 4 KiB pages, not {num_pages}")
+        with self._lock:
+            self.num_pages = num_pages
+        self._notify_config()
+
     # -- the hinting state machine -------------------------------------------------------------
 
     @property
@@ -390,10 +401,18 @@ class FreePageHintDevice:
     def start_hinting(self) -> int | None:
         """After a dirty bitmap sync while the guest runs: a new cmd id (CMD_ID_MIN upward,
         wrapping back to it), state REQUESTED, config interrupt. Returns the id, or None
-        (doing nothing) if hinting was not negotiated."""
+        (doing nothing) if hinting was not negotiated.
+
+        Elements the driver made available before this call are first returned unapplied:
+        the guest cannot have seen the new id yet, but Linux keeps the round's id in one
+        buffer (``vb->cmd_id_active``) that it rewrites when it starts the next round, so an
+        old round's unread id element would read as the new id and open the window early for
+        the old round's hints, including blocks the shrinker gave back and the guest wrote
+        before the sync (lost pages). QEMU has this hole; this device closes it."""
         if not self.hinting:
             return None
         with self._lock:
+            self.retired_at_start += self._retire_available()
             self._cmd_id = CMD_ID_MIN if self._cmd_id >= 0xFFFF_FFFF else self._cmd_id + 1
             self._state = HintState.REQUESTED
             cmd_id = self._cmd_id
@@ -418,6 +437,30 @@ class FreePageHintDevice:
         """After the final sync, or on cancel or failure: DONE, so the guest frees every
         hinted page (config interrupt if the state changed)."""
         self._leave(HintState.DONE)
+
+    def _retire_available(self) -> int:
+        """Under the lock: returns every available element of the free page queue used,
+        applying nothing (cmd ids still drive the state machine). Bounded by two rings'
+        worth, so a guest refilling concurrently cannot hold the caller."""
+        queue = self._queue
+        if queue is None:
+            return 0
+        retired = 0
+        budget = 2 * queue.size
+        while budget > 0 and self._error is None:
+            drain = queue.drain_hints(None, budget)
+            retired += drain.elements
+            budget -= drain.elements
+            if drain.control is not None:
+                self._control(drain.control)
+                queue.add_used([drain.control.head], [0])
+                retired += 1
+                budget -= 1
+            elif not drain.limited:
+                break
+        if queue.error is not None and self._error is None:
+            self._error = f"free page queue: {queue.error}"
+        return retired
 
     def _control(self, ctl: ControlElement) -> None:
         """A cmd id element, under the lock: QEMU's get_free_page_hints for out-buffers."""
