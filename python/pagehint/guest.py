@@ -292,6 +292,8 @@ class SimulatedGuest:
         # Blocks held by the balloon driver (its free_page_list), most recent on top.
         self._hinted = np.zeros(self.nblocks, dtype=np.int64)
         self._nhinted = 0
+        self.hinted_under = np.zeros(self.nblocks, dtype=np.uint32)
+        """The cmd id each block was last hinted under (0: never)."""
         self.workloads: list[Workload] = []
         # Boot: the kernel and its caches hold `used` of RAM, the ring block included.
         boot = max(1, round(used * self.nblocks))
@@ -407,6 +409,9 @@ class SimulatedGuest:
             return
         if np.any(self.state[blocks] == FREE):
             raise ValueError("freeing a block that is already free")
+        if len(np.unique(blocks)) != len(blocks):
+            # It would go on the free list twice and be handed out twice.
+            raise ValueError("freeing a block twice")
         self.state[blocks] = FREE
         if self.poison is not None:
             self.write_blocks(blocks, zero=self.poison == 0)
@@ -513,7 +518,7 @@ class SimulatedGuest:
     def _ram_offset(self, gpa: int) -> int:
         return self.memmap.pfn_of(gpa) * self.page_size + gpa % self.page_size
 
-    def run_driver(self, max_blocks: int | None = None) -> DriverStep:
+    def run_driver(self, max_blocks: int | None = None, *, late: bool = False) -> DriverStep:
         """Runs the driver's pending free page work: on a new cmd id, an out-buffer with it,
         then one in-buffer per free block (allocated from the free list, so zeroed with
         ``init_on_alloc``) while the id in config is unchanged, then a STOP out-buffer; on
@@ -523,7 +528,11 @@ class SimulatedGuest:
 
         The id is re-checked before every block; as the config changes only through the
         device, a batch between two device calls sees one value, so checking per batch is
-        the same check. Config interrupts from another thread land between batches."""
+        the same check. Config interrupts from another thread land between batches.
+
+        ``late=True`` plays the vCPU race a real guest has: the id was checked just before
+        the config changed, so the first batch of a round in progress goes out under the old
+        id without looking again."""
         if self.queue is None:
             return DriverStep()
         queue = self.queue
@@ -550,7 +559,9 @@ class SimulatedGuest:
                     self._in_round = True
                 continue
             # send_free_pages: stop on a changed id, or when no block is free.
-            if self._cmd_id() != self.cmd_id_active:
+            if late:
+                late = False
+            elif self._cmd_id() != self.cmd_id_active:
                 self._end_round(stop_gpa, sent)
                 continue
             space = queue.num_free - 1
@@ -561,6 +572,7 @@ class SimulatedGuest:
             blocks = self._pop_free(want)
             if len(blocks):
                 self.state[blocks] = HINTED
+                self.hinted_under[blocks] = self.cmd_id_active
                 if self.init_on_alloc:
                     self.write_blocks(blocks, zero=True)
                 queue.add(self.block_gpa[blocks], self.block_bytes, writable=True,
