@@ -53,6 +53,8 @@ class PageContents:
     def __init__(self, npages: int, block_pfn: _I64Array, pages_per_block: int) -> None:
         if len(block_pfn) > 1 and np.any(np.diff(block_pfn) < pages_per_block):
             raise ValueError("blocks must be ascending and not overlap")
+        if len(block_pfn) and (block_pfn[0] < 0 or block_pfn[-1] + pages_per_block > npages):
+            raise ValueError(f"blocks must lie inside the {npages} pages")
         self.npages = npages
         self.block_pfn = block_pfn
         self.pages_per_block = pages_per_block

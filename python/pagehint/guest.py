@@ -94,6 +94,8 @@ class DirtyLog:
         64 and ``num_pages`` too unless the range reaches the last page."""
         if self.mode != "manual":
             raise ValueError("KVM_CLEAR_DIRTY_LOG needs manual-protect mode")
+        if first_page < 0 or num_pages < 0 or first_page + num_pages > self.npages:
+            raise ValueError(f"[{first_page}, +{num_pages}) is not inside {self.npages} pages")
         if first_page % 64 or (num_pages % 64 and first_page + num_pages != self.npages):
             raise ValueError(f"[{first_page}, +{num_pages}) is not 64-page aligned")
         return self._bits.clear_range(first_page, num_pages)
@@ -409,6 +411,9 @@ class SimulatedGuest:
             return
         if np.any(self.state[blocks] == FREE):
             raise ValueError("freeing a block that is already free")
+        if np.any(self.state[blocks] == HINTED):
+            # The driver still lists it: a later shrink or DONE would free it again.
+            raise ValueError("freeing a block the balloon driver holds")
         if len(np.unique(blocks)) != len(blocks):
             # It would go on the free list twice and be handed out twice.
             raise ValueError("freeing a block twice")
@@ -425,6 +430,7 @@ class SimulatedGuest:
         k = min(nblocks, self._nhinted)
         blocks = self._hinted[self._nhinted - k : self._nhinted][::-1].copy()
         self._nhinted -= k
+        self.state[blocks] = USED  # the driver's allocation, freed as any other
         self.free_blocks(blocks)
         return k
 
