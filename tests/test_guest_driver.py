@@ -19,6 +19,7 @@ from pagehint.balloon import (
     HintState,
 )
 from pagehint.contents import is_zero
+from pagehint.driver_ring import DriverSplitRing, ram_view
 from pagehint.guest import FREE, HINTED, USED, SimulatedGuest, run_until_idle
 
 MIB = 1 << 20
@@ -324,3 +325,42 @@ def test_late_hints_of_the_old_round_are_not_applied_in_requested() -> None:
     r = device.process()
     assert r.hint_elements_applied == 5
     assert r.hints.pages_cleared == 5 * guest.pages_per_block
+
+
+def test_recorded_ranges_are_exactly_the_hinted_blocks() -> None:
+    guest, device, bitmap = rig(used=0.5)
+    device.record_ranges = True
+    device.start_hinting()
+    guest.run_driver()
+    r = device.process()
+    assert r.ranges is not None
+    blocks = guest.hinted_blocks()
+    want = np.stack([guest.block_pfn[blocks], np.full(len(blocks), guest.pages_per_block)], 1)
+    assert r.ranges.tolist() == want.astype(np.uint64).tolist()
+    assert int(r.ranges[:, 1].sum()) == r.hints.pages_cleared
+
+
+def test_recorded_ranges_include_a_cmd_id_elements_in_buffers() -> None:
+    # A map with touching regions: the element's buffers are split and rounded exactly as
+    # apply_hints does (a buffer into a hole never gets here: the ring reader rejects it).
+    memmap = MemoryMap([(0, 8 * MIB), (8 * MIB, 8 * MIB), (32 * MIB, 8 * MIB)])
+    mem = np.zeros(memmap.ram_bytes, dtype=np.uint8)
+    bitmap = DirtyBitmap(memmap.npages, dirty=True)
+    device = FreePageHintDevice(mem, memmap, bitmap, record_ranges=True)
+    device.negotiate(device.features)
+    index = device.free_page_queue_index
+    assert index is not None
+    device.set_queue(index, 16, 0x1000, 0x2000, 0x3000)
+    ring = DriverSplitRing(mem, memmap, 16, 0x1000, 0x2000, 0x3000)
+    cmd_id = device.start_hinting()
+    assert cmd_id is not None
+    ram_view(mem, memmap, 0x4000, 4)[:] = np.frombuffer(cmd_id.to_bytes(4, "little"), np.uint8)
+    ring.add_chain([
+        (0x4000, 4, False),
+        (8 * MIB - 4096 - 100, 8192 + 200, True),  # across the touching regions, rounded
+        (32 * MIB + 1, 4096, True),  # covers no whole page
+    ])
+    r = device.process()
+    assert device.state is HintState.START and r.ranges is not None
+    assert r.ranges.tolist() == [[2047, 1], [2048, 1]]
+    assert r.hints.pages_cleared == 2 and r.hints.hints == 2

@@ -158,7 +158,7 @@ class SplitQueue:
     def add_used(self, heads: Sequence[int], lens: Sequence[int]) -> None:
         """Returns elements to the driver."""
     def _drain_hints(
-        self, bitmap: DirtyBitmap | None, max_elements: int = 65536
+        self, bitmap: DirtyBitmap | None, max_elements: int = 65536, record: bool = False
     ) -> tuple[
         int,
         int,
@@ -167,6 +167,7 @@ class SplitQueue:
         int,
         tuple[int, int | None, list[tuple[int, int]]] | None,
         bool,
+        npt.NDArray[np.uint64] | None,
     ]:
         """Applies hint elements until empty, the limit, or a control element."""
     def needs_interrupt(self) -> bool:
@@ -219,7 +220,7 @@ class PackedQueue:
     def add_used(self, heads: Sequence[int], lens: Sequence[int]) -> None:
         """Returns elements to the driver."""
     def _drain_hints(
-        self, bitmap: DirtyBitmap | None, max_elements: int = 65536
+        self, bitmap: DirtyBitmap | None, max_elements: int = 65536, record: bool = False
     ) -> tuple[
         int,
         int,
@@ -228,6 +229,7 @@ class PackedQueue:
         int,
         tuple[int, int | None, list[tuple[int, int]]] | None,
         bool,
+        npt.NDArray[np.uint64] | None,
     ]:
         """Applies hint elements until empty, the limit, or a control element."""
     def needs_interrupt(self) -> bool:

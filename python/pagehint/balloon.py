@@ -87,6 +87,7 @@ class ProcessResult:
     elements are counted in the device's ``rejected``). ``hints`` covers the in-buffers applied
     in START; ``hint_elements_ignored`` were returned unapplied because the state was not START
     (or no bitmap was bound). ``interrupt`` says whether the driver asked to be interrupted.
+    With ``record_ranges``, ``ranges`` holds the ``(pfn, pages)`` ranges cleared, in order.
     """
 
     elements: int
@@ -98,6 +99,7 @@ class ProcessResult:
     interrupt: bool
     more: bool
     error: str | None
+    ranges: npt.NDArray[np.uint64] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,8 @@ class FreePageHintDevice:
     QEMU does, which makes the Linux driver end its round at the next config interrupt.
     ``notify_config`` is called after every change the driver must see (a config interrupt);
     ``discard`` receives the reporting queue's page ranges as a ``uint64`` ``(N, 2)`` array of
-    ``(gpa, len)``.
+    ``(gpa, len)``. ``record_ranges=True`` makes ``process()`` return the ``(pfn, pages)``
+    ranges it cleared, for a VMM that clears the hypervisor's dirty log there (QEMU does).
     """
 
     def __init__(
@@ -156,6 +159,7 @@ class FreePageHintDevice:
         qemu_compat: bool = False,
         notify_config: Callable[[], None] | None = None,
         discard: Callable[[_U64Array], None] | None = None,
+        record_ranges: bool = False,
     ) -> None:
         if queue_numbering not in ("dense", "spec"):
             raise ValueError(f"queue_numbering must be 'dense' or 'spec', not {queue_numbering!r}")
@@ -171,6 +175,8 @@ class FreePageHintDevice:
         self.notify_config = notify_config
         """The config interrupt: called after every change the driver must see."""
         self._discard = discard
+        self.record_ranges = record_ranges
+        """Whether ``process()`` reports the page ranges it cleared (``ProcessResult.ranges``)."""
         offered = _bit(F_FREE_PAGE_HINT) | _bit(F_VERSION_1) | _bit(F_INDIRECT_DESC)
         offered |= _bit(F_EVENT_IDX)
         for on, bit in (
@@ -488,6 +494,7 @@ class FreePageHintDevice:
         applied = ignored = 0
         rejected: dict[str, int] = {}
         cmd_ids: list[int] = []
+        ranges: list[_U64Array] = []
         budget = max_elements
         more = budget == 0
         while budget > 0:
@@ -496,8 +503,10 @@ class FreePageHintDevice:
                     break
                 bitmap = self._bitmap if self._state is HintState.START else None
                 refused = sum(queue.rejected.values())
-                drain = queue.drain_hints(bitmap, min(budget, _CHUNK))
+                drain = queue.drain_hints(bitmap, min(budget, _CHUNK), record=self.record_ranges)
                 results = [drain.result]
+                if drain.ranges is not None and len(drain.ranges):
+                    ranges.append(drain.ranges)
                 used = drain.elements
                 if bitmap is not None:
                     applied += drain.elements
@@ -512,6 +521,8 @@ class FreePageHintDevice:
                             and self._bitmap is not None:
                         hints = np.array(ctl.hints, dtype=np.uint64).reshape(-1, 2)
                         results.append(apply_hints(self._bitmap, self._memmap, hints))
+                        if self.record_ranges:
+                            ranges.append(_covered_ranges(self._memmap, ctl.hints))
                     queue.add_used([ctl.head], [0])
                     used += 1
                 if queue.error is not None and self._error is None:
@@ -539,6 +550,11 @@ class FreePageHintDevice:
             interrupt=interrupt,
             more=more,
             error=self._error,
+            ranges=(
+                (np.concatenate(ranges) if ranges else np.zeros((0, 2), dtype=np.uint64))
+                if self.record_ranges
+                else None
+            ),
         )
 
     @property
@@ -594,3 +610,32 @@ def _page_ranges(
     ok = aligned & inside
     rejected = {"unaligned": int((~aligned).sum()), "outside_ram": int((aligned & ~inside).sum())}
     return np.ascontiguousarray(np.stack([addr[ok], length[ok]], axis=1)), rejected
+
+
+def _covered_ranges(memmap: _core.MemoryMap, hints: list[tuple[int, int]]) -> _U64Array:
+    """The ``(pfn, pages)`` ranges ``apply_hints`` clears for a few hints (a cmd id element's
+    in-buffers): whole pages only, a hint with any byte outside RAM contributes nothing, a
+    hint across touching regions is split."""
+    regions = sorted(memmap.regions)
+    page = memmap.page_size
+    out: list[tuple[int, int]] = []
+    for gpa, length in hints:
+        end = gpa + length
+        if length == 0 or end >= 1 << 64:
+            continue
+        pieces: list[tuple[int, int, int]] = []
+        at = gpa
+        for rgpa, rsize in regions:
+            if rgpa <= at < rgpa + rsize:
+                stop = min(end, rgpa + rsize)
+                pieces.append((rgpa, at, stop))
+                at = stop
+                if at == end:
+                    break
+        if at != end:
+            continue
+        for rgpa, lo, hi in pieces:
+            first, last = -(-(lo - rgpa) // page), (hi - rgpa) // page
+            if last > first:
+                out.append((memmap.pfn_of(rgpa) + first, last - first))
+    return np.array(out, dtype=np.uint64).reshape(-1, 2)

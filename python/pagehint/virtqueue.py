@@ -74,6 +74,8 @@ class HintDrain:
     elements: int
     control: ControlElement | None
     limited: bool = False
+    ranges: npt.NDArray[np.uint64] | None = None
+    """With ``record=True``: the ``(pfn, pages)`` ranges cleared, shape ``(N, 2)``."""
 
 
 class _Ring(Protocol):
@@ -87,9 +89,11 @@ class _Ring(Protocol):
         npt.NDArray[np.bool_],
     ]: ...
 
-    def _drain_hints(self, bitmap: _core.DirtyBitmap | None, max_elements: int = ...) -> tuple[
+    def _drain_hints(
+        self, bitmap: _core.DirtyBitmap | None, max_elements: int = ..., record: bool = ...
+    ) -> tuple[
         int, int, int, dict[str, int], int, tuple[int, int | None, list[tuple[int, int]]] | None,
-        bool,
+        bool, npt.NDArray[np.uint64] | None,
     ]: ...
 
 
@@ -102,17 +106,22 @@ class _Elements:
         return Elements(heads, elem, addr, length, writable)
 
     def drain_hints(
-        self: _Ring, bitmap: _core.DirtyBitmap | None, max_elements: int = 1 << 16
+        self: _Ring,
+        bitmap: _core.DirtyBitmap | None,
+        max_elements: int = 1 << 16,
+        *,
+        record: bool = False,
     ) -> HintDrain:
         """Applies available free-page-hint elements to ``bitmap`` until the queue is empty,
         ``max_elements`` were taken, or an element with a cmd id comes up (GIL released).
         With ``bitmap=None`` the hint elements are returned used without being applied (a
-        device outside its START state)."""
-        n, hinted, cleared, rejected, elements, control, limited = self._drain_hints(
-            bitmap, max_elements
+        device outside its START state). ``record=True`` also returns the page ranges cleared
+        (``ranges``), for a VMM that clears the hypervisor's dirty log where hints landed."""
+        n, hinted, cleared, rejected, elements, control, limited, ranges = self._drain_hints(
+            bitmap, max_elements, record
         )
         ctl = None if control is None else ControlElement(control[0], control[1], control[2])
-        return HintDrain(HintResult(n, hinted, cleared, rejected), elements, ctl, limited)
+        return HintDrain(HintResult(n, hinted, cleared, rejected), elements, ctl, limited, ranges)
 
 
 class SplitQueue(_Elements, _core.SplitQueue):

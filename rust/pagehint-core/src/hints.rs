@@ -69,6 +69,8 @@ pub struct HintApplier<'a> {
     counts: [u64; BATCH],
     n: usize,
     out: HintOutcome,
+    /// `(pfn, pages)` of every range queued, when asked for with [`Self::recording`].
+    ranges: Option<Vec<(u64, u64)>>,
 }
 
 impl<'a> HintApplier<'a> {
@@ -90,7 +92,16 @@ impl<'a> HintApplier<'a> {
             counts: [0; BATCH],
             n: 0,
             out: HintOutcome::default(),
+            ranges: None,
         })
+    }
+
+    /// Also keeps the page ranges it clears, for [`Self::finish_with_ranges`]: a VMM that
+    /// clears the hypervisor's dirty log for hinted memory, as QEMU does, needs to know where.
+    #[must_use]
+    pub fn recording(mut self) -> Self {
+        self.ranges = Some(Vec::new());
+        self
     }
 
     /// Takes one `(gpa, len)` hint: rejects it whole (counted) or queues the pages it fully
@@ -151,6 +162,14 @@ impl<'a> HintApplier<'a> {
     }
 
     fn flush(&mut self) {
+        if let Some(ranges) = self.ranges.as_mut() {
+            ranges.extend(
+                self.starts[..self.n]
+                    .iter()
+                    .copied()
+                    .zip(self.counts[..self.n].iter().copied()),
+            );
+        }
         // Every range lies inside the map, so inside the bitmap.
         self.out.pages_cleared +=
             self.kernels
@@ -159,9 +178,15 @@ impl<'a> HintApplier<'a> {
     }
 
     /// Clears what is still queued and reports the whole run.
-    pub fn finish(mut self) -> HintOutcome {
+    pub fn finish(self) -> HintOutcome {
+        self.finish_with_ranges().0
+    }
+
+    /// [`Self::finish`], with the `(pfn, pages)` ranges cleared in order if
+    /// [`Self::recording`] (empty otherwise).
+    pub fn finish_with_ranges(mut self) -> (HintOutcome, Vec<(u64, u64)>) {
         self.flush();
-        self.out
+        (self.out, self.ranges.take().unwrap_or_default())
     }
 }
 
@@ -181,6 +206,25 @@ pub fn apply_hints(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recording_keeps_every_range_cleared_in_order() {
+        let map = MemoryMap::x86(8 << 20, 4 << 20, 4096).expect("map");
+        let mut bm = DirtyBitmap::new_dirty(map.npages()).expect("bitmap");
+        let mut applier = HintApplier::new(&mut bm, &map).expect("fits").recording();
+        // 300 ranges (more than one batch), a reject, and a hint split at the hole.
+        for i in 0..300u64 {
+            applier.add(i * 4096 * 3, 4096);
+        }
+        applier.add(0, 0);
+        applier.add((4 << 20) - 4096, 4096);
+        let (out, ranges) = applier.finish_with_ranges();
+        assert_eq!(out.hints, 302);
+        assert_eq!(ranges.len(), 301);
+        assert_eq!(ranges[..2], [(0, 1), (3, 1)]);
+        assert_eq!(ranges[300], (1023, 1));
+        assert_eq!(ranges.iter().map(|r| r.1).sum::<u64>(), out.pages_hinted);
+    }
 
     #[test]
     fn clears_only_fully_covered_pages_and_counts_rejects() {

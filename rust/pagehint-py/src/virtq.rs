@@ -5,7 +5,7 @@
 use std::sync::atomic::AtomicU8;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use numpy::PyArray1;
+use numpy::{PyArray1, PyArrayMethods};
 use pagehint_core::free_page::{DrainStop, drain_hints};
 use pagehint_core::virtq::{Chain, PackedQueue, QueueError, SplitQueue, Virtqueue};
 use pagehint_core::{GuestRam, HintApplier, HintOutcome, MemoryMap};
@@ -169,6 +169,7 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
         py: Python<'py>,
         bitmap: Option<&Bound<'py, PyDirtyBitmap>>,
         max_elements: usize,
+        record: bool,
     ) -> PyResult<Bound<'py, PyTuple>> {
         let ram = guest_ram(&self.mem, &self.map)?;
         let drain = |applier: Option<&mut HintApplier<'_>>| {
@@ -177,18 +178,22 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
             drain_hints(queue, &ram, chain, applier, max_elements)
         };
         // Lock order everywhere: the bitmap, then the queue.
-        let (outcome, applied, stop) = match bitmap {
+        let (outcome, ranges, applied, stop) = match bitmap {
             Some(bitmap) => bitmap
                 .get()
                 .heavy_write(py, |bm| {
                     let mut applier = HintApplier::new(bm, &self.map)?;
+                    if record {
+                        applier = applier.recording();
+                    }
                     let (applied, stop) = drain(Some(&mut applier));
-                    Ok((applier.finish(), applied, stop))
+                    let (outcome, ranges) = applier.finish_with_ranges();
+                    Ok((outcome, ranges, applied, stop))
                 })
                 .map_err(bitmap_err)?,
             None => {
                 let (applied, stop) = py.detach(|| drain(None));
-                (HintOutcome::default(), applied, stop)
+                (HintOutcome::default(), Vec::new(), applied, stop)
             }
         };
         let rejected = PyDict::new(py);
@@ -200,6 +205,13 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
             DrainStop::Control(c) => Some((c.head, c.cmd_id, c.hints)),
             DrainStop::Empty | DrainStop::Limit => None,
         };
+        let ranges = if record {
+            let flat: Vec<u64> = ranges.into_iter().flat_map(|(p, n)| [p, n]).collect();
+            let rows = flat.len() / 2;
+            Some(PyArray1::from_vec(py, flat).reshape([rows, 2])?)
+        } else {
+            None
+        };
         (
             outcome.hints,
             outcome.pages_hinted,
@@ -208,6 +220,7 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
             applied,
             control,
             limited,
+            ranges,
         )
             .into_pyobject(py)
     }
@@ -270,15 +283,18 @@ macro_rules! queue_methods {
             /// device-readable buffer (a cmd id), which is returned unused. Returns `(hints,
             /// pages_hinted, pages_cleared, hint_rejects, elements, control, limited)`, `control`
             /// being None or `(id, cmd_id or None if shorter than 4 bytes, [(addr, len) of its
-            /// writable buffers])` and `limited` whether the element budget ran out first.
-            #[pyo3(name = "_drain_hints", signature = (bitmap, max_elements = 65536))]
+            /// writable buffers])`, `limited` whether the element budget ran out first, and
+            /// with `record=True` the `(pfn, pages)` ranges cleared as a `uint64` `(N, 2)`
+            /// array (else None).
+            #[pyo3(name = "_drain_hints", signature = (bitmap, max_elements = 65536, record = false))]
             fn drain_hints<'py>(
                 &self,
                 py: Python<'py>,
                 bitmap: Option<&Bound<'py, PyDirtyBitmap>>,
                 max_elements: usize,
+                record: bool,
             ) -> PyResult<Bound<'py, PyTuple>> {
-                self.core.drain_hints(py, bitmap, max_elements)
+                self.core.drain_hints(py, bitmap, max_elements, record)
             }
 
             /// Whether the driver wants an interrupt for what was used since the last decision.
