@@ -47,7 +47,9 @@ F_RING_PACKED = 34
 CMD_ID_STOP = 0
 CMD_ID_DONE = 1
 CMD_ID_MIN = 0x8000_0000
-"""QEMU's first cmd id (VIRTIO_BALLOON_FREE_PAGE_HINT_CMD_ID_MIN); ids wrap back to it."""
+"""QEMU's VIRTIO_BALLOON_FREE_PAGE_HINT_CMD_ID_MIN: the counter starts here and each round
+increments it first, so the first id issued is ``CMD_ID_MIN + 1`` (as the pc-2G ring dump
+shows); after 0xFFFFFFFF it wraps back to ``CMD_ID_MIN``."""
 
 # Config space offsets (struct virtio_balloon_config, little endian even for legacy devices).
 CONFIG_NUM_PAGES = 0
@@ -192,7 +194,12 @@ class FreePageHintDevice:
         """Features the device offers."""
         self._lock = threading.Lock()
         self._report_lock = threading.Lock()
-        self._cmd_id = CMD_ID_MIN - 1  # so the first start_hinting() issues CMD_ID_MIN
+        # The balloon target and size survive a device reset (QEMU keeps them too).
+        self.num_pages = 0
+        self.actual = 0
+        self.retired_at_start = 0
+        """Elements returned unapplied by ``start_hinting`` (made available before it)."""
+        self._cmd_id = CMD_ID_MIN  # QEMU's realize; the first round gets CMD_ID_MIN + 1
         self._reset_locked()
 
     # -- negotiation and queues -------------------------------------------------------------
@@ -204,16 +211,12 @@ class FreePageHintDevice:
         self._error: str | None = None
         self._queue: _Queue | None = None
         self._report_queue: _Queue | None = None
-        self.num_pages = 0
-        self.retired_at_start = 0
-        """Elements returned unapplied by ``start_hinting`` (made available before it)."""
-        self.actual = 0
         self.poison_val = 0
         self.config_faults = 0
 
     def reset(self) -> None:
-        """A device reset: negotiation, queues, config and error state start over. The cmd id
-        counter is kept, so a new round after a reset never reuses an id."""
+        """A device reset: negotiation, queues, ``poison_val`` and the error state start over.
+        The cmd id counter, ``num_pages`` and ``actual`` are kept, as QEMU keeps them."""
         with self._lock, self._report_lock:
             self._reset_locked()
 
@@ -391,7 +394,7 @@ class FreePageHintDevice:
 
     @property
     def cmd_id(self) -> int:
-        """The latest cmd id issued (CMD_ID_MIN - 1 before the first)."""
+        """The latest cmd id issued (``CMD_ID_MIN`` before the first)."""
         return self._cmd_id
 
     @property
@@ -405,8 +408,9 @@ class FreePageHintDevice:
             notify()
 
     def start_hinting(self) -> int | None:
-        """After a dirty bitmap sync while the guest runs: a new cmd id (CMD_ID_MIN upward,
-        wrapping back to it), state REQUESTED, config interrupt. Returns the id, or None
+        """After a dirty bitmap sync while the guest runs: a new cmd id (the counter plus one,
+        from ``CMD_ID_MIN + 1``; after 0xFFFFFFFF back to ``CMD_ID_MIN``, as QEMU), state
+        REQUESTED, config interrupt. Returns the id, or None
         (doing nothing) if hinting was not negotiated.
 
         Elements the driver made available before this call are first returned unapplied:
@@ -569,6 +573,8 @@ class FreePageHintDevice:
         inside one RAM region goes to ``discard`` (skipped while ``poison_val`` is non-zero),
         and every element is returned used with length 0. ``RuntimeError`` if the reporting
         queue is not set up."""
+        if max_elements < 0:
+            raise ValueError(f"max_elements must not be negative, not {max_elements}")
         with self._report_lock:
             queue = self._report_queue
             if queue is None:

@@ -84,8 +84,11 @@ class DriverSplitRing:
         self._used = ram_view(mem, memmap, used_gpa + 4, 8 * size).view("<u4").reshape(size, 2)
         self._avail_event = ram_view(mem, memmap, used_gpa + 4 + 8 * size, 2).view("<u2")
         self._event_idx = event_idx
+        # Linux allocates ring memory zeroed (__GFP_ZERO): a ring set up again over old pages
+        # (a re-probe after reset) must not see the old used index or avail_event.
         self._desc[:] = np.zeros(size, dtype=DESC_DTYPE)
         self._avail[:] = 0
+        ram_view(mem, memmap, used_gpa, un)[:] = 0
         self._avail[0] = VIRTQ_AVAIL_F_NO_INTERRUPT if not (callback or event_idx) else 0
         # Free descriptor slots as a stack: the most recently freed is reused first.
         self._free = np.arange(size - 1, -1, -1, dtype=np.int64)
