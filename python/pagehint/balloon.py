@@ -179,6 +179,14 @@ class FreePageHintDevice:
         self._discard = discard
         self.record_ranges = record_ranges
         """Whether ``process()`` reports the page ranges it cleared (``ProcessResult.ranges``)."""
+        self.hint_listener: Callable[[_U64Array], None] | None = None
+        """Called under the device lock with the ``(pfn, pages)`` ranges of each chunk of hints
+        applied, before any later hint is: where a VMM clears the hypervisor's dirty log for
+        hinted memory as QEMU's qemu_guest_free_page_hint does."""
+        self.pages_hinted_total = 0
+        """Pages covered by hints applied since the device was made."""
+        self.pages_cleared_total = 0
+        """Dirty pages those hints cleared."""
         offered = _bit(F_FREE_PAGE_HINT) | _bit(F_VERSION_1) | _bit(F_INDIRECT_DESC)
         offered |= _bit(F_EVENT_IDX)
         for on, bit in (
@@ -507,10 +515,15 @@ class FreePageHintDevice:
                     break
                 bitmap = self._bitmap if self._state is HintState.START else None
                 refused = sum(queue.rejected.values())
-                drain = queue.drain_hints(bitmap, min(budget, _CHUNK), record=self.record_ranges)
+                listener = self.hint_listener
+                record = self.record_ranges or listener is not None
+                drain = queue.drain_hints(bitmap, min(budget, _CHUNK), record=record)
                 results = [drain.result]
                 if drain.ranges is not None and len(drain.ranges):
-                    ranges.append(drain.ranges)
+                    if self.record_ranges:
+                        ranges.append(drain.ranges)
+                    if listener is not None:
+                        listener(drain.ranges)
                 used = drain.elements
                 if bitmap is not None:
                     applied += drain.elements
@@ -525,12 +538,19 @@ class FreePageHintDevice:
                             and self._bitmap is not None:
                         hints = np.array(ctl.hints, dtype=np.uint64).reshape(-1, 2)
                         results.append(apply_hints(self._bitmap, self._memmap, hints))
-                        if self.record_ranges:
-                            ranges.append(_covered_ranges(self._memmap, ctl.hints))
+                        if record:
+                            covered = _covered_ranges(self._memmap, ctl.hints)
+                            if self.record_ranges:
+                                ranges.append(covered)
+                            if listener is not None and len(covered):
+                                listener(covered)
                     queue.add_used([ctl.head], [0])
                     used += 1
                 if queue.error is not None and self._error is None:
                     self._error = f"free page queue: {queue.error}"
+                for r in results:
+                    self.pages_hinted_total += r.pages_hinted
+                    self.pages_cleared_total += r.pages_cleared
                 # Rejected elements use the budget too, so a guest cannot keep this going.
                 budget -= used + sum(queue.rejected.values()) - refused
             for r in results:

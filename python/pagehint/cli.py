@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from rich.console import Console
 from rich.table import Table
 
-from pagehint import selfbench
+from pagehint import cli_simulate, selfbench
 from pagehint._core import __version__, available_simd_levels, simd_level
 
 
@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--no-bench", action="store_true", help="skip the self-benchmark")
     info.add_argument("--repeats", type=int, default=3, help="timing repeats (default 3)")
     info.set_defaults(func=_info)
+    cli_simulate.add_parser(sub)
     return parser
 
 

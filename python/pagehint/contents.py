@@ -104,7 +104,23 @@ class PageContents:
 
     def get_range(self, start: int, n: int) -> _U32Array:
         """The contents of pages ``[start, start + n)``."""
-        return self.get(np.arange(start, start + n, dtype=np.int64))
+        if start < 0 or n < 0 or start + n > self.npages:
+            raise IndexError(f"[{start}, +{n}) is not inside {self.npages} pages")
+        out = self._page[start : start + n].copy()
+        ppb = self.pages_per_block
+        lo = int(np.searchsorted(self.block_pfn, start - ppb, side="right"))
+        hi = int(np.searchsorted(self.block_pfn, start + n, side="left"))
+        blocks = np.flatnonzero(self._block_whole[lo:hi]) + lo
+        if len(blocks):
+            # Whole blocks: fill their pages, clipped to the range at its two ends.
+            offs = self.block_pfn[blocks] - start
+            values = self._block_value[blocks]
+            inside = (offs >= 0) & (offs + ppb <= n)
+            idx = (offs[inside][:, None] + np.arange(ppb)).ravel()
+            out[idx] = np.repeat(values[inside], ppb)
+            for off, value in zip(offs[~inside].tolist(), values[~inside].tolist()):
+                out[max(off, 0) : min(off + ppb, n)] = value
+        return out
 
     def copy_from(self, other: PageContents, pfns: _I64Array) -> None:
         """Pages ``pfns`` take ``other``'s contents (a page sent over the link)."""

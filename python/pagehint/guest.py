@@ -296,6 +296,9 @@ class SimulatedGuest:
         self._nhinted = 0
         self.hinted_under = np.zeros(self.nblocks, dtype=np.uint32)
         """The cmd id each block was last hinted under (0: never)."""
+        self.hint_seq = np.zeros(self.nblocks, dtype=np.uint32)
+        """The write sequence number at each block's last hint (0: never hinted): a page
+        whose content is older than its block's hint was not written since."""
         self.workloads: list[Workload] = []
         # Boot: the kernel and its caches hold `used` of RAM, the ring block included.
         boot = max(1, round(used * self.nblocks))
@@ -581,6 +584,7 @@ class SimulatedGuest:
                 self.hinted_under[blocks] = self.cmd_id_active
                 if self.init_on_alloc:
                     self.write_blocks(blocks, zero=True)
+                self.hint_seq[blocks] = self._next_seq()
                 queue.add(self.block_gpa[blocks], self.block_bytes, writable=True,
                           tokens=blocks)
                 self._hinted[self._nhinted : self._nhinted + len(blocks)] = blocks
@@ -610,6 +614,24 @@ class SimulatedGuest:
     def work_pending(self) -> bool:
         """Whether a config interrupt left free page work to do."""
         return self._work_queued
+
+    def lost_pages(self, destination: PageContents, chunk: int = 1 << 22) -> _I64Array:
+        """The oracle: pages whose ``destination`` content differs from this guest's and
+        that are not excused by a hint (hinted, and not written since the hint)."""
+        lost: list[_I64Array] = []
+        for start in range(0, self.npages, chunk):
+            n = min(chunk, self.npages - start)
+            src = self.contents.get_range(start, n)
+            bad = np.flatnonzero(src != destination.get_range(start, n))
+            if not len(bad):
+                continue
+            pfns = bad + start
+            blk = self.contents.block_of(pfns)
+            excused = blk >= 0
+            seq = self.hint_seq[blk[excused]]
+            excused[excused] = (seq > 0) & ((src[bad][excused] >> 1) < seq)
+            lost.append(pfns[~excused])
+        return np.concatenate(lost) if lost else np.zeros(0, dtype=np.int64)
 
     def note_device_writes(self) -> None:
         """The device wrote the used ring: those pages changed (call after ``process``)."""

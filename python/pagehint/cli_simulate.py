@@ -1,0 +1,218 @@
+"""``pagehint simulate``: a scenario migrated with hints off and on, side by side."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from typing import Any
+
+from rich.console import Console
+from rich.progress import Progress as Bar
+from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from pagehint.migration import MigrationResult, PrecopyConfig, Progress
+from pagehint.simulation import (
+    WORKLOADS,
+    Scenario,
+    WorkloadSpec,
+    load_scenario,
+    parse_rate,
+    parse_seconds,
+    parse_size,
+    reduction,
+    run_scenario,
+    shipped_scenarios,
+)
+
+SHOW_PROGRESS_AFTER = 0.3
+"""Seconds of wall time before a progress line appears (short runs stay quiet)."""
+
+
+def add_parser(sub: Any) -> None:
+    """Adds the ``simulate`` subcommand to ``pagehint``'s subparsers."""
+    p = sub.add_parser(
+        "simulate",
+        help="migrate a simulated guest with free page hinting off and on, side by side",
+        description="Runs a scenario (a shipped one by name, or a TOML file; 'default' if "
+        "none) twice, with free page hinting off and on, checks both with the nothing-lost "
+        "oracle and prints the figures side by side. Exit status 1 if any page was lost.",
+    )
+    p.add_argument("scenario", nargs="?", default="default",
+                   help="shipped scenario name or TOML file (default: default)")
+    p.add_argument("--list", action="store_true", help="list the shipped scenarios and exit")
+    p.add_argument("--memory", help="guest RAM, e.g. 8G or 1T")
+    p.add_argument("--layout", choices=["x86", "flat"], help="RAM layout (x86: PCI hole)")
+    p.add_argument("--workload", choices=WORKLOADS, help="what the guest runs meanwhile")
+    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                   help="a workload parameter, e.g. working_set=2G or pages_per_s=50000")
+    p.add_argument("--bandwidth", help="link speed, e.g. 10Gbit or 1.25GB (bytes/s)")
+    p.add_argument("--downtime", help="maximum downtime, e.g. 300ms")
+    p.add_argument("--log-mode", choices=["classic", "manual"], help="KVM dirty log mode")
+    p.add_argument("--strategy", choices=["safe", "qemu"], help="hinting strategy")
+    p.add_argument("--seed", type=int, help="guest seed")
+    p.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    p.add_argument("--plot", metavar="PNG", help="plot per-round figures (needs matplotlib)")
+    p.add_argument("--no-progress", action="store_true", help="never show a progress line")
+    p.set_defaults(func=run)
+
+
+def _scenario(args: argparse.Namespace) -> Scenario:
+    s = load_scenario(args.scenario)
+    guest: dict[str, Any] = {}
+    if args.memory:
+        guest["memory"] = parse_size(args.memory)
+    if args.layout:
+        guest["layout"] = args.layout
+    if args.log_mode:
+        guest["log_mode"] = args.log_mode
+    if args.seed is not None:
+        guest["seed"] = args.seed
+    if args.workload or args.param:
+        params = dict(s.workload.params) if not args.workload else {}
+        for kv in args.param:
+            key, sep, value = kv.partition("=")
+            if not sep:
+                raise ValueError(f"--param takes KEY=VALUE, not {kv!r}")
+            params[key] = value
+        spec = WorkloadSpec(args.workload or s.workload.kind, params)
+        spec.build()
+        guest["workload"] = spec
+    pc: dict[str, Any] = {}
+    if args.bandwidth:
+        pc["bandwidth"] = parse_rate(args.bandwidth)
+    if args.downtime:
+        pc["max_downtime"] = parse_seconds(args.downtime)
+    if args.strategy:
+        pc["strategy"] = args.strategy
+    precopy: PrecopyConfig = replace(s.precopy, **pc)
+    return replace(s, precopy=precopy, published=s.published if not (guest or pc) else {},
+                   **guest)
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):,.1f}"
+
+
+ROWS: list[tuple[str, str, Any]] = [
+    ("total time (ms)", "total-time", lambda v: f"{v:,.0f}"),
+    ("downtime (ms)", "downtime", lambda v: f"{v:,.1f}"),
+    ("setup time (ms)", "setup-time", lambda v: f"{v:,.1f}"),
+    ("transferred (MiB)", "ram.transferred", _mib),
+    ("normal pages", "ram.normal", lambda v: f"{v:,}"),
+    ("zero pages (duplicate)", "ram.duplicate", lambda v: f"{v:,}"),
+    ("dirty syncs", "ram.dirty-sync-count", lambda v: f"{v}"),
+    ("pages hinted", "pages-hinted", lambda v: f"{v:,}"),
+    ("pages skipped by hints", "pages-skipped", lambda v: f"{v:,}"),
+    ("lost pages", "lost-pages", lambda v: "n/a" if v is None else f"{v:,}"),
+]
+
+
+def _get(d: dict[str, Any], key: str) -> Any:
+    for part in key.split("."):
+        d = d[part]
+    return d
+
+
+def _table(s: Scenario, off: MigrationResult, on: MigrationResult) -> Table:
+    table = Table(title=f"scenario {s.name}: {s.description}" if s.description else s.name)
+    table.add_column("")
+    table.add_column("hints off", justify="right")
+    table.add_column("hints on", justify="right")
+    table.add_column("change", justify="right")
+    a, b = off.to_dict(), on.to_dict()
+    for label, key, fmt in ROWS:
+        va, vb = _get(a, key), _get(b, key)
+        change = ""
+        if key in ("total-time", "downtime", "ram.transferred") and va:
+            change = f"{-reduction(va, vb) * 100:+.0f}%"
+        table.add_row(label, fmt(va), fmt(vb), change)
+    return table
+
+
+def _published(s: Scenario, off: MigrationResult, on: MigrationResult) -> Table | None:
+    p = s.published
+    if "total_time_off_ms" not in p or "total_time_on_ms" not in p:
+        return None
+    table = Table(title=f"published: {p.get('source', '')}")
+    for col in ("", "hints off (ms)", "hints on (ms)", "reduction"):
+        table.add_column(col, justify="right" if col else "left")
+    pub = reduction(p["total_time_off_ms"], p["total_time_on_ms"])
+    table.add_row("published", f"{p['total_time_off_ms']:,}", f"{p['total_time_on_ms']:,}",
+                  f"{pub * 100:.0f}%")
+    sim = reduction(off.total_time, on.total_time)
+    table.add_row("simulated", f"{off.total_time * 1000:,.0f}", f"{on.total_time * 1000:,.0f}",
+                  f"{sim * 100:.0f}% ({(sim - pub) * 100:+.0f} pp)")
+    return table
+
+
+def run(args: argparse.Namespace) -> int:
+    console = Console(stderr=False)
+    err = Console(stderr=True)
+    if args.list:
+        for name, path in sorted(shipped_scenarios().items()):
+            s = load_scenario(str(path))
+            console.print(f"[bold]{name}[/bold]: {s.description}")
+        return 0
+    try:
+        s = _scenario(args)
+    except (ValueError, FileNotFoundError) as e:
+        err.print(f"pagehint simulate: {e}")
+        return 2
+    show = not args.no_progress and not args.json and err.is_terminal
+    results: dict[str, MigrationResult] = {}
+    with Bar(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+             console=err, transient=True, disable=not show, auto_refresh=False) as bar:
+        for label, hints in (("hints off", False), ("hints on", True)):
+            task = bar.add_task(label, total=None, visible=False)
+            t0 = time.perf_counter()
+
+            def progress(p: Progress, task: Any = task, t0: float = t0, label: str = label) -> None:
+                if time.perf_counter() - t0 < SHOW_PROGRESS_AFTER:
+                    return
+                bar.update(task, visible=True, description=(
+                    f"{label}: round {p.round}, {_mib(p.remaining * s.page_size)} MiB dirty, "
+                    f"{p.time:.1f} s simulated"))
+                bar.refresh()
+
+            results[label] = run_scenario(s, hints=hints, progress=progress if show else None)
+            bar.remove_task(task)
+    off, on = results["hints off"], results["hints on"]
+    failed = [r for r in (off, on) if r.status != "completed"]
+    lost = sum(r.lost_pages or 0 for r in (off, on))
+    if args.json:
+        print(json.dumps({
+            "scenario": s.name,
+            "description": s.description,
+            "hints-off": off.to_dict(),
+            "hints-on": on.to_dict(),
+            "reduction": {
+                "total-time": reduction(off.total_time, on.total_time),
+                "transferred": reduction(off.transferred, on.transferred),
+                "downtime": reduction(off.downtime, on.downtime),
+            },
+            "published": s.published,
+        }, indent=2))
+    else:
+        console.print(_table(s, off, on))
+        pub = _published(s, off, on)
+        if pub is not None:
+            console.print(pub)
+        for r in failed:
+            err.print(f"[red]migration {r.status}: {r.error}[/red]")
+        if lost:
+            err.print(f"[red]{lost} pages lost: the destination differs where no hint excuses "
+                      "it[/red]")
+    if args.plot:
+        try:
+            from pagehint.plot import plot_rounds
+        except ImportError as e:
+            err.print(f"pagehint simulate: --plot needs matplotlib ({e}); "
+                      "pip install 'pagehint[plot]'")
+            return 2
+        plot_rounds(s.name, off, on, args.plot)
+        if not args.json:
+            console.print(f"plot written to {args.plot}")
+    return 1 if failed or lost else 0

@@ -1,0 +1,385 @@
+"""Simulated migrations: a ``SimulatedGuest`` with its device as a ``MigrationSource``, a
+destination that keeps page contents for the nothing-lost oracle, and scenarios (TOML) that
+describe a guest, its history, its workload during migration and the link.
+
+``run_scenario(scenario, hints=...)`` builds the guest afresh from the scenario's seed, so the
+runs with hints off and on start from the same memory.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+
+from pagehint import _core
+from pagehint.balloon import FreePageHintDevice
+from pagehint.contents import PageContents, is_zero
+from pagehint.guest import (
+    PAGE_POISON,
+    Idle,
+    KernelCompile,
+    MemoryHog,
+    SimulatedGuest,
+    SteadyWriter,
+    Workload,
+)
+from pagehint.migration import (
+    LogMode,
+    MigrationResult,
+    Precopy,
+    PrecopyConfig,
+    Progress,
+    Strategy,
+)
+
+_I64Array = npt.NDArray[np.int64]
+_U64Array = npt.NDArray[np.uint64]
+
+GUEST_HINT_RATE = 100_000.0
+"""Default blocks per second the guest driver allocates and queues (about 10 us a block: an
+order-10 allocation, zeroing by init_on_alloc aside, a descriptor and a kick)."""
+DEVICE_RATE = 1_000_000.0
+"""Default elements per second the device takes off the free page queue."""
+
+
+class SimulatedSource:
+    """A simulated guest and its device, as ``Precopy`` drives a source.
+
+    While the migration sends, ``run(dt)`` runs the guest's workloads for ``dt``, then lets
+    its balloon driver queue up to ``hint_rate * dt`` blocks and the device process up to
+    ``device_rate * dt`` elements (alternating, as the ring fills and drains)."""
+
+    def __init__(
+        self,
+        guest: SimulatedGuest,
+        device: FreePageHintDevice | None,
+        *,
+        hint_rate: float = GUEST_HINT_RATE,
+        device_rate: float = DEVICE_RATE,
+    ) -> None:
+        if hint_rate <= 0 or device_rate <= 0:
+            raise ValueError("hint_rate and device_rate must be positive")
+        self.guest = guest
+        self._device = device
+        self.hint_rate = hint_rate
+        self.device_rate = device_rate
+        self.paused = False
+        self._hint_carry = 0.0
+        self._device_carry = 0.0
+
+    @property
+    def memmap(self) -> _core.MemoryMap:
+        return self.guest.memmap
+
+    @property
+    def log_mode(self) -> LogMode:
+        return self.guest.log.mode
+
+    @property
+    def device(self) -> FreePageHintDevice | None:
+        return self._device
+
+    def get_dirty_log(self) -> _U64Array:
+        return self.guest.log.get()
+
+    def clear_dirty_log(self, first_page: int, num_pages: int) -> int:
+        return self.guest.log.clear(first_page, num_pages)
+
+    def pause(self) -> None:
+        self.paused = True
+
+    def resume(self) -> None:
+        self.paused = False
+
+    def run(self, seconds: float) -> None:
+        if self.paused or seconds <= 0:
+            return
+        guest = self.guest
+        guest.advance(seconds)
+        self._hint_carry += self.hint_rate * seconds
+        self._device_carry += self.device_rate * seconds
+        device = self._device
+        queue_ready = device is not None and device.free_page_queue is not None
+        while True:
+            blocks = int(self._hint_carry)
+            step = guest.run_driver(blocks)
+            self._hint_carry -= step.blocks_hinted
+            used = 0
+            if queue_ready and device is not None:
+                elements = int(self._device_carry)
+                if elements:
+                    r = device.process(elements)
+                    used = r.elements
+                    self._device_carry -= used
+                    if used:
+                        guest.note_device_writes()
+            if not step.blocks_hinted and not step.cmd_ids_sent and not used:
+                break
+        # Work the driver had no budget for waits; unused device time does not bank up.
+        self._device_carry = min(self._device_carry, 1.0)
+        if not guest.in_round:
+            self._hint_carry = min(self._hint_carry, 1.0)
+
+    def read_pages(self, pfns: _I64Array) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.bool_]]:
+        content = self.guest.contents.get(pfns)
+        return content, is_zero(content)
+
+
+class SimulatedDestination:
+    """The destination's copy of guest memory (contents only)."""
+
+    def __init__(self, guest: SimulatedGuest) -> None:
+        self.contents = PageContents(guest.npages, guest.block_pfn, guest.pages_per_block)
+
+    def receive(self, pfns: _I64Array, payload: npt.NDArray[Any]) -> None:
+        self.contents.write_pages(pfns, payload)
+
+
+# -- scenarios --------------------------------------------------------------------------------
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?b|bit)?\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
+
+
+def parse_size(value: int | float | str, *, binary: bool = True) -> int:
+    """Bytes from ``8G``, ``8GiB``, ``512M``, ``4096``... (K/M/G/T in powers of 1024, unless
+    ``binary=False``)."""
+    if isinstance(value, (int, float)):
+        return int(value)
+    m = _SIZE.match(value)
+    if not m or (m.group(3) or "").lower() == "bit":
+        raise ValueError(f"not a size: {value!r} (try 8G, 512MiB, 4096)")
+    base = 1024 if binary or (m.group(3) or "").lower() == "ib" else 1000
+    return int(float(m.group(1)) * base ** _POWERS[m.group(2).lower()])
+
+
+def parse_rate(value: int | float | str) -> float:
+    """Bytes per second from ``10Gbit``, ``100G`` (bytes), ``2.5GB``, or a number of bytes."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = _SIZE.match(value)
+    if not m:
+        raise ValueError(f"not a rate: {value!r} (try 10Gbit, 1.25GB, 100G)")
+    scaled = float(m.group(1)) * float(1000 ** _POWERS[m.group(2).lower()])
+    return scaled / 8 if (m.group(3) or "").lower() == "bit" else scaled
+
+
+def parse_seconds(value: int | float | str) -> float:
+    """Seconds from ``300ms``, ``0.3s``, ``0.3``."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    m = re.match(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*$", value)
+    if not m:
+        raise ValueError(f"not a duration: {value!r} (try 300ms, 0.3s)")
+    return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
+
+
+WORKLOADS = ("idle", "memory-hog", "steady-writer", "kernel-compile")
+
+
+@dataclass(frozen=True)
+class WorkloadSpec:
+    """A workload by name with its parameters (sizes as strings allowed)."""
+
+    kind: str = "idle"
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def build(self) -> Workload:
+        p = dict(self.params)
+        try:
+            if self.kind == "idle":
+                return Idle(float(p.pop("pages_per_s", 0.0)))
+            if self.kind == "memory-hog":
+                rate = p.pop("rate", None)
+                return MemoryHog(parse_size(p.pop("size")),
+                                 None if rate is None else parse_size(rate))
+            if self.kind == "steady-writer":
+                return SteadyWriter(parse_size(p.pop("working_set")),
+                                    float(p.pop("pages_per_s")))
+            if self.kind == "kernel-compile":
+                d = KernelCompile()
+                return KernelCompile(
+                    alloc_bytes_per_s=parse_size(p.pop("alloc_bytes_per_s", d.alloc_bytes_per_s)),
+                    lifetime_s=float(p.pop("lifetime_s", d.lifetime_s)),
+                    cache_bytes_per_s=parse_size(p.pop("cache_bytes_per_s", d.cache_bytes_per_s)),
+                )
+        except KeyError as e:
+            raise ValueError(f"workload {self.kind!r} needs {e.args[0]!r}") from None
+        finally:
+            if p and self.kind in WORKLOADS:
+                raise ValueError(f"workload {self.kind!r} has unknown parameters {sorted(p)}")
+        raise ValueError(f"unknown workload {self.kind!r}; one of {', '.join(WORKLOADS)}")
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A guest, what it ran before, what it runs during migration, and the link."""
+
+    name: str = "custom"
+    description: str = ""
+    memory: int = 8 << 30
+    layout: Literal["x86", "flat"] = "x86"
+    page_size: int = 4096
+    used: float = 0.1
+    init_on_alloc: bool = True
+    poison: int | None = None
+    log_mode: LogMode = "classic"
+    seed: int = 1
+    hint_rate: float = GUEST_HINT_RATE
+    device_rate: float = DEVICE_RATE
+    history: tuple[WorkloadSpec, ...] = ()
+    workload: WorkloadSpec = WorkloadSpec()
+    precopy: PrecopyConfig = PrecopyConfig()
+    published: dict[str, Any] = field(default_factory=dict)
+
+    def memmap(self) -> _core.MemoryMap:
+        if self.layout == "x86":
+            return _core.MemoryMap.x86(self.memory, below_4g=min(self.memory, 2 << 30),
+                                       page_size=self.page_size)
+        if self.layout == "flat":
+            return _core.MemoryMap([(0, self.memory)], page_size=self.page_size)
+        raise ValueError(f"layout must be 'x86' or 'flat', not {self.layout!r}")
+
+
+def scenario_from_dict(d: dict[str, Any], name: str = "custom") -> Scenario:
+    """A scenario from parsed TOML (see the shipped ``pagehint/scenarios/*.toml``)."""
+    d = dict(d)
+    guest = dict(d.pop("guest", {}))
+    link = dict(d.pop("link", {}))
+    mig = dict(d.pop("migration", {}))
+    poison = guest.pop("poison", "none")
+    kw: dict[str, Any] = {
+        "name": d.pop("name", name),
+        "description": d.pop("description", ""),
+        "published": dict(d.pop("published", {})),
+    }
+    if "memory" in guest:
+        kw["memory"] = parse_size(guest.pop("memory"))
+    for key in ("layout", "log_mode"):
+        if key in guest:
+            kw[key] = guest.pop(key)
+    for key, conv in (("page_size", int), ("used", float), ("init_on_alloc", bool),
+                      ("seed", int), ("hint_rate", float), ("device_rate", float)):
+        if key in guest:
+            kw[key] = conv(guest.pop(key))
+    kw["poison"] = {"none": None, "init_on_free": 0, "page_poison": PAGE_POISON}.get(
+        poison, poison) if isinstance(poison, str) else int(poison)
+    if isinstance(kw["poison"], str):
+        raise ValueError(f"poison must be none, init_on_free, page_poison or a number, "
+                         f"not {poison!r}")
+    kw["history"] = tuple(_workload(w) for w in d.pop("history", []))
+    if "workload" in d:
+        kw["workload"] = _workload(d.pop("workload"))
+    pc: dict[str, Any] = {}
+    if "bandwidth" in link:
+        pc["bandwidth"] = parse_rate(link.pop("bandwidth"))
+    if "scan_rate" in link:
+        pc["scan_rate"] = parse_rate(link.pop("scan_rate"))
+    for key in ("max_downtime", "setup_time", "switchover_time", "iteration_time"):
+        if key in link:
+            pc[key] = parse_seconds(link.pop(key))
+    for key in ("page_header_bytes", "zero_page_bytes", "max_rounds", "batch_pages"):
+        if key in link:
+            pc[key] = int(link.pop(key))
+    for key in ("strategy", "postcopy"):
+        if key in mig:
+            pc[key] = mig.pop(key)
+    leftovers = {k: v for k, v in (("top level", d), ("[guest]", guest), ("[link]", link),
+                                   ("[migration]", mig)) if v}
+    if leftovers:
+        raise ValueError(f"unknown scenario keys: {leftovers}")
+    kw["precopy"] = PrecopyConfig(**pc)
+    return Scenario(**kw)
+
+
+def _workload(d: dict[str, Any]) -> WorkloadSpec:
+    d = dict(d)
+    kind = d.pop("kind", None)
+    if kind is None:
+        raise ValueError(f"a workload needs a kind ({', '.join(WORKLOADS)})")
+    spec = WorkloadSpec(str(kind), d)
+    spec.build()  # fail now, not mid-run
+    return spec
+
+
+def shipped_scenarios() -> dict[str, Path]:
+    """The scenarios shipped with pagehint, by name."""
+    root = resources.files("pagehint") / "scenarios"
+    return {
+        Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".toml")
+    }
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    """A shipped scenario by name, or a TOML file."""
+    shipped = shipped_scenarios()
+    path = shipped.get(name_or_path, Path(name_or_path))
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"no scenario {name_or_path!r}: not a file, nor one of {', '.join(sorted(shipped))}"
+        )
+    with open(path, "rb") as f:
+        return scenario_from_dict(tomllib.load(f), name=path.stem)
+
+
+def run_scenario(
+    scenario: Scenario,
+    *,
+    hints: bool,
+    progress: Callable[[Progress], None] | None = None,
+) -> MigrationResult:
+    """Builds the scenario's guest and migrates it once, with hints on or off, checking the
+    result with the nothing-lost oracle."""
+    memmap = scenario.memmap()
+    guest = SimulatedGuest(memmap, seed=scenario.seed, used=scenario.used,
+                           init_on_alloc=scenario.init_on_alloc, poison=scenario.poison,
+                           log_mode=scenario.log_mode)
+    for spec in scenario.history:
+        w = spec.build()
+        guest.run(w, 0.0)
+        while isinstance(w, MemoryHog) and not w.done:
+            guest.run(w, 1.0)
+    device = FreePageHintDevice(guest.ram, memmap)
+    guest.attach(device)
+    guest.log.get()  # the guest ran before migration; dirty tracking starts now
+    if guest.log.mode == "manual":
+        guest.log.clear(0, guest.npages)
+    guest.workloads.append(scenario.workload.build())
+    source = SimulatedSource(guest, device, hint_rate=scenario.hint_rate,
+                             device_rate=scenario.device_rate)
+    destination = SimulatedDestination(guest)
+    config = replace(scenario.precopy, hints=hints)
+    migration = Precopy(source, destination, config, progress=progress,
+                        lost_pages=lambda: len(guest.lost_pages(destination.contents)))
+    return migration.run()
+
+
+def reduction(off: float, on: float) -> float:
+    """How much less ``on`` is than ``off``, as a fraction (0.79 = 79 % less)."""
+    return 0.0 if off == 0 else 1.0 - on / off
+
+
+__all__ = [
+    "Progress",
+    "Scenario",
+    "SimulatedDestination",
+    "SimulatedSource",
+    "Strategy",
+    "WorkloadSpec",
+    "load_scenario",
+    "parse_rate",
+    "parse_seconds",
+    "parse_size",
+    "reduction",
+    "run_scenario",
+    "scenario_from_dict",
+    "shipped_scenarios",
+]
