@@ -389,10 +389,12 @@ class Precopy:
             while True:
                 if self._cancel.is_set():
                     raise MigrationCancelled
+                # QEMU's threshold: the bandwidth measured over the last window times the
+                # downtime limit; nothing is measured before the first window, so no early
+                # switchover.
                 t0, b0 = self._window
                 measured = (self._sent[2] - b0) / (self._now - t0) if self._now > t0 else 0.0
-                rate = measured if measured > 0 else cfg.bandwidth
-                threshold = rate * cfg.max_downtime
+                threshold = measured * cfg.max_downtime
                 pending = self.bitmap.count() * self.page_size
                 if pending <= threshold or pending == 0:
                     new = self._sync(running=True)
