@@ -1,0 +1,126 @@
+"""The pre-copy loop's accounting and control flow on simulated guests: QMP figures, zero
+pages, convergence, the round limit, the hint window around every sync, cancel, and the
+published scenarios' reductions."""
+
+from __future__ import annotations
+
+import pytest
+
+from pagehint import MemoryMap
+from pagehint.balloon import FreePageHintDevice, HintState
+from pagehint.guest import SimulatedGuest, SteadyWriter
+from pagehint.migration import MigrationResult, Precopy, PrecopyConfig
+from pagehint.simulation import (
+    SimulatedDestination,
+    SimulatedSource,
+    load_scenario,
+    reduction,
+    run_scenario,
+)
+
+MIB = 1 << 20
+GIB = 1 << 30
+
+
+def simple(config: PrecopyConfig, *, writer: SteadyWriter | None = None,
+           used: float = 0.25) -> tuple[MigrationResult, SimulatedGuest, FreePageHintDevice]:
+    """A 256 MiB guest with a hole, fresh (free memory is zero pages), attached and migrated."""
+    memmap = MemoryMap([(0, 128 * MIB), (192 * MIB, 128 * MIB)])
+    guest = SimulatedGuest(memmap, seed=2, used=used, init_on_alloc=False)
+    device = FreePageHintDevice(guest.ram, memmap)
+    guest.attach(device)
+    guest.log.get()
+    if writer is not None:
+        guest.workloads.append(writer)
+    dest = SimulatedDestination(guest)
+    result = Precopy(SimulatedSource(guest, device), dest, config,
+                     lost_pages=lambda: len(guest.lost_pages(dest.contents))).run()
+    return result, guest, device
+
+
+def test_qmp_figures_add_up() -> None:
+    cfg = PrecopyConfig(hints=False)
+    r, guest, _ = simple(cfg)
+    d = r.to_dict()
+    assert d["status"] == "completed" and d["lost-pages"] == 0
+    ram = d["ram"]
+    assert ram["total"] == guest.npages * 4096
+    assert ram["normal-bytes"] == ram["normal"] * 4096
+    assert ram["transferred"] == ram["normal"] * (8 + 4096) + ram["duplicate"] * (8 + 1)
+    assert ram["remaining"] == 0
+    # Without hints every page goes once in round 0: the kernel's 25 % as data, the rest as
+    # zero pages (the guest never wrote them).
+    kernel = round(0.25 * guest.nblocks) * guest.pages_per_block
+    assert r.rounds[0].normal >= kernel and ram["normal"] + ram["duplicate"] >= guest.npages
+    assert d["total-time"] == pytest.approx(r.total_time * 1000, abs=1e-3)  # ms, 3 decimals
+    assert [x["round"] for x in d["rounds"]] == list(range(len(r.rounds)))
+    assert {"dirty-at-start", "pages-skipped", "new-dirty"} <= set(d["rounds"][0])
+
+
+def test_hints_skip_free_pages_and_open_a_window_per_sync() -> None:
+    r, guest, device = simple(PrecopyConfig())
+    assert r.hinting and r.pages_skipped > 0 and r.lost_pages == 0
+    # One start per sync while running (config interrupt each), stop before each, DONE last.
+    assert device.cmd_id - 0x8000_0000 == r.dirty_sync_count - 1
+    assert device.state is HintState.DONE
+    off, _, _ = simple(PrecopyConfig(hints=False))
+    assert r.duplicate + r.normal < off.duplicate + off.normal
+
+
+def test_a_converged_migration_fits_the_downtime() -> None:
+    cfg = PrecopyConfig(max_downtime=0.05)
+    r, _, _ = simple(cfg, writer=SteadyWriter(16 * MIB, pages_per_s=2000))
+    assert r.status == "completed" and r.dirty_sync_count < cfg.max_rounds
+    assert 0 < r.downtime <= cfg.max_downtime
+    assert r.lost_pages == 0
+
+
+def test_the_round_limit_forces_completion() -> None:
+    # 40k pages/s over a 128 Mbit/s link never converges within 5 ms of downtime.
+    cfg = PrecopyConfig(bandwidth=16 * MIB, max_downtime=0.005, max_rounds=4)
+    r, _, _ = simple(cfg, writer=SteadyWriter(32 * MIB, pages_per_s=40_000))
+    assert r.status == "completed"
+    assert r.dirty_sync_count == cfg.max_rounds + 2  # set-up, the rounds, the final one
+    assert r.downtime > cfg.max_downtime and r.lost_pages == 0
+
+
+def test_cancel_from_the_progress_callback_sends_done() -> None:
+    memmap = MemoryMap.x86(512 * MIB)
+    guest = SimulatedGuest(memmap, seed=3)
+    device = FreePageHintDevice(guest.ram, memmap)
+    guest.attach(device)
+    source = SimulatedSource(guest, device)
+    calls = 0
+
+    def progress(_: object) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            migration.cancel()
+
+    migration = Precopy(source, SimulatedDestination(guest),
+                        PrecopyConfig(batch_pages=1024), progress=progress)
+    r = migration.run()
+    assert r.status == "cancelled" and calls == 2
+    assert device.state is HintState.DONE and not source.paused
+    guest.run_driver()
+    assert guest.hinted_block_count == 0  # the guest took DONE and freed its hinted blocks
+
+
+@pytest.mark.parametrize("kw", [{"bandwidth": 0}, {"max_downtime": -1}, {"max_rounds": 0},
+                                {"clear_chunk_pages": 100}, {"strategy": "fast"}])
+def test_bad_configs_are_refused(kw: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        PrecopyConfig(**kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["wang-v37-idle-8g", "wang-v37-bzimage-8g",
+                                  "wang-v37-idle-128g"])
+def test_published_reductions_are_reproduced_within_10_points(name: str) -> None:
+    s = load_scenario(name)
+    off, on = run_scenario(s, hints=False), run_scenario(s, hints=True)
+    assert off.lost_pages == 0 and on.lost_pages == 0
+    published = reduction(s.published["total_time_off_ms"], s.published["total_time_on_ms"])
+    simulated = reduction(off.total_time, on.total_time)
+    assert abs(simulated - published) <= 0.10, (simulated, published)
