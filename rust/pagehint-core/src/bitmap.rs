@@ -103,6 +103,16 @@ impl DirtyBitmap {
     /// many pages were newly set: a guest's writes, or a dirty log made from ranges. Every
     /// range is checked before any is set.
     pub fn set_ranges(&mut self, starts: &[u64], counts: &[u64]) -> Result<u64, BitmapError> {
+        self.check_ranges(starts, counts)?;
+        Ok(starts
+            .iter()
+            .zip(counts)
+            .map(|(&start, &n)| self.set_span(start, start + n))
+            .sum())
+    }
+
+    /// Checks a batch of ranges: equal lengths, every range inside the bitmap.
+    fn check_ranges(&self, starts: &[u64], counts: &[u64]) -> Result<(), BitmapError> {
         if starts.len() != counts.len() {
             return Err(BitmapError::LengthMismatch {
                 left: starts.len(),
@@ -112,11 +122,7 @@ impl DirtyBitmap {
         for (&start, &n) in starts.iter().zip(counts) {
             self.check_range(start, n)?;
         }
-        Ok(starts
-            .iter()
-            .zip(counts)
-            .map(|(&start, &n)| self.set_span(start, start + n))
-            .sum())
+        Ok(())
     }
 
     /// Sets pages `[start, end)`, already checked.
@@ -185,15 +191,7 @@ impl DirtyBitmap {
     /// Clears every range `[starts[i], starts[i] + counts[i])` (overlaps allowed) and returns how
     /// many pages were set: the hint hot path. All ranges are checked before any is applied.
     pub fn clear_ranges(&mut self, starts: &[u64], counts: &[u64]) -> Result<u64, BitmapError> {
-        if starts.len() != counts.len() {
-            return Err(BitmapError::LengthMismatch {
-                left: starts.len(),
-                right: counts.len(),
-            });
-        }
-        for (&start, &n) in starts.iter().zip(counts) {
-            self.check_range(start, n)?;
-        }
+        self.check_ranges(starts, counts)?;
         Ok(Self::kernels().clear_ranges(&mut self.words, starts, counts))
     }
 

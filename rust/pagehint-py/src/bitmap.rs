@@ -10,7 +10,7 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockE
 
 use numpy::PyArray1;
 use numpy::ndarray::ArrayView1;
-use pagehint_core::{DirtyBitmap, advise_huge_pages};
+use pagehint_core::{BitmapError, DirtyBitmap, advise_huge_pages};
 
 /// From how many pages on `take_dirty` sizes its result exactly before taking.
 const LARGE_TAKE: usize = 1 << 20;
@@ -19,6 +19,9 @@ use pyo3::types::PyTuple;
 
 use crate::args::{self, Pages, Pfn};
 use crate::errors::bitmap_err;
+
+/// A `DirtyBitmap` batch over `(starts, counts)`: `set_ranges` or `clear_ranges`.
+type RangesOp = fn(&mut DirtyBitmap, &[u64], &[u64]) -> Result<u64, BitmapError>;
 
 /// A dirty bitmap over guest pages `[0, npages)`, in the KVM dirty-log word layout.
 #[derive(Debug)]
@@ -97,6 +100,25 @@ impl PyDirtyBitmap {
         } else {
             Cow::Borrowed(input)
         }
+    }
+
+    /// A batch operation over `(starts, counts)` arrays: converted, unaliased, run with the
+    /// GIL released.
+    fn ranges_op(
+        &self,
+        py: Python<'_>,
+        starts: &Bound<'_, PyAny>,
+        counts: &Bound<'_, PyAny>,
+        op: RangesOp,
+    ) -> PyResult<u64> {
+        let starts = args::u64_array(starts, "starts")?;
+        let counts = args::u64_array(counts, "counts")?;
+        let (starts, counts) = (
+            self.unaliased(starts.as_slice()?),
+            self.unaliased(counts.as_slice()?),
+        );
+        self.heavy_write(py, |bm| op(bm, &starts, &counts))
+            .map_err(bitmap_err)
     }
 
     /// `n`, or the pages from `start` to the end when it is `None`.
@@ -231,14 +253,7 @@ impl PyDirtyBitmap {
         starts: &Bound<'_, PyAny>,
         counts: &Bound<'_, PyAny>,
     ) -> PyResult<u64> {
-        let starts = args::u64_array(starts, "starts")?;
-        let counts = args::u64_array(counts, "counts")?;
-        let (starts, counts) = (
-            self.unaliased(starts.as_slice()?),
-            self.unaliased(counts.as_slice()?),
-        );
-        self.heavy_write(py, |bm| bm.set_ranges(&starts, &counts))
-            .map_err(bitmap_err)
+        self.ranges_op(py, starts, counts, DirtyBitmap::set_ranges)
     }
 
     /// Clears `[starts[i], starts[i] + counts[i])` for every i (overlaps allowed); returns how
@@ -249,14 +264,7 @@ impl PyDirtyBitmap {
         starts: &Bound<'_, PyAny>,
         counts: &Bound<'_, PyAny>,
     ) -> PyResult<u64> {
-        let starts = args::u64_array(starts, "starts")?;
-        let counts = args::u64_array(counts, "counts")?;
-        let (starts, counts) = (
-            self.unaliased(starts.as_slice()?),
-            self.unaliased(counts.as_slice()?),
-        );
-        self.heavy_write(py, |bm| bm.clear_ranges(&starts, &counts))
-            .map_err(bitmap_err)
+        self.ranges_op(py, starts, counts, DirtyBitmap::clear_ranges)
     }
 
     /// ORs a KVM-layout dirty log in at `page_offset` (a multiple of 64); returns how many
