@@ -68,6 +68,9 @@ class DirtyLog:
     again, so every later write is logged. ``manual`` (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
     ``get()`` leaves reported pages dirty and writable, so writes to them are not tracked
     separately, until ``clear()`` of their 64-page chunk clears and write-protects them.
+    ``clear()`` clears what the last ``get()`` reported in the range (the bitmap QEMU passes
+    to KVM_CLEAR_DIRTY_LOG): a page first written after that ``get()`` stays dirty, a reported
+    page written again since loses that write from the log.
     """
 
     def __init__(self, npages: int, mode: Literal["classic", "manual"] = "classic") -> None:
@@ -76,6 +79,7 @@ class DirtyLog:
         self.mode = mode
         self.npages = npages
         self._bits = _core.DirtyBitmap(npages)
+        self._reported = _core.DirtyBitmap(npages)  # manual mode: from the last get()
 
     def record(self, starts: _U64Array, counts: _U64Array) -> None:
         """Guest writes to ``[starts[i], starts[i] + counts[i])``."""
@@ -86,6 +90,9 @@ class DirtyLog:
         words = self._bits.words().copy()
         if self.mode == "classic":
             self._bits.clear_all()
+        else:
+            self._reported.clear_all()
+            self._reported.merge_log(words)
         return words
 
     def clear(self, first_page: int, num_pages: int) -> int:
@@ -98,7 +105,9 @@ class DirtyLog:
             raise ValueError(f"[{first_page}, +{num_pages}) is not inside {self.npages} pages")
         if first_page % 64 or (num_pages % 64 and first_page + num_pages != self.npages):
             raise ValueError(f"[{first_page}, +{num_pages}) is not 64-page aligned")
-        return self._bits.clear_range(first_page, num_pages)
+        starts, lengths = self._reported.dirty_runs(first_page, num_pages)
+        self._reported.clear_range(first_page, num_pages)
+        return self._bits.clear_ranges(starts, lengths)
 
     def count(self) -> int:
         """Pages dirty in the log now."""
