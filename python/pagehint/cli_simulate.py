@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import Progress as Bar
 from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
@@ -92,6 +94,13 @@ def _scenario(args: argparse.Namespace) -> Scenario:
                    **guest)
 
 
+def _fail(msg: str) -> int:
+    """A usage or scenario error: the message on stderr (plain text, not rich markup, which
+    would eat ``[guest]`` or ``pagehint[plot]``), exit status 2."""
+    print(f"pagehint simulate: {msg}", file=sys.stderr)
+    return 2
+
+
 def _mib(n: int) -> str:
     return f"{n / (1 << 20):,.1f}"
 
@@ -117,7 +126,8 @@ def _get(d: dict[str, Any], key: str) -> Any:
 
 
 def _table(s: Scenario, off: MigrationResult, on: MigrationResult) -> Table:
-    table = Table(title=f"scenario {s.name}: {s.description}" if s.description else s.name)
+    table = Table(title=escape(f"scenario {s.name}: {s.description}" if s.description
+                               else s.name))
     table.add_column("")
     table.add_column("hints off", justify="right")
     table.add_column("hints on", justify="right")
@@ -136,7 +146,7 @@ def _published(s: Scenario, off: MigrationResult, on: MigrationResult) -> Table 
     p = s.published
     if "total_time_off_ms" not in p or "total_time_on_ms" not in p:
         return None
-    table = Table(title=f"published: {p.get('source', '')}")
+    table = Table(title=escape(f"published: {p.get('source', '')}"))
     for col in ("", "hints off (ms)", "hints on (ms)", "reduction"):
         table.add_column(col, justify="right" if col else "left")
     pub = reduction(p["total_time_off_ms"], p["total_time_on_ms"])
@@ -154,13 +164,18 @@ def run(args: argparse.Namespace) -> int:
     if args.list:
         for name, path in sorted(shipped_scenarios().items()):
             s = load_scenario(str(path))
-            console.print(f"[bold]{name}[/bold]: {s.description}")
+            console.print(f"[bold]{escape(name)}[/bold]: {escape(s.description)}")
         return 0
     try:
         s = _scenario(args)
     except (ValueError, FileNotFoundError) as e:
-        err.print(f"pagehint simulate: {e}")
-        return 2
+        return _fail(str(e))
+    if args.plot:
+        # Before the runs, not after: a missing matplotlib should not cost a whole simulation.
+        try:
+            from pagehint.plot import plot_rounds
+        except ImportError as e:
+            return _fail(f"--plot needs matplotlib ({e}); pip install 'pagehint[plot]'")
     show = not args.no_progress and not args.json and err.is_terminal
     results: dict[str, MigrationResult] = {}
     with Bar(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
@@ -177,7 +192,13 @@ def run(args: argparse.Namespace) -> int:
                     f"{p.time:.1f} s simulated"))
                 bar.refresh()
 
-            results[label] = run_scenario(s, hints=hints, progress=progress if show else None)
+            try:
+                results[label] = run_scenario(s, hints=hints,
+                                              progress=progress if show else None)
+            except ValueError as e:
+                # Building the guest found the scenario impossible (memory, layout, used,
+                # seed...); failures during the migration itself are a result, not raised.
+                return _fail(f"scenario {s.name}: {e}")
             bar.remove_task(task)
     off, on = results["hints off"], results["hints on"]
     failed = [r for r in (off, on) if r.status != "completed"]
@@ -201,17 +222,11 @@ def run(args: argparse.Namespace) -> int:
         if pub is not None:
             console.print(pub)
         for r in failed:
-            err.print(f"[red]migration {r.status}: {r.error}[/red]")
+            err.print(f"[red]migration {r.status}: {escape(str(r.error))}[/red]")
         if lost:
             err.print(f"[red]{lost} pages lost: the destination differs where no hint excuses "
                       "it[/red]")
     if args.plot:
-        try:
-            from pagehint.plot import plot_rounds
-        except ImportError as e:
-            err.print(f"pagehint simulate: --plot needs matplotlib ({e}); "
-                      "pip install 'pagehint[plot]'")
-            return 2
         plot_rounds(s.name, off, on, args.plot)
         if not args.json:
             console.print(f"plot written to {args.plot}")
