@@ -632,7 +632,8 @@ def test_parse_size_decimal() -> None:
     ("10Gbit", 1.25e9),
     ("1Gbit", 1.25e8),
     ("100Mbit", 12.5e6),
-    ("100G", 1e11),
+    ("100G", 100 * 2**30),  # QEMU's migrate_set_speed suffixes are binary
+    ("1GiB", 2**30),
     ("2.5GB", 2.5e9),
     ("1.25GB", 1.25e9),
     ("1000", 1000.0),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 from collections.abc import Sequence
@@ -71,5 +72,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(args, "repeats", 1) < 1:
         print("pagehint: --repeats must be at least 1", file=sys.stderr)
         return 2
-    status: int = args.func(args)
+    try:
+        status: int = args.func(args)
+    except BrokenPipeError:
+        # `pagehint simulate --json | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     return status

@@ -162,14 +162,21 @@ def parse_size(value: int | float | str, *, binary: bool = True) -> int:
 
 
 def parse_rate(value: int | float | str) -> float:
-    """Bytes per second from ``10Gbit``, ``100G`` (bytes), ``2.5GB``, or a number of bytes."""
+    """Bytes per second: ``10Gbit`` (network bits, powers of 1000), ``2.5GB`` (bytes, powers
+    of 1000), ``100G`` or ``100GiB`` (bytes, powers of 1024, as QEMU's ``migrate_set_speed``
+    reads it), or a number of bytes."""
     if isinstance(value, (int, float)):
         return float(value)
     m = _SIZE.match(value)
     if not m:
         raise ValueError(f"not a rate: {value!r} (try 10Gbit, 1.25GB, 100G)")
-    scaled = float(m.group(1)) * float(1000 ** _POWERS[m.group(2).lower()])
-    return scaled / 8 if (m.group(3) or "").lower() == "bit" else scaled
+    unit = (m.group(3) or "").lower()
+    power = _POWERS[m.group(2).lower()]
+    if unit == "bit":
+        return float(m.group(1)) * float(1000**power) / 8
+    if unit == "b":
+        return float(m.group(1)) * float(1000**power)
+    return float(m.group(1)) * float(1024**power)
 
 
 def parse_seconds(value: int | float | str) -> float:
@@ -327,7 +334,12 @@ def load_scenario(name_or_path: str) -> Scenario:
             f"no scenario {name_or_path!r}: not a file, nor one of {', '.join(sorted(shipped))}"
         )
     with open(path, "rb") as f:
-        return scenario_from_dict(tomllib.load(f), name=path.stem)
+        try:
+            return scenario_from_dict(tomllib.load(f), name=path.stem)
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path}: not valid TOML: {e}") from None
+        except (TypeError, AttributeError) as e:
+            raise ValueError(f"{path}: malformed scenario ({e})") from None
 
 
 def run_scenario(
