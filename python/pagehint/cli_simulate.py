@@ -12,7 +12,13 @@ from typing import Any
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress as Bar
-from rich.progress import SpinnerColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    SpinnerColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from pagehint.migration import MigrationResult, PrecopyConfig, Progress
@@ -178,7 +184,8 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--plot needs matplotlib ({e}); pip install 'pagehint[plot]'")
     show = not args.no_progress and not args.json and err.is_terminal
     results: dict[str, MigrationResult] = {}
-    with Bar(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+    with Bar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+             TaskProgressColumn(), TimeElapsedColumn(),
              console=err, transient=True, disable=not show, auto_refresh=False) as bar:
         for label, hints in (("hints off", False), ("hints on", True)):
             task = bar.add_task(label, total=None, visible=False)
@@ -187,7 +194,9 @@ def run(args: argparse.Namespace) -> int:
             def progress(p: Progress, task: Any = task, t0: float = t0, label: str = label) -> None:
                 if time.perf_counter() - t0 < SHOW_PROGRESS_AFTER:
                     return
-                bar.update(task, visible=True, description=(
+                # The bar is the current round: its dirty pages sent or skipped by hints.
+                bar.update(task, visible=True, total=max(p.round_dirty, 1),
+                           completed=max(p.round_dirty - p.remaining, 0), description=(
                     f"{label}: round {p.round}, {_mib(p.remaining * s.page_size)} MiB dirty, "
                     f"{p.time:.1f} s simulated"))
                 bar.refresh()

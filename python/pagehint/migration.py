@@ -206,11 +206,13 @@ class MigrationResult:
 
 @dataclass(frozen=True)
 class Progress:
-    """Passed to the progress callback after every send step."""
+    """Passed to the progress callback after every send step: simulated seconds, the round,
+    pages still dirty, pages dirty when the round began, pages sent so far, guest pages."""
 
     time: float
     round: int
     remaining: int
+    round_dirty: int
     sent: int
     npages: int
 
@@ -363,7 +365,8 @@ class Precopy:
     def _report(self) -> None:
         if self._progress is not None:
             self._progress(Progress(self._now, len(self._rounds), self.bitmap.count(),
-                                    self._sent[0] + self._sent[1], self.npages))
+                                    self._round_start[1], self._sent[0] + self._sent[1],
+                                    self.npages))
 
     # -- the loop ----------------------------------------------------------------------------
 
