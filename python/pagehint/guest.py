@@ -34,7 +34,6 @@ from pagehint.balloon import (
     F_INDIRECT_DESC,
     F_MUST_TELL_HOST,
     F_PAGE_POISON,
-    F_REPORTING,
     F_STATS_VQ,
     F_VERSION_1,
     FREE_PAGE_QUEUE_MAX,
