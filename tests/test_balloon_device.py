@@ -884,3 +884,39 @@ def test_bad_arguments_are_value_errors() -> None:
     with pytest.raises(ValueError, match="queue_numbering"):
         bare_device(queue_numbering="sparse")
     assert rig.dev.features_ok and rig.dev.free_page_queue is not None
+
+
+def test_packed_ring_free_page_queue() -> None:
+    """With RING_PACKED negotiated the device reads the free page queue as a packed ring
+    (descriptor ring, driver and device event areas): a round across a lap of an 8-slot ring."""
+    from test_packed_queue import DESC as P_DESC
+    from test_packed_queue import DEVICE_EVENT, DRIVER_EVENT
+    from test_packed_queue import Driver as PackedDriver
+
+    memmap = MemoryMap.x86(64 * MIB, below_4g=32 * MIB)
+    mem = np.zeros(memmap.ram_bytes, dtype=np.uint8)
+    bm = DirtyBitmap(memmap.npages, dirty=True)
+    dev = FreePageHintDevice(mem, memmap, bm, packed_ring=True)
+    dev.negotiate(dev.features)
+    assert dev.has(F_RING_PACKED)
+    index = dev.free_page_queue_index
+    assert index is not None
+    dev.set_queue(index, 8, P_DESC, DRIVER_EVENT, DEVICE_EVENT)
+    drv = PackedDriver(mem, 8)
+    cmd = dev.start_hinting()
+    assert cmd is not None
+    mem[0x3000:0x3004] = np.frombuffer(u32(cmd), dtype=np.uint8)
+    drv.post(0x3000, 4, writable=False)
+    blocks = [4 * MIB * k for k in range(1, 7)]
+    for gpa in blocks[:5]:
+        drv.post(gpa, 4 * MIB, writable=True)
+    r = dev.process()
+    assert (r.cmd_ids, r.hint_elements_applied, dev.state) == ([cmd], 5, HintState.START)
+    for gpa in blocks[5:]:  # the next lap
+        drv.post(gpa, 4 * MIB, writable=True)
+    mem[0x3004:0x3008] = 0
+    drv.post(0x3004, 4, writable=False)  # STOP
+    r = dev.process()
+    assert (r.cmd_ids, r.hint_elements_applied, dev.state) == ([0], 1, HintState.STOP)
+    assert bm.count() == memmap.npages - 6 * 1024
+    assert dev.error is None and sum(dev.rejected.values()) == 0

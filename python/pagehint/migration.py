@@ -104,7 +104,8 @@ class PrecopyConfig:
     switchover_time: float = 0.0
     """Seconds of downtime beyond sending RAM (device state, network switch)."""
     max_rounds: int = 30
-    """Syncs after which completion is forced, converged or not."""
+    """Rounds (syncs after the set-up one) after which completion is forced, converged or
+    not; the final sync in stop-and-copy comes on top."""
     iteration_time: float = 0.1
     """How often convergence is checked while sending (QEMU's BUFFER_DELAY)."""
     batch_pages: int = 32768
