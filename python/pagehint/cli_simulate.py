@@ -96,8 +96,21 @@ def _scenario(args: argparse.Namespace) -> Scenario:
     if args.strategy:
         pc["strategy"] = args.strategy
     precopy: PrecopyConfig = replace(s.precopy, **pc)
-    return replace(s, precopy=precopy, published=s.published if not (guest or pc) else {},
-                   **guest)
+    if not (guest or pc):
+        return s
+    # Overridden: the scenario's own description and published figures no longer apply.
+    out = replace(s, precopy=precopy, published={}, **guest)
+    return replace(out, description=f"{describe(out)} (overridden)")
+
+
+def describe(s: Scenario) -> str:
+    """What a scenario runs, in one line."""
+    params = ", ".join(f"{k}={v}" for k, v in s.workload.params.items())
+    workload = f"{s.workload.kind} ({params})" if params else s.workload.kind
+    pc = s.precopy
+    return (f"{s.memory / (1 << 30):g} GiB {s.layout} guest, {workload}, "
+            f"{pc.bandwidth * 8 / 1e9:g} Gbit/s, {pc.max_downtime * 1000:g} ms downtime, "
+            f"{s.log_mode} log, {pc.strategy} strategy")
 
 
 def _fail(msg: str) -> int:
