@@ -920,3 +920,14 @@ def test_packed_ring_free_page_queue() -> None:
     assert (r.cmd_ids, r.hint_elements_applied, dev.state) == ([0], 1, HintState.STOP)
     assert bm.count() == memmap.npages - 6 * 1024
     assert dev.error is None and sum(dev.rejected.values()) == 0
+
+
+@pytest.mark.parametrize("page_size", [4096, 16384, 65536])
+def test_balloon_sizes_are_4k_units_whatever_the_page_size(page_size: int) -> None:
+    memmap = MemoryMap.x86(1 << 30, below_4g=1 << 30, page_size=page_size)
+    dev = FreePageHintDevice(np.zeros(memmap.ram_bytes, dtype=np.uint8), memmap)
+    dev.negotiate(dev.features)
+    dev.set_target(256 * MIB // 4096)  # 256 MiB, in 4 KiB balloon pages
+    assert dev.read_config(0, 4) == u32(65536) and dev.target_bytes == 256 * MIB
+    dev.write_config(4, u32(1024))  # the driver reports 1024 balloon pages: 4 MiB
+    assert dev.actual_bytes == 4 * MIB

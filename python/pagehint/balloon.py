@@ -46,6 +46,8 @@ F_RING_PACKED = 34
 
 CMD_ID_STOP = 0
 CMD_ID_DONE = 1
+BALLOON_PFN_SHIFT = 12
+"""Balloon page numbers and sizes are in 4 KiB units whatever the guest's page size."""
 CMD_ID_MIN = 0x8000_0000
 """QEMU's VIRTIO_BALLOON_FREE_PAGE_HINT_CMD_ID_MIN: the counter starts here and each round
 increments it first, so the first id issued is ``CMD_ID_MIN + 1`` (as the pc-2G ring dump
@@ -392,6 +394,17 @@ class FreePageHintDevice:
         with self._lock:
             self.num_pages = num_pages
         self._notify_config()
+
+    @property
+    def actual_bytes(self) -> int:
+        """The balloon's size as the driver reports it: ``actual`` is in 4 KiB balloon pages
+        whatever the guest's page size (VIRTIO_BALLOON_PFN_SHIFT is 12)."""
+        return self.actual << BALLOON_PFN_SHIFT
+
+    @property
+    def target_bytes(self) -> int:
+        """The requested balloon size: ``num_pages`` 4 KiB balloon pages."""
+        return self.num_pages << BALLOON_PFN_SHIFT
 
     # -- the hinting state machine -------------------------------------------------------------
 
