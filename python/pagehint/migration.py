@@ -259,6 +259,8 @@ class Precopy:
         self._lazy_clear = manual and not (self.device is not None and cfg.strategy == "safe")
         nchunks = -(-self.npages // cfg.clear_chunk_pages)
         self._clear_bmap = np.zeros(nchunks, dtype=np.bool_)
+        # The device may apply hints (and call _on_hints) on its own thread.
+        self._clear_lock = threading.Lock()
         self._now = 0.0
         self._cursor = 0
         self._syncs = 0
@@ -288,7 +290,8 @@ class Precopy:
         self._syncs += 1
         if src.log_mode == "manual":
             if self._lazy_clear:
-                self._clear_bmap[:] = True
+                with self._clear_lock:
+                    self._clear_bmap[:] = True
             else:
                 src.clear_dirty_log(0, self.npages)
         if dev is not None:
@@ -300,14 +303,13 @@ class Precopy:
 
     def _clear_chunks(self, chunks: _I64Array) -> None:
         """Clears the manual dirty log of ``chunks`` still to be cleared since the sync."""
-        chunks = chunks[self._clear_bmap[chunks]]
-        if not len(chunks):
-            return
-        self._clear_bmap[chunks] = False
         size = self.config.clear_chunk_pages
-        for c in chunks.tolist():
-            first = c * size
-            self.source.clear_dirty_log(first, min(size, self.npages - first))
+        with self._clear_lock:
+            chunks = chunks[self._clear_bmap[chunks]]
+            self._clear_bmap[chunks] = False
+            for c in chunks.tolist():
+                first = c * size
+                self.source.clear_dirty_log(first, min(size, self.npages - first))
 
     def _on_hints(self, ranges: _U64Array) -> None:
         """qemu strategy: QEMU clears the log of every chunk a hint touches."""
