@@ -408,11 +408,13 @@ class Precopy:
                     pending = self.bitmap.count() * self.page_size
                     if pending <= threshold or self._syncs > cfg.max_rounds:
                         break
-                # One rate-limit window of sending, or until the bitmap is empty.
+                # One window: the rate limit's bytes or its time (QEMU also leaves
+                # ram_save_iterate after 50 ms), or until the bitmap is empty.
                 self._window = (self._now, self._sent[2])
                 budget = cfg.bandwidth * cfg.iteration_time
+                until = self._now + cfg.iteration_time
                 sent = 0
-                while sent < budget:
+                while sent < budget and self._now < until:
                     step = self._send_step(cfg.batch_pages, running=True)
                     if step == 0:
                         break
