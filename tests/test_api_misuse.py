@@ -53,6 +53,32 @@ def log_with_page(page: int, words: int, offset: int = 0) -> U64Array:
 Call = Callable[[Any], object]
 WRAP = 2**64  # values at or past this wrap a u64
 
+def ranges_cases(op: str) -> list[tuple[str, Call, type[Exception]]]:
+    """``clear_ranges`` and ``set_ranges`` share their argument checks: the same table."""
+    return [
+        (f"{op} int64 starts", lambda b: getattr(b, op)(np.array([5], np.int64), u64(1)), TypeError),
+        (f"{op} int64 counts", lambda b: getattr(b, op)(u64(5), np.array([1], np.int64)), TypeError),
+        (f"{op} uint32", lambda b: getattr(b, op)(np.array([5], np.uint32), np.array([1], np.uint32)), TypeError),
+        (f"{op} float64", lambda b: getattr(b, op)(np.array([5.0]), u64(1)), TypeError),
+        (f"{op} big-endian", lambda b: getattr(b, op)(np.array([5], ">u8"), np.array([1], ">u8")), TypeError),
+        (f"{op} list", lambda b: getattr(b, op)([5], [1]), TypeError),
+        (f"{op} None", lambda b: getattr(b, op)(None, u64(1)), TypeError),
+        (f"{op} 2-D", lambda b: getattr(b, op)(u64(5, 6).reshape(1, 2), u64(1, 1).reshape(1, 2)), TypeError),
+        (f"{op} 2-D counts", lambda b: getattr(b, op)(u64(5), u64(1).reshape(1, 1)), TypeError),
+        (f"{op} 0-D", lambda b: getattr(b, op)(np.array(5, np.uint64), np.array(1, np.uint64)), TypeError),
+        (f"{op} strided starts", lambda b: getattr(b, op)(strided(5, 600), u64(1, 1)), ValueError),
+        (f"{op} strided counts", lambda b: getattr(b, op)(u64(5, 600), strided(1, 1)), ValueError),
+        (f"{op} reversed", lambda b: getattr(b, op)(u64(5, 600)[::-1], u64(1, 1)), ValueError),
+        (f"{op} length mismatch", lambda b: getattr(b, op)(u64(5, 600), u64(1)), ValueError),
+        (f"{op} empty vs one", lambda b: getattr(b, op)(u64(), u64(1)), ValueError),
+        (f"{op} last past end", lambda b: getattr(b, op)(u64(0, 5, 600, N - 1), u64(1, 100, 37, 2)), IndexError),
+        (f"{op} last empty past end", lambda b: getattr(b, op)(u64(5, N + 1), u64(100, 0)), IndexError),
+        (f"{op} last wraps", lambda b: getattr(b, op)(u64(5, 2**64 - 1), u64(100, 2)), IndexError),
+        (f"{op} last n wraps", lambda b: getattr(b, op)(u64(5, 10), u64(100, 2**64 - 5)), IndexError),
+        (f"{op} first past end", lambda b: getattr(b, op)(u64(N, 5), u64(1, 100)), IndexError),
+    ]
+
+
 # (id, call, exception). Every call is made on a seeded bitmap of N pages.
 CASES: list[tuple[str, Call, type[Exception]]] = [
     # set_range / clear_range: positions, counts, ends, overflow, types
@@ -129,48 +155,9 @@ CASES: list[tuple[str, Call, type[Exception]]] = [
     ("dirty_runs wrap", lambda b: b.dirty_runs(WRAP - 1, 2), IndexError),
     ("dirty_runs float", lambda b: b.dirty_runs(0.5), TypeError),
     ("dirty_runs float n", lambda b: b.dirty_runs(0, 3.0), TypeError),
-    # clear_ranges: array types, shapes, layout, lengths
-    ("clear_ranges int64 starts", lambda b: b.clear_ranges(np.array([5], np.int64), u64(1)), TypeError),
-    ("clear_ranges int64 counts", lambda b: b.clear_ranges(u64(5), np.array([1], np.int64)), TypeError),
-    ("clear_ranges uint32", lambda b: b.clear_ranges(np.array([5], np.uint32), np.array([1], np.uint32)), TypeError),
-    ("clear_ranges float64", lambda b: b.clear_ranges(np.array([5.0]), u64(1)), TypeError),
-    ("clear_ranges big-endian", lambda b: b.clear_ranges(np.array([5], ">u8"), np.array([1], ">u8")), TypeError),
-    ("clear_ranges list", lambda b: b.clear_ranges([5], [1]), TypeError),
-    ("clear_ranges None", lambda b: b.clear_ranges(None, u64(1)), TypeError),
-    ("clear_ranges 2-D", lambda b: b.clear_ranges(u64(5, 6).reshape(1, 2), u64(1, 1).reshape(1, 2)), TypeError),
-    ("clear_ranges 2-D counts", lambda b: b.clear_ranges(u64(5), u64(1).reshape(1, 1)), TypeError),
-    ("clear_ranges 0-D", lambda b: b.clear_ranges(np.array(5, np.uint64), np.array(1, np.uint64)), TypeError),
-    ("clear_ranges strided starts", lambda b: b.clear_ranges(strided(5, 600), u64(1, 1)), ValueError),
-    ("clear_ranges strided counts", lambda b: b.clear_ranges(u64(5, 600), strided(1, 1)), ValueError),
-    ("clear_ranges reversed", lambda b: b.clear_ranges(u64(5, 600)[::-1], u64(1, 1)), ValueError),
-    ("clear_ranges length mismatch", lambda b: b.clear_ranges(u64(5, 600), u64(1)), ValueError),
-    ("clear_ranges empty vs one", lambda b: b.clear_ranges(u64(), u64(1)), ValueError),
-    ("clear_ranges last past end", lambda b: b.clear_ranges(u64(0, 5, 600, N - 1), u64(1, 100, 37, 2)), IndexError),
-    ("clear_ranges last empty past end", lambda b: b.clear_ranges(u64(5, N + 1), u64(100, 0)), IndexError),
-    ("clear_ranges last wraps", lambda b: b.clear_ranges(u64(5, 2**64 - 1), u64(100, 2)), IndexError),
-    ("clear_ranges last n wraps", lambda b: b.clear_ranges(u64(5, 10), u64(100, 2**64 - 5)), IndexError),
-    ("clear_ranges first past end", lambda b: b.clear_ranges(u64(N, 5), u64(1, 100)), IndexError),
-    # set_ranges: array types, shapes, layout, lengths
-    ("set_ranges int64 starts", lambda b: b.set_ranges(np.array([5], np.int64), u64(1)), TypeError),
-    ("set_ranges int64 counts", lambda b: b.set_ranges(u64(5), np.array([1], np.int64)), TypeError),
-    ("set_ranges uint32", lambda b: b.set_ranges(np.array([5], np.uint32), np.array([1], np.uint32)), TypeError),
-    ("set_ranges float64", lambda b: b.set_ranges(np.array([5.0]), u64(1)), TypeError),
-    ("set_ranges big-endian", lambda b: b.set_ranges(np.array([5], ">u8"), np.array([1], ">u8")), TypeError),
-    ("set_ranges list", lambda b: b.set_ranges([5], [1]), TypeError),
-    ("set_ranges None", lambda b: b.set_ranges(None, u64(1)), TypeError),
-    ("set_ranges 2-D", lambda b: b.set_ranges(u64(5, 6).reshape(1, 2), u64(1, 1).reshape(1, 2)), TypeError),
-    ("set_ranges 2-D counts", lambda b: b.set_ranges(u64(5), u64(1).reshape(1, 1)), TypeError),
-    ("set_ranges 0-D", lambda b: b.set_ranges(np.array(5, np.uint64), np.array(1, np.uint64)), TypeError),
-    ("set_ranges strided starts", lambda b: b.set_ranges(strided(5, 600), u64(1, 1)), ValueError),
-    ("set_ranges strided counts", lambda b: b.set_ranges(u64(5, 600), strided(1, 1)), ValueError),
-    ("set_ranges reversed", lambda b: b.set_ranges(u64(5, 600)[::-1], u64(1, 1)), ValueError),
-    ("set_ranges length mismatch", lambda b: b.set_ranges(u64(5, 600), u64(1)), ValueError),
-    ("set_ranges empty vs one", lambda b: b.set_ranges(u64(), u64(1)), ValueError),
-    ("set_ranges last past end", lambda b: b.set_ranges(u64(0, 5, 600, N - 1), u64(1, 100, 37, 2)), IndexError),
-    ("set_ranges last empty past end", lambda b: b.set_ranges(u64(5, N + 1), u64(100, 0)), IndexError),
-    ("set_ranges last wraps", lambda b: b.set_ranges(u64(5, 2**64 - 1), u64(100, 2)), IndexError),
-    ("set_ranges last n wraps", lambda b: b.set_ranges(u64(5, 10), u64(100, 2**64 - 5)), IndexError),
-    ("set_ranges first past end", lambda b: b.set_ranges(u64(N, 5), u64(1, 100)), IndexError),
+    # clear_ranges and set_ranges: array types, shapes, layout, lengths
+    *ranges_cases("clear_ranges"),
+    *ranges_cases("set_ranges"),
     # merge_log
     ("merge_log offset 1", lambda b: b.merge_log(u64(1), 1), ValueError),
     ("merge_log offset 63", lambda b: b.merge_log(u64(1), 63), ValueError),
