@@ -8,7 +8,8 @@ elements into a real split ring in guest RAM, its shrinker, page poisoning, and 
 log in classic or manual-protect mode. Only the rings live in the RAM buffer.
 
 Page contents are ``pagehint.contents.PageContents`` (a version number per page, blocks
-written whole kept per block). Every write is recorded in the dirty log.
+written whole kept per block); the dirty log is ``pagehint.dirty_log.DirtyLog``; workloads are
+in ``pagehint.workloads`` (re-exported here). Every write is recorded in the dirty log.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from __future__ import annotations
 import mmap
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -41,7 +42,27 @@ from pagehint.balloon import (
     ProcessResult,
 )
 from pagehint.contents import MAP_NORESERVE, PageContents, data_version, zero_version
+from pagehint.dirty_log import DirtyLog
 from pagehint.driver_ring import DriverSplitRing, ring_bytes
+from pagehint.workloads import Idle, KernelCompile, MemoryHog, SteadyWriter, Workload
+
+__all__ = [
+    "FREE",
+    "HINTED",
+    "HINT_BLOCK_BYTES",
+    "PAGE_POISON",
+    "USED",
+    "DirtyLog",
+    "DriverStep",
+    "Idle",
+    "KernelCompile",
+    "MemoryHog",
+    "RoundResult",
+    "SimulatedGuest",
+    "SteadyWriter",
+    "Workload",
+    "run_until_idle",
+]
 
 _I64Array = npt.NDArray[np.int64]
 _U64Array = npt.NDArray[np.uint64]
@@ -58,169 +79,6 @@ HINTED = 2
 # Guest-page-size -> hint block bytes: MAX_PAGE_ORDER blocks (10 with 4 KiB pages, 11 with
 # 16 KiB, 13 with 64 KiB on arm64).
 HINT_BLOCK_BYTES = {4096: 4 << 20, 16384: 32 << 20, 65536: 512 << 20}
-
-
-class DirtyLog:
-    """A simulated KVM dirty log over the guest's pages (``KVM_GET_DIRTY_LOG`` layout).
-
-    ``classic``: ``get()`` returns the dirty pages and clears them, write-protecting them
-    again, so every later write is logged. ``manual`` (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
-    ``get()`` leaves reported pages dirty and writable, so writes to them are not tracked
-    separately, until ``clear()`` of their 64-page chunk clears and write-protects them.
-    ``clear()`` clears what the last ``get()`` reported in the range (the bitmap QEMU passes
-    to KVM_CLEAR_DIRTY_LOG): a page first written after that ``get()`` stays dirty, a reported
-    page written again since loses that write from the log.
-    """
-
-    def __init__(self, npages: int, mode: Literal["classic", "manual"] = "classic") -> None:
-        if mode not in ("classic", "manual"):
-            raise ValueError(f"mode must be 'classic' or 'manual', not {mode!r}")
-        self.mode = mode
-        self.npages = npages
-        self._bits = _core.DirtyBitmap(npages)
-        self._reported = _core.DirtyBitmap(npages)  # manual mode: from the last get()
-
-    def record(self, starts: _U64Array, counts: _U64Array) -> None:
-        """Guest writes to ``[starts[i], starts[i] + counts[i])``."""
-        self._bits.set_ranges(starts, counts)
-
-    def get(self) -> _U64Array:
-        """The dirty log as ``uint64`` words (KVM_GET_DIRTY_LOG)."""
-        words = self._bits.words().copy()
-        if self.mode == "classic":
-            self._bits.clear_all()
-        else:
-            self._reported.clear_all()
-            self._reported.merge_log(words)
-        return words
-
-    def clear(self, first_page: int, num_pages: int) -> int:
-        """KVM_CLEAR_DIRTY_LOG: clears and write-protects ``[first_page, +num_pages)``;
-        returns how many were dirty. Manual mode only; ``first_page`` must be a multiple of
-        64 and ``num_pages`` too unless the range reaches the last page."""
-        if self.mode != "manual":
-            raise ValueError("KVM_CLEAR_DIRTY_LOG needs manual-protect mode")
-        if first_page < 0 or num_pages < 0 or first_page + num_pages > self.npages:
-            raise ValueError(f"[{first_page}, +{num_pages}) is not inside {self.npages} pages")
-        if first_page % 64 or (num_pages % 64 and first_page + num_pages != self.npages):
-            raise ValueError(f"[{first_page}, +{num_pages}) is not 64-page aligned")
-        starts, lengths = self._reported.dirty_runs(first_page, num_pages)
-        self._reported.clear_range(first_page, num_pages)
-        return self._bits.clear_ranges(starts, lengths)
-
-    def count(self) -> int:
-        """Pages dirty in the log now."""
-        return self._bits.count()
-
-
-class Workload(Protocol):
-    """Guest activity over simulated time."""
-
-    def step(self, guest: SimulatedGuest, seconds: float) -> None:
-        """Runs for ``seconds`` of guest time."""
-
-
-@dataclass
-class Idle:
-    """An idle guest: the kernel writes ``pages_per_s`` of its own pages (timers, logs)."""
-
-    pages_per_s: float = 0.0
-    _carry: float = 0.0
-
-    def step(self, guest: SimulatedGuest, seconds: float) -> None:
-        self._carry += self.pages_per_s * seconds
-        n = int(self._carry)
-        self._carry -= n
-        if n:
-            kernel = guest.kernel_pages()
-            guest.write_pages(kernel[guest.rng.integers(0, len(kernel), n)])
-
-
-@dataclass
-class MemoryHog:
-    """Allocates ``nbytes`` (at ``bytes_per_s``, or at once if None), writes every page, then
-    frees it all: what ``stress-ng --vm`` or a finished batch job leaves behind."""
-
-    nbytes: int
-    bytes_per_s: float | None = None
-    done: bool = False
-    _blocks: list[_I64Array] = field(default_factory=list)
-    _allocated: int = 0
-    _carry: float = 0.0
-
-    def step(self, guest: SimulatedGuest, seconds: float) -> None:
-        if self.done:
-            return
-        total = guest.blocks_for(self.nbytes)
-        want = total - self._allocated
-        if self.bytes_per_s is not None:
-            self._carry += self.bytes_per_s * seconds / guest.block_bytes
-            want = min(want, int(self._carry))
-            self._carry -= want
-        stalled = False
-        if want > 0:
-            got = guest.alloc_blocks(want)
-            guest.write_blocks(got)
-            self._blocks.append(got)
-            self._allocated += len(got)
-            stalled = len(got) < want  # out of memory: the hog gives up and exits
-        if self._allocated >= total or stalled:
-            for b in self._blocks:
-                guest.free_blocks(b)
-            self._blocks.clear()
-            self.done = True
-
-
-@dataclass
-class SteadyWriter:
-    """Allocates a working set of ``working_set_bytes`` and writes ``pages_per_s`` random
-    pages of it (a database or cache at steady state)."""
-
-    working_set_bytes: int
-    pages_per_s: float
-    _pages: _I64Array | None = None
-    _carry: float = 0.0
-
-    def step(self, guest: SimulatedGuest, seconds: float) -> None:
-        if self._pages is None:
-            blocks = guest.alloc_blocks(guest.blocks_for(self.working_set_bytes))
-            guest.write_blocks(blocks)
-            self._pages = guest.block_pages(blocks)
-        self._carry += self.pages_per_s * seconds
-        n = int(self._carry)
-        self._carry -= n
-        if n and len(self._pages):
-            guest.write_pages(self._pages[guest.rng.integers(0, len(self._pages), n)])
-
-
-@dataclass
-class KernelCompile:
-    """``make -j`` churn: compiler processes allocate and fill ``alloc_bytes_per_s`` of
-    anonymous memory that lives ``lifetime_s`` and is freed, while the page cache grows by
-    ``cache_bytes_per_s`` (written once and kept)."""
-
-    alloc_bytes_per_s: float = 768 << 20
-    lifetime_s: float = 1.5
-    cache_bytes_per_s: float = 24 << 20
-    _live: list[tuple[float, _I64Array]] = field(default_factory=list)
-    _carry: float = 0.0
-    _cache_carry: float = 0.0
-
-    def step(self, guest: SimulatedGuest, seconds: float) -> None:
-        t = guest.now + seconds
-        while self._live and self._live[0][0] <= t:
-            guest.free_blocks(self._live.pop(0)[1])
-        self._carry += self.alloc_bytes_per_s * seconds / guest.block_bytes
-        self._cache_carry += self.cache_bytes_per_s * seconds / guest.block_bytes
-        n, c = int(self._carry), int(self._cache_carry)
-        self._carry -= n
-        self._cache_carry -= c
-        if n:
-            blocks = guest.alloc_blocks(n)
-            guest.write_blocks(blocks)
-            self._live.append((t + self.lifetime_s, blocks))
-        if c:
-            guest.write_blocks(guest.alloc_blocks(c))
 
 
 @dataclass(frozen=True)

@@ -22,15 +22,8 @@ import numpy.typing as npt
 from pagehint import _core
 from pagehint.balloon import FreePageHintDevice
 from pagehint.contents import PageContents, is_zero
-from pagehint.guest import (
-    PAGE_POISON,
-    Idle,
-    KernelCompile,
-    MemoryHog,
-    SimulatedGuest,
-    SteadyWriter,
-    Workload,
-)
+from pagehint.guest import PAGE_POISON, SimulatedGuest
+from pagehint.workloads import Idle, KernelCompile, MemoryHog, SteadyWriter, Workload
 from pagehint.migration import (
     LogMode,
     MigrationResult,
