@@ -19,8 +19,8 @@ import pytest
 
 from benches.benchutil import Bench, Peer, Settings, check_then_measure
 from pagehint import DirtyBitmap, MemoryMap
-from pagehint.balloon import FreePageHintDevice
-from pagehint.guest import SimulatedGuest, run_until_idle
+from pagehint.device import FreePageHintDevice
+from pagehint.sim import SimulatedGuest, run_until_idle
 
 TIB = 1 << 40
 MEMMAP = MemoryMap.x86(TIB)
@@ -33,13 +33,13 @@ class Round:
         self.guest = SimulatedGuest(MEMMAP, seed=5, used=0.1)
         self.bitmap = DirtyBitmap(MEMMAP.npages, dirty=True)
         self.device = FreePageHintDevice(self.guest.ram, MEMMAP, self.bitmap if bound else None)
-        self.guest.attach(self.device)
+        self.guest.driver.attach(self.device)
         self.free_blocks = self.guest.free_block_count
 
     def reset(self) -> None:
         self.device.stop_hinting()
         self.device.finish()
-        self.guest.run_driver()
+        self.guest.driver.run()
         self.bitmap.set_all()
 
     def run(self) -> int:
@@ -62,7 +62,7 @@ def free_pages() -> int:
 def bench_hint_round(benchmark: Bench, settings: Settings, free_pages: int, impl: str) -> None:
     r = Round(bound=impl == "pagehint")
     peer = Peer(
-        "pagehint: SimulatedGuest.run_driver + FreePageHintDevice.process until idle"
+        "pagehint: SimulatedGuest.driver.run + FreePageHintDevice.process until idle"
         if impl == "pagehint"
         else "the same round, device bound to no bitmap (ring + simulator alone)",
         r.run,

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from benches.benchutil import Bench, Peer, Settings, check_then_measure
-from pagehint.simulation import load_scenario, run_scenario
+from pagehint.sim import load_scenario, run_scenario
 
 SCENARIO = load_scenario("default")
 

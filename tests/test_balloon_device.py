@@ -15,7 +15,7 @@ import numpy.typing as npt
 import pytest
 
 from pagehint import DirtyBitmap, MemoryMap
-from pagehint.balloon import (
+from pagehint.device import (
     CMD_ID_DONE,
     CMD_ID_MIN,
     CMD_ID_STOP,
@@ -30,7 +30,7 @@ from pagehint.balloon import (
     FreePageHintDevice,
     HintState,
 )
-from pagehint.driver_ring import DriverSplitRing, ram_view
+from pagehint.sim.driver_ring import DriverSplitRing, ram_view
 
 MIB = 1 << 20
 PAGE = 4096

@@ -10,8 +10,8 @@ from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
 from pagehint import DirtyBitmap, MemoryMap
-from pagehint.balloon import FreePageHintDevice, HintState
-from pagehint.driver_ring import DESC_DTYPE, VIRTQ_DESC_F_WRITE, ram_view
+from pagehint.device import FreePageHintDevice, HintState
+from pagehint.sim.driver_ring import DESC_DTYPE, VIRTQ_DESC_F_WRITE, ram_view
 
 PAGE = 4096
 # RAM [0, 1 MiB) and [2 MiB, 3 MiB): a hole between, nothing after.

@@ -20,8 +20,8 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
 from pagehint import DirtyBitmap, MemoryMap
-from pagehint.balloon import CMD_ID_DONE, CMD_ID_STOP, FreePageHintDevice, HintState
-from pagehint.guest import FREE, HINTED, USED, SimulatedGuest
+from pagehint.device import CMD_ID_DONE, CMD_ID_STOP, FreePageHintDevice, HintState
+from pagehint.sim import FREE, HINTED, USED, SimulatedGuest
 
 MIB = 1 << 20
 
@@ -34,7 +34,7 @@ class HintingMachine(RuleBasedStateMachine):
         self.guest = SimulatedGuest(memmap, seed=3, used=0.25, block_bytes=256 * 1024)
         self.bitmap = DirtyBitmap(memmap.npages, dirty=True)
         self.device = FreePageHintDevice(self.guest.ram, memmap, self.bitmap)
-        self.guest.attach(self.device)
+        self.guest.driver.attach(self.device)
         self.workload: list[np.ndarray] = []
         self.cleared_since_start = 0
         self.done_seen = False
@@ -73,15 +73,15 @@ class HintingMachine(RuleBasedStateMachine):
             # No out-buffer leaves STOP or DONE, so the window stays shut.
             assert r.hints.pages_cleared == 0 and r.hint_elements_applied == 0
         if r.elements:
-            self.guest.note_device_writes()
+            self.guest.driver.note_device_writes()
 
     # -- the guest -----------------------------------------------------------------------
 
     @rule(blocks=st.one_of(st.none(), st.integers(0, 40)), late=st.booleans())
     def driver(self, blocks: int | None, late: bool) -> None:
-        saw_done = self.device.state is HintState.DONE and self.guest.work_pending
-        self.guest.run_driver(blocks, late=late)
-        if saw_done and not self.guest.in_round:
+        saw_done = self.device.state is HintState.DONE and self.guest.driver.work_pending
+        self.guest.driver.run(blocks, late=late)
+        if saw_done and not self.guest.driver.in_round:
             self.done_seen = True
 
     @rule(k=st.integers(1, 30))

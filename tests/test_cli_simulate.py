@@ -24,10 +24,10 @@ from typing import Any
 
 import pytest
 
-from pagehint import cli_simulate
+from pagehint.cli import simulate as cli_simulate
 from pagehint.cli import main
 from pagehint.migration import MigrationResult
-from pagehint.simulation import (
+from pagehint.sim import (
     Scenario,
     load_scenario,
     parse_rate,
@@ -588,7 +588,7 @@ def test_plot_writes_a_png(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
 def test_plot_without_matplotlib_exits_2_before_running(
         capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
         tmp_path: Path) -> None:
-    monkeypatch.setitem(sys.modules, "pagehint.plot", None)  # the import fails
+    monkeypatch.setitem(sys.modules, "pagehint.cli.plot", None)  # the import fails
 
     def no_run(s: Scenario, **kw: Any) -> MigrationResult:
         raise AssertionError("simulated although --plot cannot work")

@@ -17,9 +17,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
 
 from pagehint import DirtyBitmap, MemoryMap
-from pagehint.balloon import FreePageHintDevice
-from pagehint.contents import PageContents, data_version, is_zero, zero_version
-from pagehint.guest import (
+from pagehint.device import FreePageHintDevice
+from pagehint.sim.contents import PageContents, data_version, is_zero, zero_version
+from pagehint.sim import (
     FREE,
     HINT_BLOCK_BYTES,
     HINTED,
@@ -101,12 +101,12 @@ def hint_all_free_blocks(guest: SimulatedGuest) -> I64Array:
     starts a round and the driver hints until its allocation fails. Returns the hinted blocks,
     most recently hinted last."""
     device = FreePageHintDevice(guest.ram, guest.memmap)
-    guest.attach(device)
+    guest.driver.attach(device)
     free = guest.free_block_count
     assert device.start_hinting() is not None
-    step = guest.run_driver()
+    step = guest.driver.run()
     assert step.blocks_hinted == free
-    assert not guest.in_round  # the allocation failed: the round ended with STOP
+    assert not guest.driver.in_round  # the allocation failed: the round ended with STOP
     assert guest.free_block_count == 0
     return guest.hinted_blocks()
 

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from pagehint import DirtyBitmap, MemoryMap, SplitQueue
-from pagehint.balloon import (
+from pagehint.device import (
     CMD_ID_MIN,
     CMD_ID_STOP,
     F_PAGE_POISON,
@@ -18,9 +18,9 @@ from pagehint.balloon import (
     FreePageHintDevice,
     HintState,
 )
-from pagehint.contents import is_zero
-from pagehint.driver_ring import DriverSplitRing, ram_view
-from pagehint.guest import FREE, HINTED, USED, SimulatedGuest, run_until_idle
+from pagehint.sim.contents import is_zero
+from pagehint.sim.driver_ring import DriverSplitRing, ram_view
+from pagehint.sim import FREE, HINTED, USED, SimulatedGuest, run_until_idle
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -40,13 +40,13 @@ def rig(
     guest = SimulatedGuest(memmap, seed=7, **guest_kw)  # type: ignore[arg-type]
     bitmap = DirtyBitmap(memmap.npages, dirty=True)
     device = FreePageHintDevice(guest.ram, memmap, bitmap, qemu_compat=qemu_compat)
-    guest.attach(device)
+    guest.driver.attach(device)
     return guest, device, bitmap
 
 
 def ring_reader(guest: SimulatedGuest) -> SplitQueue:
     """An independent reader of the guest's free page ring, to see what the driver wrote."""
-    q = guest.queue
+    q = guest.driver.queue
     assert q is not None
     return SplitQueue(guest.ram, guest.memmap, q.size, q.desc_gpa, q.avail_gpa, q.used_gpa)
 
@@ -61,7 +61,7 @@ def test_a_round_is_one_id_out_buffer_then_aligned_blocks_then_stop() -> None:
     cmd_id = device.start_hinting()
     assert cmd_id == FIRST_ID
     free_before = guest.free_block_count
-    step = guest.run_driver()
+    step = guest.driver.run()
     # Everything free fits in the ring: the round ends within one call.
     assert step.cmd_ids_sent == (FIRST_ID, CMD_ID_STOP)
     assert step.blocks_hinted == free_before and guest.free_block_count == 0
@@ -87,7 +87,7 @@ def test_a_round_is_one_id_out_buffer_then_aligned_blocks_then_stop() -> None:
 def test_hint_block_is_max_page_order_for_the_page_size(page_size: int, block: int) -> None:
     guest, device, _ = rig(8 * GIB, page_size=page_size, used=0.9)
     device.start_hinting()
-    guest.run_driver()
+    guest.driver.run()
     els = ring_reader(guest).pop()
     _, addr, length = els.in_buffers()
     assert len(addr) > 0
@@ -97,11 +97,11 @@ def test_hint_block_is_max_page_order_for_the_page_size(page_size: int, block: i
 def test_the_ring_keeps_one_entry_for_the_cmd_id() -> None:
     guest, device, _ = rig(8 * GIB)
     device.start_hinting()
-    step = guest.run_driver()
+    step = guest.driver.run()
     assert step.ring_full and step.in_round
     # The id, then hints until one descriptor is left: the STOP can always be sent.
     assert step.blocks_hinted == FREE_PAGE_QUEUE_MAX - 2
-    assert guest.queue is not None and guest.queue.num_free == 1
+    assert guest.driver.queue is not None and guest.driver.queue.num_free == 1
 
 
 def test_the_whole_round_through_the_device_clears_exactly_the_hinted_blocks() -> None:
@@ -124,11 +124,11 @@ def test_the_whole_round_through_the_device_clears_exactly_the_hinted_blocks() -
 def test_the_driver_rereads_the_id_and_stops_when_it_changes() -> None:
     guest, device, bitmap = rig(8 * GIB)
     device.start_hinting()
-    guest.run_driver(max_blocks=100)
+    guest.driver.run(max_blocks=100)
     device.process()
     assert device.state is HintState.START
     device.stop_hinting()
-    step = guest.run_driver()
+    step = guest.driver.run()
     # Not one more block after the id changed: straight to STOP.
     assert step.blocks_hinted == 0 and step.cmd_ids_sent == (CMD_ID_STOP,)
     assert guest.hinted_block_count == 100
@@ -137,12 +137,12 @@ def test_the_driver_rereads_the_id_and_stops_when_it_changes() -> None:
 def test_a_new_id_mid_round_ends_it_and_starts_the_next() -> None:
     guest, device, bitmap = rig(8 * GIB)
     first = device.start_hinting()
-    guest.run_driver(max_blocks=50)
+    guest.driver.run(max_blocks=50)
     device.process()
     device.stop_hinting()
     second = device.start_hinting()
     assert first is not None and second == first + 1
-    step = guest.run_driver(max_blocks=30)
+    step = guest.driver.run(max_blocks=30)
     assert step.cmd_ids_sent == (CMD_ID_STOP, second)
     # The old round's STOP is ignored in REQUESTED; the new id starts the window.
     r = device.process()
@@ -160,7 +160,7 @@ def test_an_unread_old_id_cannot_open_the_new_window() -> None:
     unapplied, so only elements published after the new id was issued can open the window."""
     guest, device, bitmap = rig(8 * GIB)
     device.start_hinting()
-    guest.run_driver(max_blocks=50)
+    guest.driver.run(max_blocks=50)
     # The old round's 50 hints are still in the ring; one of them gets reused and written.
     stale = guest.hinted_blocks()[-1:]
     guest.shrink(1)
@@ -170,7 +170,7 @@ def test_an_unread_old_id_cannot_open_the_new_window() -> None:
     bitmap.merge_log(guest.log.get())  # the sync: the written block is dirty
     second = device.start_hinting()
     assert device.retired_at_start == 51  # the id element and 50 hints
-    step = guest.run_driver(max_blocks=30)
+    step = guest.driver.run(max_blocks=30)
     assert step.cmd_ids_sent == (CMD_ID_STOP, second)
     r = device.process()
     assert r.cmd_ids == [CMD_ID_STOP, second]
@@ -186,7 +186,7 @@ def test_done_gives_every_hinted_block_back() -> None:
     n = guest.hinted_block_count
     assert n > 0
     device.finish()
-    step = guest.run_driver()
+    step = guest.driver.run()
     assert step.blocks_returned == n and guest.hinted_block_count == 0
     assert np.count_nonzero(guest.state == HINTED) == 0
     assert guest.free_block_count == n
@@ -195,9 +195,9 @@ def test_done_gives_every_hinted_block_back() -> None:
 def test_done_after_a_cancelled_round_also_gives_blocks_back() -> None:
     guest, device, _ = rig(8 * GIB)
     device.start_hinting()
-    guest.run_driver(max_blocks=10)
+    guest.driver.run(max_blocks=10)
     device.finish()  # cancelled before the device even saw the id
-    step = guest.run_driver()
+    step = guest.driver.run()
     assert step.cmd_ids_sent == (CMD_ID_STOP,)
     assert step.blocks_returned == 10 and guest.hinted_block_count == 0
     assert device.read_config(8, 4) == (1).to_bytes(4, "little")
@@ -206,7 +206,7 @@ def test_done_after_a_cancelled_round_also_gives_blocks_back() -> None:
 def test_the_shrinker_takes_hinted_blocks_before_the_device_used_them() -> None:
     guest, device, bitmap = rig(used=0.9)
     device.start_hinting()
-    guest.run_driver()
+    guest.driver.run()
     hinted = guest.hinted_blocks()
     assert guest.free_block_count == 0 and len(hinted) > 4
     # Memory pressure: the shrinker frees the 3 newest hinted blocks, newest first, so the
@@ -258,7 +258,7 @@ def test_poisoning_writes_freed_hinted_blocks() -> None:
     pages = guest.block_pages(guest.hinted_blocks())
     before = guest.contents.get(pages)
     device.finish()
-    guest.run_driver()
+    guest.driver.run()
     after = guest.contents.get(pages)
     assert np.all(after != before) and not np.any(is_zero(after))
 
@@ -280,7 +280,7 @@ def test_a_config_interrupt_during_start_ends_the_round_only_with_qemu_compat(
 
     r = run_until_idle(guest, device, max_blocks_per_step=64, between=balloon_request)
     steps = r.steps
-    assert guest.config_interrupts == 2
+    assert guest.driver.config_interrupts == 2
     if qemu_compat:
         # The guest reads 0 (STOP) for the id and ends its round after 2 steps' blocks.
         assert r.blocks_hinted == 128 and r.cmd_ids == [FIRST_ID, CMD_ID_STOP]
@@ -298,7 +298,7 @@ def test_guest_pages_and_ring_stay_consistent_across_rounds() -> None:
         run_until_idle(guest, device, max_blocks_per_step=500)
         device.stop_hinting()
         device.finish()
-        guest.run_driver()
+        guest.driver.run()
         assert guest.hinted_block_count == 0
         assert np.count_nonzero(guest.state == FREE) == guest.free_block_count
     assert device.error is None and sum(device.rejected.values()) == 0
@@ -307,21 +307,21 @@ def test_guest_pages_and_ring_stay_consistent_across_rounds() -> None:
 def test_late_hints_of_the_old_round_are_not_applied_in_requested() -> None:
     guest, device, bitmap = rig(8 * GIB)
     first = device.start_hinting()
-    guest.run_driver(max_blocks=10)
+    guest.driver.run(max_blocks=10)
     device.process()
     device.stop_hinting()
     bitmap.set_all()
     second = device.start_hinting()
     # The vCPU checked the id just before the change: 5 more blocks go out under the old id.
     # Its next check sees the new id: STOP, then the new round's id.
-    step = guest.run_driver(max_blocks=5, late=True)
+    step = guest.driver.run(max_blocks=5, late=True)
     assert step.blocks_hinted == 5 and step.cmd_ids_sent == (CMD_ID_STOP, second)
     late = guest.hinted_blocks()[-5:]
     assert np.all(guest.hinted_under[late] == first)
     r = device.process()
     assert r.hint_elements_ignored == 5 and r.hints.pages_cleared == 0
     assert r.cmd_ids == [CMD_ID_STOP, second] and device.state is HintState.START
-    step = guest.run_driver(max_blocks=5)
+    step = guest.driver.run(max_blocks=5)
     assert step.blocks_hinted == 5
     r = device.process()
     assert r.hint_elements_applied == 5
@@ -332,7 +332,7 @@ def test_recorded_ranges_are_exactly_the_hinted_blocks() -> None:
     guest, device, bitmap = rig(used=0.5)
     device.record_ranges = True
     device.start_hinting()
-    guest.run_driver()
+    guest.driver.run()
     r = device.process()
     assert r.ranges is not None
     blocks = guest.hinted_blocks()

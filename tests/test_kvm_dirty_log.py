@@ -1,4 +1,4 @@
-"""The simulated KVM dirty log (``pagehint.guest.DirtyLog``) against the real one.
+"""The simulated KVM dirty log (``pagehint.sim.DirtyLog``) against the real one.
 
 A tiny KVM harness in pure Python (ioctl, ctypes, mmap): one VM with one 1 MiB memory slot
 logging dirty pages, one real-mode vCPU whose only code is ``mov [bx], al; hlt``. Each test
@@ -28,7 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from pagehint.guest import DirtyLog
+from pagehint.sim import DirtyLog
 
 U64Array = npt.NDArray[np.uint64]
 

@@ -7,11 +7,13 @@ from __future__ import annotations
 import pytest
 
 from pagehint import MemoryMap
-from pagehint.balloon import FreePageHintDevice, HintState
-from pagehint.guest import SimulatedGuest, SteadyWriter
+from pagehint.device import FreePageHintDevice, HintState
+from pagehint.sim import SimulatedGuest, SteadyWriter
 from pagehint.migration import MigrationResult, Precopy, PrecopyConfig
-from pagehint.simulation import (
+from pagehint.sim import (
+    LinkModel,
     SimulatedDestination,
+    SimulatedLink,
     SimulatedSource,
     load_scenario,
     reduction,
@@ -22,18 +24,20 @@ MIB = 1 << 20
 GIB = 1 << 30
 
 
-def simple(config: PrecopyConfig, *, writer: SteadyWriter | None = None,
-           used: float = 0.25) -> tuple[MigrationResult, SimulatedGuest, FreePageHintDevice]:
+def simple(config: PrecopyConfig, *, writer: SteadyWriter | None = None, used: float = 0.25,
+           link: LinkModel | None = None,
+           ) -> tuple[MigrationResult, SimulatedGuest, FreePageHintDevice]:
     """A 256 MiB guest with a hole, fresh (free memory is zero pages), attached and migrated."""
     memmap = MemoryMap([(0, 128 * MIB), (192 * MIB, 128 * MIB)])
     guest = SimulatedGuest(memmap, seed=2, used=used, init_on_alloc=False)
     device = FreePageHintDevice(guest.ram, memmap)
-    guest.attach(device)
+    guest.driver.attach(device)
     guest.log.get()
     if writer is not None:
         guest.workloads.append(writer)
     dest = SimulatedDestination(guest)
-    result = Precopy(SimulatedSource(guest, device), dest, config,
+    source = SimulatedSource(guest, device)
+    result = Precopy(source, dest, SimulatedLink(source, link), config,
                      lost_pages=lambda: len(guest.lost_pages(dest.contents))).run()
     return result, guest, device
 
@@ -77,8 +81,9 @@ def test_a_converged_migration_fits_the_downtime() -> None:
 
 def test_the_round_limit_forces_completion() -> None:
     # 40k pages/s over a 128 Mbit/s link never converges within 5 ms of downtime.
-    cfg = PrecopyConfig(bandwidth=16 * MIB, max_downtime=0.005, max_rounds=4)
-    r, _, _ = simple(cfg, writer=SteadyWriter(32 * MIB, pages_per_s=40_000))
+    cfg = PrecopyConfig(max_downtime=0.005, max_rounds=4)
+    r, _, _ = simple(cfg, writer=SteadyWriter(32 * MIB, pages_per_s=40_000),
+                     link=LinkModel(bandwidth=16 * MIB))
     assert r.status == "completed"
     assert r.dirty_sync_count == cfg.max_rounds + 2  # set-up, the rounds, the final one
     assert r.downtime > cfg.max_downtime and r.lost_pages == 0
@@ -88,7 +93,7 @@ def test_cancel_from_the_progress_callback_sends_done() -> None:
     memmap = MemoryMap.x86(512 * MIB)
     guest = SimulatedGuest(memmap, seed=3)
     device = FreePageHintDevice(guest.ram, memmap)
-    guest.attach(device)
+    guest.driver.attach(device)
     source = SimulatedSource(guest, device)
     calls = 0
 
@@ -98,20 +103,26 @@ def test_cancel_from_the_progress_callback_sends_done() -> None:
         if calls == 2:
             migration.cancel()
 
-    migration = Precopy(source, SimulatedDestination(guest),
+    migration = Precopy(source, SimulatedDestination(guest), SimulatedLink(source),
                         PrecopyConfig(batch_pages=1024), progress=progress)
     r = migration.run()
     assert r.status == "cancelled" and calls == 2
     assert device.state is HintState.DONE and not source.paused
-    guest.run_driver()
+    guest.driver.run()
     assert guest.hinted_block_count == 0  # the guest took DONE and freed its hinted blocks
 
 
-@pytest.mark.parametrize("kw", [{"bandwidth": 0}, {"max_downtime": -1}, {"max_rounds": 0},
+@pytest.mark.parametrize("kw", [{"max_downtime": -1}, {"max_rounds": 0},
                                 {"clear_chunk_pages": 100}, {"strategy": "fast"}])
 def test_bad_configs_are_refused(kw: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         PrecopyConfig(**kw)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("kw", [{"bandwidth": 0}, {"scan_rate": -1.0}, {"setup_time": -1.0}])
+def test_bad_link_models_are_refused(kw: dict[str, object]) -> None:
+    with pytest.raises(ValueError):
+        LinkModel(**kw)  # type: ignore[arg-type]
 
 
 @pytest.mark.slow

@@ -14,10 +14,10 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from pagehint import MemoryMap
-from pagehint.balloon import FreePageHintDevice, HintState
-from pagehint.guest import HINTED, SimulatedGuest
+from pagehint.device import FreePageHintDevice, HintState
+from pagehint.sim import HINTED, SimulatedGuest
 from pagehint.migration import LogMode, MigrationResult, Precopy, PrecopyConfig, Strategy
-from pagehint.simulation import SimulatedDestination, SimulatedSource
+from pagehint.sim import LinkModel, SimulatedDestination, SimulatedLink, SimulatedSource
 
 MIB = 1 << 20
 # 16 MiB in two regions with a hole; 64 KiB blocks: 256 blocks of 16 pages.
@@ -71,10 +71,10 @@ class ScriptedSource(SimulatedSource):
             if self.owned:
                 self.reused.append(self.owned[-1])
         elif kind == "driver":
-            g.run_driver(n, late=flag)
+            g.driver.run(n, late=flag)
         elif kind == "device":
             if dev.process(n).elements:
-                g.note_device_writes()
+                g.driver.note_device_writes()
         elif kind == "interrupt":
             dev.set_target(n)
 
@@ -90,7 +90,7 @@ def migrate(
     guest = SimulatedGuest(MEMMAP, seed=11, used=0.25, block_bytes=64 * 1024,
                            log_mode=log_mode)
     device = FreePageHintDevice(guest.ram, MEMMAP)
-    guest.attach(device)
+    guest.driver.attach(device)
     guest.log.get()
     if log_mode == "manual":
         guest.log.clear(0, guest.npages)
@@ -105,10 +105,10 @@ def migrate(
             migration.cancel()
 
     # A slow link and small batches: many send steps, so the script spreads over rounds.
-    config = PrecopyConfig(bandwidth=64 * MIB, max_downtime=0.01, batch_pages=batch_pages,
-                           iteration_time=0.05, max_rounds=6, strategy=strategy,
-                           clear_chunk_pages=1024)
-    migration = Precopy(source, destination, config, progress=progress,
+    config = PrecopyConfig(max_downtime=0.01, batch_pages=batch_pages, iteration_time=0.05,
+                           max_rounds=6, strategy=strategy, clear_chunk_pages=1024)
+    link = SimulatedLink(source, LinkModel(bandwidth=64 * MIB))
+    migration = Precopy(source, destination, link, config, progress=progress,
                         lost_pages=lambda: len(guest.lost_pages(destination.contents)))
     result = migration.run()
     reused.extend(source.reused)
@@ -223,9 +223,9 @@ class FailingSource(ScriptedSource):
 def test_a_failed_migration_sends_done_and_resumes_the_guest() -> None:
     guest = SimulatedGuest(MEMMAP, seed=1, block_bytes=64 * 1024)
     device = FreePageHintDevice(guest.ram, MEMMAP)
-    guest.attach(device)
+    guest.driver.attach(device)
     source = FailingSource(guest, device, [])
-    result = Precopy(source, SimulatedDestination(guest)).run()
+    result = Precopy(source, SimulatedDestination(guest), SimulatedLink(source)).run()
     assert result.status == "failed" and result.error == "OSError: link down"
     assert device.state is HintState.DONE and not source.paused
 
@@ -234,12 +234,12 @@ def test_a_failed_migration_sends_done_and_resumes_the_guest() -> None:
 def test_no_hinting_with_postcopy_or_hints_off(postcopy: bool, hints: bool) -> None:
     guest = SimulatedGuest(MEMMAP, seed=1, block_bytes=64 * 1024)
     device = FreePageHintDevice(guest.ram, MEMMAP)
-    guest.attach(device)
+    guest.driver.attach(device)
     source = SimulatedSource(guest, device)
-    result = Precopy(source, SimulatedDestination(guest),
+    result = Precopy(source, SimulatedDestination(guest), SimulatedLink(source),
                      PrecopyConfig(postcopy=postcopy, hints=hints)).run()
     assert result.status == "completed" and not result.hinting
-    assert result.pages_hinted == 0 and guest.config_interrupts == 0
+    assert result.pages_hinted == 0 and guest.driver.config_interrupts == 0
     assert device.state is HintState.STOP and result.lost_pages is None
 
 
@@ -247,5 +247,6 @@ def test_a_guest_without_the_feature_migrates_without_hints() -> None:
     guest = SimulatedGuest(MEMMAP, seed=1, block_bytes=64 * 1024)
     device = FreePageHintDevice(guest.ram, MEMMAP)
     device.negotiate(0)  # the driver accepted nothing
-    result = Precopy(SimulatedSource(guest, device), SimulatedDestination(guest)).run()
+    source = SimulatedSource(guest, device)
+    result = Precopy(source, SimulatedDestination(guest), SimulatedLink(source)).run()
     assert result.status == "completed" and not result.hinting and result.pages_hinted == 0

@@ -21,8 +21,8 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from pagehint.migration import MigrationResult, PrecopyConfig, Progress
-from pagehint.simulation import (
+from pagehint.migration import MigrationResult, Progress
+from pagehint.sim.scenario import (
     WORKLOADS,
     Scenario,
     WorkloadSpec,
@@ -89,17 +89,18 @@ def _scenario(args: argparse.Namespace) -> Scenario:
         spec.build()
         guest["workload"] = spec
     pc: dict[str, Any] = {}
+    link: dict[str, Any] = {}
     if args.bandwidth:
-        pc["bandwidth"] = parse_rate(args.bandwidth)
+        link["bandwidth"] = parse_rate(args.bandwidth)
     if args.downtime:
         pc["max_downtime"] = parse_seconds(args.downtime)
     if args.strategy:
         pc["strategy"] = args.strategy
-    precopy: PrecopyConfig = replace(s.precopy, **pc)
-    if not (guest or pc):
+    if not (guest or pc or link):
         return s
     # Overridden: the scenario's own description and published figures no longer apply.
-    out = replace(s, precopy=precopy, published={}, **guest)
+    out = replace(s, precopy=replace(s.precopy, **pc), link=replace(s.link, **link),
+                  published={}, **guest)
     return replace(out, description=f"{describe(out)} (overridden)")
 
 
@@ -109,7 +110,7 @@ def describe(s: Scenario) -> str:
     workload = f"{s.workload.kind} ({params})" if params else s.workload.kind
     pc = s.precopy
     return (f"{s.memory / (1 << 30):g} GiB {s.layout} guest, {workload}, "
-            f"{pc.bandwidth * 8 / 1e9:g} Gbit/s, {pc.max_downtime * 1000:g} ms downtime, "
+            f"{s.link.bandwidth * 8 / 1e9:g} Gbit/s, {pc.max_downtime * 1000:g} ms downtime, "
             f"{s.log_mode} log, {pc.strategy} strategy")
 
 
@@ -192,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         # Before the runs, not after: a missing matplotlib should not cost a whole simulation.
         try:
-            from pagehint.plot import plot_rounds
+            from pagehint.cli.plot import plot_rounds
         except ImportError as e:
             return _fail(f"--plot needs matplotlib ({e}); pip install 'pagehint[plot]'")
     show = not args.no_progress and not args.json and err.is_terminal

@@ -9,7 +9,7 @@ import numpy as np
 import numpy.typing as npt
 
 if TYPE_CHECKING:
-    from pagehint.guest import SimulatedGuest
+    from pagehint.sim.guest import SimulatedGuest
 
 _I64Array = npt.NDArray[np.int64]
 

@@ -25,44 +25,33 @@ import numpy as np
 import numpy.typing as npt
 
 from pagehint import _core
+from pagehint.device.protocol import (
+    CMD_ID_DONE,
+    CMD_ID_MIN,
+    CMD_ID_STOP,
+    CONFIG_ACTUAL,
+    CONFIG_POISON_VAL,
+    F_DEFLATE_ON_OOM,
+    F_EVENT_IDX,
+    F_FREE_PAGE_HINT,
+    F_INDIRECT_DESC,
+    F_PAGE_POISON,
+    F_REPORTING,
+    F_RING_PACKED,
+    F_STATS_VQ,
+    F_VERSION_1,
+    FREE_PAGE_QUEUE_MAX,
+    OTHER_QUEUE_MAX,
+    REPORTING_QUEUE_MAX,
+    BALLOON_PFN_SHIFT,
+    bit,
+)
+from pagehint.device.reporting import FreePageReporting, ReportResult
 from pagehint.hints import HintResult, apply_hints
 from pagehint.virtqueue import ControlElement, PackedQueue, SplitQueue
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
-
-# Device feature bits (virtio 1.2 §5.5.3, Linux include/uapi/linux/virtio_balloon.h).
-F_MUST_TELL_HOST = 0
-F_STATS_VQ = 1
-F_DEFLATE_ON_OOM = 2
-F_FREE_PAGE_HINT = 3
-F_PAGE_POISON = 4
-F_REPORTING = 5
-# Transport feature bits the model offers (virtio 1.2 §6).
-F_INDIRECT_DESC = 28
-F_EVENT_IDX = 29
-F_VERSION_1 = 32
-F_RING_PACKED = 34
-
-CMD_ID_STOP = 0
-CMD_ID_DONE = 1
-BALLOON_PFN_SHIFT = 12
-"""Balloon page numbers and sizes are in 4 KiB units whatever the guest's page size."""
-CMD_ID_MIN = 0x8000_0000
-"""QEMU's VIRTIO_BALLOON_FREE_PAGE_HINT_CMD_ID_MIN: the counter starts here and each round
-increments it first, so the first id issued is ``CMD_ID_MIN + 1`` (as the pc-2G ring dump
-shows); after 0xFFFFFFFF it wraps back to ``CMD_ID_MIN``."""
-
-# Config space offsets (struct virtio_balloon_config, little endian even for legacy devices).
-CONFIG_NUM_PAGES = 0
-CONFIG_ACTUAL = 4
-CONFIG_FREE_PAGE_HINT_CMD_ID = 8
-CONFIG_POISON_VAL = 12
-
-# Queue sizes QEMU gives the device (the driver may choose smaller split rings).
-FREE_PAGE_QUEUE_MAX = 1024  # VIRTQUEUE_MAX_SIZE
-REPORTING_QUEUE_MAX = 32
-OTHER_QUEUE_MAX = 128
 
 # Queue elements handled per lock hold: bounds how long stop_hinting() can wait for process().
 _CHUNK = 1024
@@ -77,10 +66,6 @@ class HintState(enum.Enum):
     REQUESTED = "requested"
     START = "start"
     DONE = "done"
-
-
-def _bit(n: int) -> int:
-    return 1 << n
 
 
 @dataclass(frozen=True)
@@ -104,24 +89,6 @@ class ProcessResult:
     more: bool
     error: str | None
     ranges: npt.NDArray[np.uint64] | None = None
-
-
-@dataclass(frozen=True)
-class ReportResult:
-    """What one ``process_reporting()`` call did on the free page reporting queue.
-
-    ``ranges`` were handed to ``discard`` as ``(gpa, len)`` rows; ``skipped_poison`` elements
-    were returned without discarding because ``poison_val`` is non-zero (the guest expects freed
-    pages to keep its poison pattern; QEMU's rule). ``rejected`` counts buffers that were not
-    page aligned or not entirely inside one RAM region (QEMU ignores those too).
-    """
-
-    elements: int
-    ranges: int
-    bytes: int
-    skipped_poison: int
-    rejected: dict[str, int] = field(default_factory=dict)
-    interrupt: bool = False
 
 
 _Queue = SplitQueue | PackedQueue
@@ -178,7 +145,7 @@ class FreePageHintDevice:
         self.qemu_compat = qemu_compat
         self.notify_config = notify_config
         """The config interrupt: called after every change the driver must see."""
-        self._discard = discard
+        self._reporting = FreePageReporting(memmap, discard)
         self.record_ranges = record_ranges
         """Whether ``process()`` reports the page ranges it cleared (``ProcessResult.ranges``)."""
         self.hint_listener: Callable[[_U64Array], None] | None = None
@@ -189,9 +156,9 @@ class FreePageHintDevice:
         """Pages covered by hints applied since the device was made."""
         self.pages_cleared_total = 0
         """Dirty pages those hints cleared."""
-        offered = _bit(F_FREE_PAGE_HINT) | _bit(F_VERSION_1) | _bit(F_INDIRECT_DESC)
-        offered |= _bit(F_EVENT_IDX)
-        for on, bit in (
+        offered = bit(F_FREE_PAGE_HINT) | bit(F_VERSION_1) | bit(F_INDIRECT_DESC)
+        offered |= bit(F_EVENT_IDX)
+        for on, feature in (
             (stats_vq, F_STATS_VQ),
             (page_poison, F_PAGE_POISON),
             (deflate_on_oom, F_DEFLATE_ON_OOM),
@@ -199,11 +166,10 @@ class FreePageHintDevice:
             (packed_ring, F_RING_PACKED),
         ):
             if on:
-                offered |= _bit(bit)
+                offered |= bit(feature)
         self.features: int = offered
         """Features the device offers."""
         self._lock = threading.Lock()
-        self._report_lock = threading.Lock()
         # The balloon target and size survive a device reset (QEMU keeps them too).
         self.num_pages = 0
         self.actual = 0
@@ -220,14 +186,14 @@ class FreePageHintDevice:
         self._state = HintState.STOP
         self._error: str | None = None
         self._queue: _Queue | None = None
-        self._report_queue: _Queue | None = None
+        self._reporting.set_queue(None)
         self.poison_val = 0
         self.config_faults = 0
 
     def reset(self) -> None:
         """A device reset: negotiation, queues, ``poison_val`` and the error state start over.
         The cmd id counter, ``num_pages`` and ``actual`` are kept, as QEMU keeps them."""
-        with self._lock, self._report_lock:
+        with self._lock:
             self._reset_locked()
 
     def negotiate(self, driver_features: int) -> int:
@@ -236,11 +202,11 @@ class FreePageHintDevice:
         transport refuses FEATURES_OK then. Queues are set up afresh afterwards."""
         if driver_features < 0 or driver_features >= 1 << 64:
             raise ValueError(f"driver_features must be a 64-bit mask, not {driver_features}")
-        with self._lock, self._report_lock:
+        with self._lock:
             self._negotiated = driver_features & self.features
             self._features_ok = driver_features & ~self.features == 0
             self._queue = None
-            self._report_queue = None
+            self._reporting.set_queue(None)
             if not self.has(F_PAGE_POISON):
                 self.poison_val = 0
             return self._negotiated
@@ -309,8 +275,7 @@ class FreePageHintDevice:
             with self._lock:
                 self._queue = queue
         else:
-            with self._report_lock:
-                self._report_queue = queue
+            self._reporting.set_queue(queue)
 
     @property
     def free_page_queue(self) -> _Queue | None:
@@ -594,62 +559,17 @@ class FreePageHintDevice:
             ),
         )
 
-    @property
-    def rejected(self) -> dict[str, int]:
-        """Free page queue elements rejected so far, by reason (see ``SplitQueue``)."""
-        return {} if self._queue is None else self._queue.rejected
-
-    # -- free page reporting -----------------------------------------------------------------
-
     def process_reporting(self, max_elements: int = 1 << 16) -> ReportResult:
         """Drains the free page reporting queue: each in-buffer that is page aligned and
         inside one RAM region goes to ``discard`` (skipped while ``poison_val`` is non-zero),
         and every element is returned used with length 0. ``RuntimeError`` if the reporting
         queue is not set up."""
-        if max_elements < 0:
-            raise ValueError(f"max_elements must not be negative, not {max_elements}")
-        with self._report_lock:
-            queue = self._report_queue
-            if queue is None:
-                raise RuntimeError("the reporting queue is not set up (negotiate REPORTING)")
-            els = queue.pop(max_elements)
-            n = len(els)
-            ranges = np.empty((0, 2), dtype=np.uint64)
-            rejected: dict[str, int] = {}
-            skipped = 0
-            if self.poison_val != 0:
-                skipped = n
-            elif n:
-                _, addr, length = els.in_buffers()
-                ranges, rejected = _page_ranges(self._memmap, addr, length.astype(np.uint64))
-            if n:
-                queue.add_used(els.heads.tolist(), [0] * n)
-            interrupt = n > 0 and queue.needs_interrupt()
-        if len(ranges) and self._discard is not None:
-            self._discard(ranges)
-        return ReportResult(n, len(ranges), int(ranges[:, 1].sum()), skipped, rejected,
-                            interrupt)
+        return self._reporting.process(max_elements, self.poison_val)
 
-
-def _page_ranges(
-    memmap: _core.MemoryMap, addr: _U64Array, length: _U64Array
-) -> tuple[_U64Array, dict[str, int]]:
-    """The ``(gpa, len)`` buffers that are page aligned, non-empty and inside one RAM region,
-    as an ``(N, 2)`` array; the others counted by reason."""
-    page = memmap.page_size
-    aligned = (addr % page == 0) & (length % page == 0) & (length > 0)
-    regions = sorted(memmap.regions)
-    starts = np.array([r[0] for r in regions], dtype=np.uint64)
-    ends = np.array([r[0] + r[1] for r in regions], dtype=np.uint64)
-    region = np.searchsorted(starts, addr, side="right").astype(np.int64) - 1
-    end = addr + length
-    inside = (region >= 0) & (end >= addr)
-    idx = np.clip(region, 0, len(starts) - 1)
-    inside &= (addr >= starts[idx]) & (end <= ends[idx])
-    ok = aligned & inside
-    rejected = {"unaligned": int((~aligned).sum()), "outside_ram": int((aligned & ~inside).sum())}
-    return np.ascontiguousarray(np.stack([addr[ok], length[ok]], axis=1)), rejected
-
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Free page queue elements rejected so far, by reason (see ``SplitQueue``)."""
+        return {} if self._queue is None else self._queue.rejected
 
 def _covered_ranges(memmap: _core.MemoryMap, hints: list[tuple[int, int]]) -> _U64Array:
     """The ``(pfn, pages)`` ranges ``apply_hints`` clears for a few hints (a cmd id element's

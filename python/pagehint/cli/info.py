@@ -1,22 +1,29 @@
-"""The ``pagehint`` command line."""
+"""``pagehint info``: the version, the SIMD level and a short self-benchmark."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import sys
-from collections.abc import Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
-from pagehint import cli_simulate, selfbench
 from pagehint._core import __version__, available_simd_levels, simd_level
+from pagehint.cli import selfbench
 
 
-def _info(args: argparse.Namespace) -> int:
+def add_parser(sub: Any) -> None:
+    """Adds the ``info`` subcommand to ``pagehint``'s subparsers."""
+    info = sub.add_parser("info", help="version, SIMD level and a short self-benchmark")
+    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    info.add_argument("--no-bench", action="store_true", help="skip the self-benchmark")
+    info.add_argument("--repeats", type=int, default=3, help="timing repeats (default 3)")
+    info.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
     facts: dict[str, object] = {
         "version": __version__,
         "simd_level": simd_level(),
@@ -48,34 +55,3 @@ def _info(args: argparse.Namespace) -> int:
             table.add_row(r.name, f"{r.pagehint_ms:.2f}", f"{r.numpy_ms:.2f}", f"{r.speedup:.1f}x")
         console.print(table)
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser, exposed for tests and docs."""
-    parser = argparse.ArgumentParser(
-        prog="pagehint",
-        description="Free-page-hint-aware live migration toolkit.",
-    )
-    sub = parser.add_subparsers(dest="command", required=True)
-    info = sub.add_parser("info", help="version, SIMD level and a short self-benchmark")
-    info.add_argument("--json", action="store_true", help="print JSON instead of a table")
-    info.add_argument("--no-bench", action="store_true", help="skip the self-benchmark")
-    info.add_argument("--repeats", type=int, default=3, help="timing repeats (default 3)")
-    info.set_defaults(func=_info)
-    cli_simulate.add_parser(sub)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status."""
-    args = build_parser().parse_args(argv)
-    if getattr(args, "repeats", 1) < 1:
-        print("pagehint: --repeats must be at least 1", file=sys.stderr)
-        return 2
-    try:
-        status: int = args.func(args)
-    except BrokenPipeError:
-        # `pagehint simulate --json | head`: the reader left; say nothing more.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return 1
-    return status

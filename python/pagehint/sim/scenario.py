@@ -1,6 +1,5 @@
-"""Simulated migrations: a ``SimulatedGuest`` with its device as a ``MigrationSource``, a
-destination that keeps page contents for the nothing-lost oracle, and scenarios (TOML) that
-describe a guest, its history, its workload during migration and the link.
+"""Scenarios (TOML) that describe a guest, its history, its workload during migration and
+the link, and ``run_scenario``, which migrates one over the simulated link.
 
 ``run_scenario(scenario, hints=...)`` builds the guest afresh from the scenario's seed, so the
 runs with hints off and on start from the same memory.
@@ -16,127 +15,20 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-import numpy as np
-import numpy.typing as npt
-
 from pagehint import _core
-from pagehint.balloon import FreePageHintDevice
-from pagehint.contents import PageContents, is_zero
-from pagehint.guest import PAGE_POISON, SimulatedGuest
-from pagehint.workloads import Idle, KernelCompile, MemoryHog, SteadyWriter, Workload
+from pagehint.device import FreePageHintDevice
 from pagehint.migration import (
     LogMode,
     MigrationResult,
     Precopy,
     PrecopyConfig,
     Progress,
-    Strategy,
+    WireFormat,
 )
-
-_I64Array = npt.NDArray[np.int64]
-_U64Array = npt.NDArray[np.uint64]
-
-GUEST_HINT_RATE = 100_000.0
-"""Default blocks per second the guest driver allocates and queues (about 10 us a block: an
-order-10 allocation, zeroing by init_on_alloc aside, a descriptor and a kick)."""
-DEVICE_RATE = 1_000_000.0
-"""Default elements per second the device takes off the free page queue."""
-
-
-class SimulatedSource:
-    """A simulated guest and its device, as ``Precopy`` drives a source.
-
-    While the migration sends, ``run(dt)`` runs the guest's workloads for ``dt``, then lets
-    its balloon driver queue up to ``hint_rate * dt`` blocks and the device process up to
-    ``device_rate * dt`` elements (alternating, as the ring fills and drains)."""
-
-    def __init__(
-        self,
-        guest: SimulatedGuest,
-        device: FreePageHintDevice | None,
-        *,
-        hint_rate: float = GUEST_HINT_RATE,
-        device_rate: float = DEVICE_RATE,
-    ) -> None:
-        if hint_rate <= 0 or device_rate <= 0:
-            raise ValueError("hint_rate and device_rate must be positive")
-        self.guest = guest
-        self._device = device
-        self.hint_rate = hint_rate
-        self.device_rate = device_rate
-        self.paused = False
-        self._hint_carry = 0.0
-        self._device_carry = 0.0
-
-    @property
-    def memmap(self) -> _core.MemoryMap:
-        return self.guest.memmap
-
-    @property
-    def log_mode(self) -> LogMode:
-        return self.guest.log.mode
-
-    @property
-    def device(self) -> FreePageHintDevice | None:
-        return self._device
-
-    def get_dirty_log(self) -> _U64Array:
-        return self.guest.log.get()
-
-    def clear_dirty_log(self, first_page: int, num_pages: int) -> int:
-        return self.guest.log.clear(first_page, num_pages)
-
-    def pause(self) -> None:
-        self.paused = True
-
-    def resume(self) -> None:
-        self.paused = False
-
-    def run(self, seconds: float) -> None:
-        if self.paused or seconds <= 0:
-            return
-        guest = self.guest
-        guest.advance(seconds)
-        self._hint_carry += self.hint_rate * seconds
-        self._device_carry += self.device_rate * seconds
-        device = self._device
-        queue_ready = device is not None and device.free_page_queue is not None
-        while True:
-            blocks = int(self._hint_carry)
-            step = guest.run_driver(blocks)
-            self._hint_carry -= step.blocks_hinted
-            used = 0
-            if queue_ready and device is not None:
-                elements = int(self._device_carry)
-                if elements:
-                    r = device.process(elements)
-                    used = r.elements
-                    self._device_carry -= used
-                    if used:
-                        guest.note_device_writes()
-            if not step.blocks_hinted and not step.cmd_ids_sent and not used:
-                break
-        # Work the driver had no budget for waits; unused device time does not bank up.
-        self._device_carry = min(self._device_carry, 1.0)
-        if not guest.in_round:
-            self._hint_carry = min(self._hint_carry, 1.0)
-
-    def read_pages(self, pfns: _I64Array) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.bool_]]:
-        content = self.guest.contents.get(pfns)
-        return content, is_zero(content)
-
-
-class SimulatedDestination:
-    """The destination's copy of guest memory (contents only)."""
-
-    def __init__(self, guest: SimulatedGuest) -> None:
-        self.contents = PageContents(guest.npages, guest.block_pfn, guest.pages_per_block)
-
-    def receive(self, pfns: _I64Array, payload: npt.NDArray[Any]) -> None:
-        self.contents.write_pages(pfns, payload)
-
-
-# -- scenarios --------------------------------------------------------------------------------
+from pagehint.sim.guest import PAGE_POISON, SimulatedGuest
+from pagehint.sim.link import LinkModel, SimulatedLink
+from pagehint.sim.source import DEVICE_RATE, GUEST_HINT_RATE, SimulatedDestination, SimulatedSource
+from pagehint.sim.workloads import Idle, KernelCompile, MemoryHog, SteadyWriter, Workload
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?b|bit)?\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
@@ -238,6 +130,7 @@ class Scenario:
     history: tuple[WorkloadSpec, ...] = ()
     workload: WorkloadSpec = WorkloadSpec()
     precopy: PrecopyConfig = PrecopyConfig()
+    link: LinkModel = LinkModel()
     published: dict[str, Any] = field(default_factory=dict)
 
     def memmap(self) -> _core.MemoryMap:
@@ -279,14 +172,21 @@ def scenario_from_dict(d: dict[str, Any], name: str = "custom") -> Scenario:
     if "workload" in d:
         kw["workload"] = _workload(d.pop("workload"))
     pc: dict[str, Any] = {}
-    if "bandwidth" in link:
-        pc["bandwidth"] = parse_rate(link.pop("bandwidth"))
-    if "scan_rate" in link:
-        pc["scan_rate"] = parse_rate(link.pop("scan_rate"))
-    for key in ("max_downtime", "setup_time", "switchover_time", "iteration_time"):
+    lm: dict[str, Any] = {}
+    wire: dict[str, Any] = {}
+    for key in ("bandwidth", "scan_rate"):
+        if key in link:
+            lm[key] = parse_rate(link.pop(key))
+    for key in ("setup_time", "switchover_time"):
+        if key in link:
+            lm[key] = parse_seconds(link.pop(key))
+    for key in ("page_header_bytes", "zero_page_bytes"):
+        if key in link:
+            wire[key] = int(link.pop(key))
+    for key in ("max_downtime", "iteration_time"):
         if key in link:
             pc[key] = parse_seconds(link.pop(key))
-    for key in ("page_header_bytes", "zero_page_bytes", "max_rounds", "batch_pages"):
+    for key in ("max_rounds", "batch_pages"):
         if key in link:
             pc[key] = int(link.pop(key))
     for key in ("strategy", "postcopy"):
@@ -297,6 +197,7 @@ def scenario_from_dict(d: dict[str, Any], name: str = "custom") -> Scenario:
     if leftovers:
         raise ValueError(f"unknown scenario keys: {leftovers}")
     kw["precopy"] = PrecopyConfig(**pc)
+    kw["link"] = LinkModel(wire=WireFormat(**wire), **lm)
     return Scenario(**kw)
 
 
@@ -312,7 +213,7 @@ def _workload(d: dict[str, Any]) -> WorkloadSpec:
 
 def shipped_scenarios() -> dict[str, Path]:
     """The scenarios shipped with pagehint, by name."""
-    root = resources.files("pagehint") / "scenarios"
+    root = resources.files("pagehint.sim") / "scenarios"
     return {
         Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".toml")
     }
@@ -353,7 +254,7 @@ def run_scenario(
         while isinstance(w, MemoryHog) and not w.done:
             guest.run(w, 1.0)
     device = FreePageHintDevice(guest.ram, memmap)
-    guest.attach(device)
+    guest.driver.attach(device)
     guest.log.get()  # the guest ran before migration; dirty tracking starts now
     if guest.log.mode == "manual":
         guest.log.clear(0, guest.npages)
@@ -362,7 +263,8 @@ def run_scenario(
                              device_rate=scenario.device_rate)
     destination = SimulatedDestination(guest)
     config = replace(scenario.precopy, hints=hints)
-    migration = Precopy(source, destination, config, progress=progress,
+    link = SimulatedLink(source, scenario.link)
+    migration = Precopy(source, destination, link, config, progress=progress,
                         lost_pages=lambda: len(guest.lost_pages(destination.contents)))
     return migration.run()
 
@@ -370,21 +272,3 @@ def run_scenario(
 def reduction(off: float, on: float) -> float:
     """How much less ``on`` is than ``off``, as a fraction (0.79 = 79 % less)."""
     return 0.0 if off == 0 else 1.0 - on / off
-
-
-__all__ = [
-    "Progress",
-    "Scenario",
-    "SimulatedDestination",
-    "SimulatedSource",
-    "Strategy",
-    "WorkloadSpec",
-    "load_scenario",
-    "parse_rate",
-    "parse_seconds",
-    "parse_size",
-    "reduction",
-    "run_scenario",
-    "scenario_from_dict",
-    "shipped_scenarios",
-]

@@ -1,0 +1,38 @@
+"""The ``pagehint`` command line: ``pagehint info`` (``info``), ``pagehint simulate``
+(``simulate``, with ``plot``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+
+from pagehint.cli import info, simulate
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser, exposed for tests and docs."""
+    parser = argparse.ArgumentParser(
+        prog="pagehint",
+        description="Free-page-hint-aware live migration toolkit.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    info.add_parser(sub)
+    simulate.add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Runs the command line; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    if getattr(args, "repeats", 1) < 1:
+        print("pagehint: --repeats must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        status: int = args.func(args)
+    except BrokenPipeError:
+        # `pagehint simulate --json | head`: the reader left; say nothing more.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    return status
