@@ -19,11 +19,10 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
+from helpers import MIB, attached_guest
 from pagehint import DirtyBitmap, MemoryMap
-from pagehint.device import CMD_ID_DONE, CMD_ID_STOP, FreePageHintDevice, HintState
-from pagehint.sim import FREE, HINTED, USED, SimulatedGuest
-
-MIB = 1 << 20
+from pagehint.device import CMD_ID_DONE, CMD_ID_STOP, HintState
+from pagehint.sim import FREE, HINTED, USED
 
 
 class HintingMachine(RuleBasedStateMachine):
@@ -31,10 +30,9 @@ class HintingMachine(RuleBasedStateMachine):
         super().__init__()
         # A hole between 32 MiB and 64 MiB; 4 KiB pages, 256 KiB blocks so rounds are long.
         memmap = MemoryMap([(0, 32 * MIB), (64 * MIB, 32 * MIB)])
-        self.guest = SimulatedGuest(memmap, seed=3, used=0.25, block_bytes=256 * 1024)
         self.bitmap = DirtyBitmap(memmap.npages, dirty=True)
-        self.device = FreePageHintDevice(self.guest.ram, memmap, self.bitmap)
-        self.guest.driver.attach(self.device)
+        self.guest, self.device = attached_guest(memmap, bitmap=self.bitmap, seed=3, used=0.25,
+                                                 block_bytes=256 * 1024)
         self.workload: list[np.ndarray] = []
         self.cleared_since_start = 0
         self.done_seen = False

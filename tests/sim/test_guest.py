@@ -18,7 +18,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from pagehint import DirtyBitmap, MemoryMap
 from pagehint.device import FreePageHintDevice
-from pagehint.sim.contents import PageContents, data_version, is_zero, zero_version
 from pagehint.sim import (
     FREE,
     HINT_BLOCK_BYTES,
@@ -32,6 +31,7 @@ from pagehint.sim import (
     SimulatedGuest,
     SteadyWriter,
 )
+from pagehint.sim.contents import PageContents, data_version, is_zero, zero_version
 
 I64Array = npt.NDArray[np.int64]
 U32Array = npt.NDArray[np.uint32]
@@ -101,7 +101,7 @@ def hint_all_free_blocks(guest: SimulatedGuest) -> I64Array:
     starts a round and the driver hints until its allocation fails. Returns the hinted blocks,
     most recently hinted last."""
     device = FreePageHintDevice(guest.ram, guest.memmap)
-    guest.driver.attach(device)
+    guest.driver.attach(device)  # an existing guest: not attached_guest
     free = guest.free_block_count
     assert device.start_hinting() is not None
     step = guest.driver.run()

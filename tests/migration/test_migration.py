@@ -6,22 +6,21 @@ from __future__ import annotations
 
 import pytest
 
+from helpers import MIB, attached_guest, migrate_simulated
 from pagehint import MemoryMap
 from pagehint.device import FreePageHintDevice, HintState
-from pagehint.sim import SimulatedGuest, SteadyWriter
 from pagehint.migration import MigrationResult, Precopy, PrecopyConfig
 from pagehint.sim import (
     LinkModel,
     SimulatedDestination,
+    SimulatedGuest,
     SimulatedLink,
     SimulatedSource,
+    SteadyWriter,
     load_scenario,
     reduction,
     run_scenario,
 )
-
-MIB = 1 << 20
-GIB = 1 << 30
 
 
 def simple(config: PrecopyConfig, *, writer: SteadyWriter | None = None, used: float = 0.25,
@@ -29,16 +28,11 @@ def simple(config: PrecopyConfig, *, writer: SteadyWriter | None = None, used: f
            ) -> tuple[MigrationResult, SimulatedGuest, FreePageHintDevice]:
     """A 256 MiB guest with a hole, fresh (free memory is zero pages), attached and migrated."""
     memmap = MemoryMap([(0, 128 * MIB), (192 * MIB, 128 * MIB)])
-    guest = SimulatedGuest(memmap, seed=2, used=used, init_on_alloc=False)
-    device = FreePageHintDevice(guest.ram, memmap)
-    guest.driver.attach(device)
+    guest, device = attached_guest(memmap, seed=2, used=used, init_on_alloc=False)
     guest.log.get()
     if writer is not None:
         guest.workloads.append(writer)
-    dest = SimulatedDestination(guest)
-    source = SimulatedSource(guest, device)
-    result = Precopy(source, dest, SimulatedLink(source, link), config,
-                     lost_pages=lambda: len(guest.lost_pages(dest.contents))).run()
+    result, _ = migrate_simulated(SimulatedSource(guest, device), config, link)
     return result, guest, device
 
 
@@ -90,10 +84,7 @@ def test_the_round_limit_forces_completion() -> None:
 
 
 def test_cancel_from_the_progress_callback_sends_done() -> None:
-    memmap = MemoryMap.x86(512 * MIB)
-    guest = SimulatedGuest(memmap, seed=3)
-    device = FreePageHintDevice(guest.ram, memmap)
-    guest.driver.attach(device)
+    guest, device = attached_guest(MemoryMap.x86(512 * MIB), seed=3)
     source = SimulatedSource(guest, device)
     calls = 0
 

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from pagehint import DirtyBitmap, MemoryMap, SplitQueue, apply_hints
 
-DUMPS = Path(__file__).parent / "data" / "ring-dumps"
+DUMPS = Path(__file__).parent.parent / "data" / "ring-dumps"
 GIB = 1 << 30
 
 

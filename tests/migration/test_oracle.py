@@ -13,13 +13,19 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from helpers import MIB, attached_guest, migrate_simulated
 from pagehint import MemoryMap
 from pagehint.device import FreePageHintDevice, HintState
-from pagehint.sim import HINTED, SimulatedGuest
 from pagehint.migration import LogMode, MigrationResult, Precopy, PrecopyConfig, Strategy
-from pagehint.sim import LinkModel, SimulatedDestination, SimulatedLink, SimulatedSource
+from pagehint.sim import (
+    HINTED,
+    LinkModel,
+    SimulatedDestination,
+    SimulatedGuest,
+    SimulatedLink,
+    SimulatedSource,
+)
 
-MIB = 1 << 20
 # 16 MiB in two regions with a hole; 64 KiB blocks: 256 blocks of 16 pages.
 MEMMAP = MemoryMap([(0, 8 * MIB), (12 * MIB, 8 * MIB)])
 
@@ -87,30 +93,26 @@ def migrate(
     cancel_at: int | None = None,
     batch_pages: int = 512,
 ) -> tuple[MigrationResult, SimulatedGuest, FreePageHintDevice, SimulatedDestination]:
-    guest = SimulatedGuest(MEMMAP, seed=11, used=0.25, block_bytes=64 * 1024,
-                           log_mode=log_mode)
-    device = FreePageHintDevice(guest.ram, MEMMAP)
-    guest.driver.attach(device)
+    guest, device = attached_guest(MEMMAP, seed=11, used=0.25, block_bytes=64 * 1024,
+                                   log_mode=log_mode)
     guest.log.get()
     if log_mode == "manual":
         guest.log.clear(0, guest.npages)
     source = ScriptedSource(guest, device, script)
-    destination = SimulatedDestination(guest)
     steps = 0
+    migrations: list[Precopy] = []
 
     def progress(_: object) -> None:
         nonlocal steps
         steps += 1
         if cancel_at is not None and steps == cancel_at:
-            migration.cancel()
+            migrations[0].cancel()
 
     # A slow link and small batches: many send steps, so the script spreads over rounds.
     config = PrecopyConfig(max_downtime=0.01, batch_pages=batch_pages, iteration_time=0.05,
                            max_rounds=6, strategy=strategy, clear_chunk_pages=1024)
-    link = SimulatedLink(source, LinkModel(bandwidth=64 * MIB))
-    migration = Precopy(source, destination, link, config, progress=progress,
-                        lost_pages=lambda: len(guest.lost_pages(destination.contents)))
-    result = migration.run()
+    result, destination = migrate_simulated(source, config, LinkModel(bandwidth=64 * MIB),
+                                            progress=progress, on_start=migrations.append)
     reused.extend(source.reused)
     allocated[:] = source.allocated
     return result, guest, device, destination
@@ -221,9 +223,7 @@ class FailingSource(ScriptedSource):
 
 
 def test_a_failed_migration_sends_done_and_resumes_the_guest() -> None:
-    guest = SimulatedGuest(MEMMAP, seed=1, block_bytes=64 * 1024)
-    device = FreePageHintDevice(guest.ram, MEMMAP)
-    guest.driver.attach(device)
+    guest, device = attached_guest(MEMMAP, seed=1, block_bytes=64 * 1024)
     source = FailingSource(guest, device, [])
     result = Precopy(source, SimulatedDestination(guest), SimulatedLink(source)).run()
     assert result.status == "failed" and result.error == "OSError: link down"
@@ -232,9 +232,7 @@ def test_a_failed_migration_sends_done_and_resumes_the_guest() -> None:
 
 @pytest.mark.parametrize("postcopy, hints", [(True, True), (False, False)])
 def test_no_hinting_with_postcopy_or_hints_off(postcopy: bool, hints: bool) -> None:
-    guest = SimulatedGuest(MEMMAP, seed=1, block_bytes=64 * 1024)
-    device = FreePageHintDevice(guest.ram, MEMMAP)
-    guest.driver.attach(device)
+    guest, device = attached_guest(MEMMAP, seed=1, block_bytes=64 * 1024)
     source = SimulatedSource(guest, device)
     result = Precopy(source, SimulatedDestination(guest), SimulatedLink(source),
                      PrecopyConfig(postcopy=postcopy, hints=hints)).run()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from helpers import GIB, MIB, attached_guest
 from pagehint import DirtyBitmap, MemoryMap, SplitQueue
 from pagehint.device import (
     CMD_ID_MIN,
@@ -18,12 +19,10 @@ from pagehint.device import (
     FreePageHintDevice,
     HintState,
 )
+from pagehint.sim import FREE, HINTED, USED, SimulatedGuest, run_until_idle
 from pagehint.sim.contents import is_zero
 from pagehint.sim.driver_ring import DriverSplitRing, ram_view
-from pagehint.sim import FREE, HINTED, USED, SimulatedGuest, run_until_idle
 
-MIB = 1 << 20
-GIB = 1 << 30
 FIRST_ID = CMD_ID_MIN + 1  # QEMU increments its counter before the first round
 
 
@@ -37,10 +36,9 @@ def rig(
     """A guest (a hole below 4 GiB when large enough) attached to a device over a dirty
     bitmap with every page dirty."""
     memmap = MemoryMap.x86(ram, below_4g=min(ram, 2 * GIB), page_size=page_size)
-    guest = SimulatedGuest(memmap, seed=7, **guest_kw)  # type: ignore[arg-type]
     bitmap = DirtyBitmap(memmap.npages, dirty=True)
-    device = FreePageHintDevice(guest.ram, memmap, bitmap, qemu_compat=qemu_compat)
-    guest.driver.attach(device)
+    guest, device = attached_guest(memmap, bitmap=bitmap, device_kw={"qemu_compat": qemu_compat},
+                                   seed=7, **guest_kw)
     return guest, device, bitmap
 
 

@@ -1,0 +1,77 @@
+"""What the test packages share: sizes, array builders, and the rigs that wire a simulated
+guest to a device and migrate it. Plain functions, importable from any test file (pytest puts
+``tests/`` on the path, see ``pyproject.toml``); fixtures live in ``conftest.py``."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from pagehint import DirtyBitmap, MemoryMap
+from pagehint.device import FreePageHintDevice
+from pagehint.migration import MigrationResult, Precopy, PrecopyConfig, Progress
+from pagehint.sim import (
+    LinkModel,
+    SimulatedDestination,
+    SimulatedGuest,
+    SimulatedLink,
+    SimulatedSource,
+)
+
+KIB = 1 << 10
+MIB = 1 << 20
+GIB = 1 << 30
+PAGE = 4096
+
+U64Array = npt.NDArray[np.uint64]
+I64Array = npt.NDArray[np.int64]
+
+
+def u64(values: Iterable[int]) -> U64Array:
+    """A ``uint64`` array."""
+    return np.array(list(values), dtype=np.uint64)
+
+
+def i64(values: Iterable[int]) -> I64Array:
+    """An ``int64`` array (page numbers, block numbers)."""
+    return np.array(list(values), dtype=np.int64)
+
+
+def attached_guest(
+    memmap: MemoryMap,
+    *,
+    bitmap: DirtyBitmap | None = None,
+    device_kw: dict[str, Any] | None = None,
+    **guest_kw: Any,
+) -> tuple[SimulatedGuest, FreePageHintDevice]:
+    """A simulated guest on ``memmap`` whose Linux driver probed a free page hinting device
+    (hints applied to ``bitmap`` if given)."""
+    guest = SimulatedGuest(memmap, **guest_kw)
+    device = FreePageHintDevice(guest.ram, memmap, bitmap, **(device_kw or {}))
+    guest.driver.attach(device)
+    return guest, device
+
+
+def migrate_simulated(
+    source: SimulatedSource,
+    config: PrecopyConfig | None = None,
+    link: LinkModel | None = None,
+    *,
+    progress: Callable[[Progress], None] | None = None,
+    on_start: Callable[[Precopy], None] | None = None,
+) -> tuple[MigrationResult, SimulatedDestination]:
+    """Migrates ``source`` over a simulated link to a fresh destination, with the
+    nothing-lost oracle; ``on_start`` sees the ``Precopy`` before it runs (to cancel it from
+    ``progress``, say)."""
+    guest = source.guest
+    destination = SimulatedDestination(guest)
+    migration = Precopy(
+        source, destination, SimulatedLink(source, link), config, progress=progress,
+        lost_pages=lambda: len(guest.lost_pages(destination.contents)),
+    )
+    if on_start is not None:
+        on_start(migration)
+    return migration.run(), destination
