@@ -103,7 +103,7 @@ def _peer(hints: U64Array, starts: U64Array, counts: U64Array, impl: str) -> Pee
     if impl == "numpy":
 
         def np_apply() -> int:
-            first, n = numpy_decode(hints)
+            first, _n = numpy_decode(hints)
             mask = np.zeros(NBLOCKS, dtype=np.bool_)
             mask[(first >> np.uint64(10)).astype(np.intp)] = True
             cleared = int(np.bitwise_count(blocks_view[mask]).sum())

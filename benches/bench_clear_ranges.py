@@ -170,9 +170,7 @@ def _bench(benchmark: Bench, settings: Settings, case: Case, impl: str) -> None:
 
 @pytest.mark.benchmark(group="B1 clear_ranges: 262,144 hints x 1024 pages, all blocks shuffled")
 @pytest.mark.parametrize("impl", IMPLS)
-def bench_clear_ranges_all(
-    benchmark: Bench, settings: Settings, case_all: Case, impl: str
-) -> None:
+def bench_clear_ranges_all(benchmark: Bench, settings: Settings, case_all: Case, impl: str) -> None:
     _bench(benchmark, settings, case_all, impl)
 
 

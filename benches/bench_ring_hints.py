@@ -23,7 +23,17 @@ import pytest
 
 from benches.bench_apply_hints import MEMMAP, NBLOCKS, _hints, numpy_decode
 from benches.bench_apply_hints import _peer as apply_hints_peer
-from benches.benchutil import ALL_ONES, GUEST_PAGES, HINT_PAGES, WORD_BITS, Bench, Peer, Settings, U64Array, check_then_measure
+from benches.benchutil import (
+    ALL_ONES,
+    GUEST_PAGES,
+    HINT_PAGES,
+    WORD_BITS,
+    Bench,
+    Peer,
+    Settings,
+    U64Array,
+    check_then_measure,
+)
 from pagehint import DirtyBitmap, SplitQueue
 
 QSIZE = 1024

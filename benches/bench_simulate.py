@@ -33,10 +33,17 @@ def hints_on() -> int:
 @pytest.mark.parametrize("impl", ["pagehint", "hints-on-only"])
 def bench_simulate(benchmark: Bench, settings: Settings, impl: str) -> None:
     peer = Peer(
-        "pagehint simulate: both runs with the oracle" if impl == "pagehint"
+        "pagehint simulate: both runs with the oracle"
+        if impl == "pagehint"
         else "the hints-on run alone",
         both if impl == "pagehint" else hints_on,
         role="pagehint" if impl == "pagehint" else "limit",
     )
-    check_then_measure(benchmark, settings, impl=impl, peer=peer,
-                       nbytes=SCENARIO.memory // SCENARIO.page_size // 8, expected_result=0)
+    check_then_measure(
+        benchmark,
+        settings,
+        impl=impl,
+        peer=peer,
+        nbytes=SCENARIO.memory // SCENARIO.page_size // 8,
+        expected_result=0,
+    )

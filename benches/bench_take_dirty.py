@@ -218,9 +218,7 @@ def bench_take_all_sparse(
 
 @pytest.mark.benchmark(group="B4 take_dirty: all at once, 2^28 pages, 10 % dirty")
 @pytest.mark.parametrize("impl", IMPLS)
-def bench_take_all_dense(
-    benchmark: Bench, settings: Settings, case_dense: Case, impl: str
-) -> None:
+def bench_take_all_dense(benchmark: Bench, settings: Settings, case_dense: Case, impl: str) -> None:
     _bench_all(benchmark, settings, case_dense, impl)
 
 

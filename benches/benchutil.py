@@ -349,9 +349,7 @@ def batch_loop(take: Callable[[int, int], U64Array], batch: int = BATCH_PAGES) -
         cursor = int(pfns[-1]) + 1
 
 
-def batch_loop_collect(
-    take: Callable[[int, int], U64Array], batch: int = BATCH_PAGES
-) -> U64Array:
+def batch_loop_collect(take: Callable[[int, int], U64Array], batch: int = BATCH_PAGES) -> U64Array:
     """:func:`batch_loop`, keeping the pfns (for the correctness check)."""
     cursor = 0
     parts: list[U64Array] = []

@@ -25,8 +25,8 @@ the run (exit status != 0). Timings never fail it.
 
 Columns: median time; that time divided by pagehint's in the same group (> 1: slower than
 pagehint); GB/s of bitmap covered (the bitmap's bytes, or the hinted blocks' for clear_ranges,
-per second, whatever else the operation reads or writes). Under each table: pagehint's time divided by the
-limit's (how far pagehint is from a plain memory pass over the same bytes).
+per second, whatever else the operation reads or writes). Under each table: pagehint's time
+divided by the limit's (how far pagehint is from a plain memory pass over the same bytes).
 """
 
 from __future__ import annotations
@@ -172,7 +172,7 @@ def summary_table(summaries: list[dict[str, Any]]) -> str:
         if "pagehint_s" not in s:
             continue
 
-        def cell(key: str) -> str:
+        def cell(key: str, s: dict[str, Any] = s) -> str:
             return fmt_ratio(float(s[key])) if key in s else "–"
 
         lines.append(

@@ -69,7 +69,11 @@ def migrate_simulated(
     guest = source.guest
     destination = SimulatedDestination(guest)
     migration = Precopy(
-        source, destination, SimulatedLink(source, link), config, progress=progress,
+        source,
+        destination,
+        SimulatedLink(source, link),
+        config,
+        progress=progress,
         lost_pages=lambda: len(guest.lost_pages(destination.contents)),
     )
     if on_start is not None:

@@ -49,8 +49,9 @@ def test_the_vmm_side_loads_without_the_simulator() -> None:
         "import sys, pagehint, pagehint.device, pagehint.migration; "
         "print(sorted(m for m in sys.modules if m.startswith(('pagehint.sim', 'pagehint.cli'))))"
     )
-    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
-                         check=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=60
+    )
     assert out.stdout.strip() == "[]"
 
 

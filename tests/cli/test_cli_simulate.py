@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import os
 import re
@@ -24,8 +25,8 @@ from typing import Any
 
 import pytest
 
-from pagehint.cli import simulate as cli_simulate
 from pagehint.cli import main
+from pagehint.cli import simulate as cli_simulate
 from pagehint.migration import MigrationResult
 from pagehint.sim import (
     Scenario,
@@ -43,11 +44,24 @@ PAGE = 4096
 HEADER = 8  # QEMU's page header (PrecopyConfig.page_header_bytes)
 ZERO_PAGE_BYTES = HEADER + 1  # a header and QEMU's fill byte
 ROUND_KEYS = {
-    "round", "start", "duration", "dirty-at-start", "new-dirty", "normal", "duplicate",
-    "transferred", "pages-hinted", "pages-skipped",
+    "round",
+    "start",
+    "duration",
+    "dirty-at-start",
+    "new-dirty",
+    "normal",
+    "duplicate",
+    "transferred",
+    "pages-hinted",
+    "pages-skipped",
 }
 RAM_KEYS = {
-    "transferred", "total", "duplicate", "normal", "normal-bytes", "dirty-sync-count",
+    "transferred",
+    "total",
+    "duplicate",
+    "normal",
+    "normal-bytes",
+    "dirty-sync-count",
     "remaining",
 }
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -123,7 +137,7 @@ def check_run(r: Json, *, ram_total: int, hints: bool) -> None:
     assert sum(x["pages-hinted"] for x in rounds) == r["pages-hinted"]
     assert sum(x["pages-skipped"] for x in rounds) == r["pages-skipped"]
     assert rounds[0]["start"] * 1000 == pytest.approx(r["setup-time"], abs=1e-3)
-    for a, b in zip(rounds, rounds[1:]):
+    for a, b in itertools.pairwise(rounds):
         assert b["start"] == pytest.approx(a["start"] + a["duration"], abs=1e-9)
     end = rounds[-1]["start"] + rounds[-1]["duration"]
     assert end * 1000 == pytest.approx(r["total-time"], abs=1e-3)
@@ -158,8 +172,7 @@ def default_json() -> Json:
 
 def test_default_json_document(default_json: Json) -> None:
     d = default_json
-    assert set(d) == {"scenario", "description", "hints-off", "hints-on", "reduction",
-                      "published"}
+    assert set(d) == {"scenario", "description", "hints-off", "hints-on", "reduction", "published"}
     assert d["scenario"] == "default"
     assert d["description"] == load_scenario("default").description
     assert d["published"] == load_scenario("default").published
@@ -191,15 +204,17 @@ def test_default_json_reduction(default_json: Json) -> None:
     assert red["total-time"] == pytest.approx(1 - on["total-time"] / off["total-time"], abs=1e-5)
     assert red["downtime"] == pytest.approx(1 - on["downtime"] / off["downtime"], abs=1e-4)
     assert red["transferred"] == pytest.approx(
-        1 - on["ram"]["transferred"] / off["ram"]["transferred"], rel=1e-12)
+        1 - on["ram"]["transferred"] / off["ram"]["transferred"], rel=1e-12
+    )
     assert 0 < red["total-time"] < 1 and 0 < red["transferred"] < 1
 
 
 # -- 2. tables, --list, progress -----------------------------------------------------------------
 
 
-def test_table_matches_the_runs(capsys: pytest.CaptureFixture[str],
-                                monkeypatch: pytest.MonkeyPatch) -> None:
+def test_table_matches_the_runs(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The table shows the very results the two runs returned, formatted, and the change."""
     results: list[MigrationResult] = []
     real = run_scenario
@@ -216,9 +231,18 @@ def test_table_matches_the_runs(capsys: pytest.CaptureFixture[str],
     assert "scenario default:" in out
     assert "hints off" in out and "hints on" in out and "change" in out
     rows = table_rows(out)
-    labels = ["total time (ms)", "downtime (ms)", "setup time (ms)", "transferred (MiB)",
-              "normal pages", "zero pages (duplicate)", "dirty syncs", "pages hinted",
-              "pages skipped by hints", "lost pages"]
+    labels = [
+        "total time (ms)",
+        "downtime (ms)",
+        "setup time (ms)",
+        "transferred (MiB)",
+        "normal pages",
+        "zero pages (duplicate)",
+        "dirty syncs",
+        "pages hinted",
+        "pages skipped by hints",
+        "lost pages",
+    ]
     assert [label for label in rows if label in labels] == labels
     total = rows["total time (ms)"]
     assert total[:2] == [f"{off.total_time * 1000:,.0f}", f"{on.total_time * 1000:,.0f}"]
@@ -236,27 +260,31 @@ def test_table_matches_the_runs(capsys: pytest.CaptureFixture[str],
     assert "plot written" not in out
 
 
-def test_list_names_every_shipped_scenario(capsys: pytest.CaptureFixture[str],
-                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_list_names_every_shipped_scenario(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("COLUMNS", "1000")  # one line per scenario
     status, out, err = simulate(capsys, "--list")
     assert (status, err) == (0, "")
     shipped = shipped_scenarios()
     assert "default" in shipped
     assert out.splitlines() == [
-        f"{name}: {load_scenario(name).description}" for name in sorted(shipped)]
+        f"{name}: {load_scenario(name).description}" for name in sorted(shipped)
+    ]
 
 
-def test_no_progress_line_when_not_a_terminal(capsys: pytest.CaptureFixture[str],
-                                              monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_progress_line_when_not_a_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setattr(cli_simulate, "SHOW_PROGRESS_AFTER", 0.0)
     status, out, err = simulate(capsys, "--memory", "1G")
     assert (status, err) == (0, "")
     assert "round" not in out and "simulated" not in out
 
 
-def test_progress_line_on_a_terminal(capsys: pytest.CaptureFixture[str],
-                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_progress_line_on_a_terminal(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """On a terminal (forced) a long run shows its round and dirty MiB on stderr; --no-progress
     and --json silence it."""
     monkeypatch.setattr(cli_simulate, "SHOW_PROGRESS_AFTER", 0.0)
@@ -285,8 +313,17 @@ def test_memory_override(capsys: pytest.CaptureFixture[str]) -> None:
 
 def test_workload_override(capsys: pytest.CaptureFixture[str]) -> None:
     idle = simulate_json(capsys, "--memory", "2G")
-    busy = simulate_json(capsys, "--memory", "2G", "--workload", "steady-writer",
-                         "--param", "working_set=256M", "--param", "pages_per_s=20000")
+    busy = simulate_json(
+        capsys,
+        "--memory",
+        "2G",
+        "--workload",
+        "steady-writer",
+        "--param",
+        "working_set=256M",
+        "--param",
+        "pages_per_s=20000",
+    )
     check_run(busy["hints-off"], ram_total=2 * GiB, hints=False)
     check_run(busy["hints-on"], ram_total=2 * GiB, hints=True)
     # 80 MiB/s of writes over the same link: more is sent again than for the idle guest.
@@ -295,7 +332,8 @@ def test_workload_override(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_param_without_workload_tunes_the_scenarios_workload(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """--param alone goes to the scenario's own workload: an idle guest that writes nothing
     has every page sent exactly once without hints: one pass, then a stop-and-copy of what
     the pass had left when it fit the downtime."""
@@ -328,18 +366,21 @@ def test_downtime_override(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("strategy", ["safe", "qemu"])
 def test_manual_log_mode_loses_nothing_for_an_idle_guest(
-        capsys: pytest.CaptureFixture[str], strategy: str) -> None:
+    capsys: pytest.CaptureFixture[str], strategy: str
+) -> None:
     d = simulate_json(capsys, "--memory", "2G", "--log-mode", "manual", "--strategy", strategy)
     check_run(d["hints-off"], ram_total=2 * GiB, hints=False)
     check_run(d["hints-on"], ram_total=2 * GiB, hints=True)
 
 
 def test_manual_log_mode_without_hints_loses_nothing_under_a_busy_guest(
-        capsys: pytest.CaptureFixture[str]) -> None:
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     """Without hints, QEMU's lazy per-chunk clearing of a manual-protect log is safe: a page
     written after the sync's GET_DIRTY_LOG stays dirty in KVM's log."""
-    status, out, err = simulate(capsys, "--json", "--memory", "2G", "--log-mode", "manual",
-                                "--workload", "kernel-compile")
+    status, out, _err = simulate(
+        capsys, "--json", "--memory", "2G", "--log-mode", "manual", "--workload", "kernel-compile"
+    )
     d = json.loads(out)
     assert d["hints-off"]["lost-pages"] == 0
     assert d["hints-on"]["lost-pages"] == 0
@@ -354,11 +395,13 @@ def test_seed_is_deterministic(capsys: pytest.CaptureFixture[str]) -> None:
     # The default scenario's own seed is 1: saying so changes nothing.
     assert load_scenario("default").seed == 1
     assert simulate_json(capsys, "--memory", "1G", "--seed", "1") == simulate_json(
-        capsys, "--memory", "1G")
+        capsys, "--memory", "1G"
+    )
 
 
-def test_lost_pages_and_failures_exit_1(capsys: pytest.CaptureFixture[str],
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
+def test_lost_pages_and_failures_exit_1(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The command's contract: exit status 1 and a message when a page was lost or a run did
     not complete (the runs are doctored here; the migration itself is tested elsewhere)."""
     real = run_scenario
@@ -398,8 +441,10 @@ ERRORS: list[tuple[list[str], str]] = [
     (["--memory", "banana"], "not a size: 'banana'"),
     (["--param", "working_set"], "--param takes KEY=VALUE, not 'working_set'"),
     (["--workload", "idle", "--param", "foo=1"], "workload 'idle' has unknown parameters ['foo']"),
-    (["--workload", "steady-writer", "--param", "working_set=1G"],
-     "workload 'steady-writer' needs 'pages_per_s'"),
+    (
+        ["--workload", "steady-writer", "--param", "working_set=1G"],
+        "workload 'steady-writer' needs 'pages_per_s'",
+    ),
     (["--bandwidth", "fast"], "not a rate: 'fast'"),
     (["--bandwidth", "0"], "bandwidth must be positive"),
     (["--downtime", "soon"], "not a duration: 'soon'"),
@@ -409,8 +454,9 @@ ERRORS: list[tuple[list[str], str]] = [
 
 
 @pytest.mark.parametrize(("args", "message"), ERRORS, ids=[" ".join(a) for a, _ in ERRORS])
-def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], args: list[str],
-                              message: str) -> None:
+def test_bad_arguments_exit_2(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
     status, out, err = simulate(capsys, *args)
     assert status == 2
     assert out == ""
@@ -420,47 +466,77 @@ def test_bad_arguments_exit_2(capsys: pytest.CaptureFixture[str], args: list[str
 
 
 TOML_ERRORS: list[tuple[str, str, str]] = [
-    ("unknown-key", """
+    (
+        "unknown-key",
+        """
         [guest]
         memory = "1G"
         bogus = 1
-        """, "unknown scenario keys: {'[guest]': {'bogus': 1}}"),
-    ("missing-param", """
+        """,
+        "unknown scenario keys: {'[guest]': {'bogus': 1}}",
+    ),
+    (
+        "missing-param",
+        """
         [guest]
         memory = "1G"
         [workload]
         kind = "memory-hog"
         rate = "1G"
-        """, "workload 'memory-hog' needs 'size'"),
-    ("history-without-kind", """
+        """,
+        "workload 'memory-hog' needs 'size'",
+    ),
+    (
+        "history-without-kind",
+        """
         [[history]]
         size = "1G"
-        """, "a workload needs a kind"),
-    ("bad-strategy", """
+        """,
+        "a workload needs a kind",
+    ),
+    (
+        "bad-strategy",
+        """
         [migration]
         strategy = "fast"
-        """, "strategy must be 'safe' or 'qemu', not 'fast'"),
-    ("bad-layout", """
+        """,
+        "strategy must be 'safe' or 'qemu', not 'fast'",
+    ),
+    (
+        "bad-layout",
+        """
         [guest]
         memory = "1G"
         layout = "arm"
-        """, "scenario bad-layout: layout must be 'x86' or 'flat', not 'arm'"),
-    ("bad-used", """
+        """,
+        "scenario bad-layout: layout must be 'x86' or 'flat', not 'arm'",
+    ),
+    (
+        "bad-used",
+        """
         [guest]
         memory = "1G"
         used = 1.5
-        """, "scenario bad-used: used is a fraction of RAM, not 1.5"),
-    ("not-toml", """
+        """,
+        "scenario bad-used: used is a fraction of RAM, not 1.5",
+    ),
+    (
+        "not-toml",
+        """
         [guest
         memory =
-        """, "pagehint simulate: "),
+        """,
+        "pagehint simulate: ",
+    ),
 ]
 
 
-@pytest.mark.parametrize(("name", "text", "message"), TOML_ERRORS,
-                         ids=[n for n, _, _ in TOML_ERRORS])
-def test_bad_scenario_files_exit_2(capsys: pytest.CaptureFixture[str], tmp_path: Path,
-                                   name: str, text: str, message: str) -> None:
+@pytest.mark.parametrize(
+    ("name", "text", "message"), TOML_ERRORS, ids=[n for n, _, _ in TOML_ERRORS]
+)
+def test_bad_scenario_files_exit_2(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, text: str, message: str
+) -> None:
     status, out, err = simulate(capsys, write(tmp_path, f"{name}.toml", text))
     assert status == 2
     assert out == ""
@@ -518,8 +594,11 @@ def test_custom_scenario_json(capsys: pytest.CaptureFixture[str], tmp_path: Path
     d = simulate_json(capsys, write(tmp_path, "tiny.toml", CUSTOM))
     assert d["scenario"] == "tiny"
     assert d["description"] == "A 1 GiB guest after a 512 MiB [batch] job."
-    assert d["published"] == {"source": "a made-up paper [v2]", "total_time_off_ms": 2000,
-                              "total_time_on_ms": 500}
+    assert d["published"] == {
+        "source": "a made-up paper [v2]",
+        "total_time_off_ms": 2000,
+        "total_time_on_ms": 500,
+    }
     for run in ("hints-off", "hints-on"):
         r = d[run]
         check_run(r, ram_total=GiB, hints=run == "hints-on")
@@ -529,9 +608,9 @@ def test_custom_scenario_json(capsys: pytest.CaptureFixture[str], tmp_path: Path
     assert d["hints-on"]["total-time"] < d["hints-off"]["total-time"]
 
 
-def test_custom_scenario_published_table(capsys: pytest.CaptureFixture[str],
-                                         monkeypatch: pytest.MonkeyPatch,
-                                         tmp_path: Path) -> None:
+def test_custom_scenario_published_table(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     path = write(tmp_path, "tiny.toml", CUSTOM)
     results: list[MigrationResult] = []
     real = run_scenario
@@ -552,14 +631,16 @@ def test_custom_scenario_published_table(capsys: pytest.CaptureFixture[str],
     assert rows["published"] == ["2,000", "500", "75%"]
     sim = 1 - on.total_time / off.total_time
     assert rows["simulated"] == [
-        f"{off.total_time * 1000:,.0f}", f"{on.total_time * 1000:,.0f}",
+        f"{off.total_time * 1000:,.0f}",
+        f"{on.total_time * 1000:,.0f}",
         f"{sim * 100:.0f}% ({(sim - 0.75) * 100:+.0f} pp)",
     ]
     assert re.fullmatch(r"\d+% \([+-]\d+ pp\)", rows["simulated"][2])
 
 
-def test_overrides_drop_the_published_comparison(capsys: pytest.CaptureFixture[str],
-                                                 tmp_path: Path) -> None:
+def test_overrides_drop_the_published_comparison(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     """Published figures belong to the scenario as written: any override drops them."""
     path = write(tmp_path, "tiny.toml", CUSTOM)
     assert simulate_json(capsys, path, "--bandwidth", "10Gbit")["published"] == {}
@@ -586,8 +667,8 @@ def test_plot_writes_a_png(capsys: pytest.CaptureFixture[str], tmp_path: Path) -
 
 
 def test_plot_without_matplotlib_exits_2_before_running(
-        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
-        tmp_path: Path) -> None:
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     monkeypatch.setitem(sys.modules, "pagehint.cli.plot", None)  # the import fails
 
     def no_run(s: Scenario, **kw: Any) -> MigrationResult:
@@ -606,19 +687,22 @@ def test_plot_without_matplotlib_exits_2_before_running(
 # -- 7. parsers ----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("8G", 8 << 30),
-    ("8GiB", 8 << 30),
-    ("8 GB", 8 << 30),
-    ("512M", 512 << 20),
-    ("512MiB", 512 << 20),
-    ("1T", 1 << 40),
-    ("4k", 4096),
-    ("4096", 4096),
-    ("0.5G", 512 << 20),
-    (" 2G ", 2 << 30),
-    (3 << 20, 3 << 20),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("8G", 8 << 30),
+        ("8GiB", 8 << 30),
+        ("8 GB", 8 << 30),
+        ("512M", 512 << 20),
+        ("512MiB", 512 << 20),
+        ("1T", 1 << 40),
+        ("4k", 4096),
+        ("4096", 4096),
+        ("0.5G", 512 << 20),
+        (" 2G ", 2 << 30),
+        (3 << 20, 3 << 20),
+    ],
+)
 def test_parse_size(text: str | int, expected: int) -> None:
     assert parse_size(text) == expected
 
@@ -628,29 +712,35 @@ def test_parse_size_decimal() -> None:
     assert parse_size("2GiB", binary=False) == 2 << 30
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("10Gbit", 1.25e9),
-    ("1Gbit", 1.25e8),
-    ("100Mbit", 12.5e6),
-    ("100G", 100 * 2**30),  # QEMU's migrate_set_speed suffixes are binary
-    ("1GiB", 2**30),
-    ("2.5GB", 2.5e9),
-    ("1.25GB", 1.25e9),
-    ("1000", 1000.0),
-    (5e8, 5e8),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("10Gbit", 1.25e9),
+        ("1Gbit", 1.25e8),
+        ("100Mbit", 12.5e6),
+        ("100G", 100 * 2**30),  # QEMU's migrate_set_speed suffixes are binary
+        ("1GiB", 2**30),
+        ("2.5GB", 2.5e9),
+        ("1.25GB", 1.25e9),
+        ("1000", 1000.0),
+        (5e8, 5e8),
+    ],
+)
 def test_parse_rate(text: str | float, expected: float) -> None:
     assert parse_rate(text) == pytest.approx(expected, rel=1e-12)
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("300ms", 0.3),
-    ("0.3s", 0.3),
-    ("0.3", 0.3),
-    ("2s", 2.0),
-    ("50 ms", 0.05),
-    (1, 1.0),
-])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("300ms", 0.3),
+        ("0.3s", 0.3),
+        ("0.3", 0.3),
+        ("2s", 2.0),
+        ("50 ms", 0.05),
+        (1, 1.0),
+    ],
+)
 def test_parse_seconds(text: str | int, expected: float) -> None:
     assert parse_seconds(text) == pytest.approx(expected, rel=1e-12)
 
@@ -677,16 +767,22 @@ def test_parse_seconds_rejects(text: str) -> None:
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "COLUMNS")}
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "COLUMNS")
+    }
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
 
 def test_python_m_pagehint_simulate() -> None:
     """``pip install . && pagehint simulate``: no arguments, the default scenario's table."""
-    p = subprocess.run([sys.executable, "-m", "pagehint", "simulate"], capture_output=True,
-                       text=True, timeout=300, env=_env())
+    p = subprocess.run(
+        [sys.executable, "-m", "pagehint", "simulate"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=_env(),
+    )
     assert p.returncode == 0, p.stderr
     assert p.stderr == ""
     assert "hints off" in p.stdout and "hints on" in p.stdout
@@ -696,8 +792,13 @@ def test_python_m_pagehint_simulate() -> None:
 
 
 def test_python_m_pagehint_simulate_error() -> None:
-    p = subprocess.run([sys.executable, "-m", "pagehint", "simulate", "--memory", "banana"],
-                       capture_output=True, text=True, timeout=120, env=_env())
+    p = subprocess.run(
+        [sys.executable, "-m", "pagehint", "simulate", "--memory", "banana"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=_env(),
+    )
     assert p.returncode == 2
     assert p.stdout == ""
     assert p.stderr == "pagehint simulate: not a size: 'banana' (try 8G, 512MiB, 4096)\n"

@@ -23,9 +23,20 @@ CASES = {
     "wang-v37-idle-128g": ["wang-v37-idle-128g"],
     "manual-safe": ["--log-mode", "manual"],
     "manual-qemu": ["--log-mode", "manual", "--strategy", "qemu"],
-    "steady-qemu": ["--memory", "4G", "--workload", "steady-writer", "--param",
-                    "working_set=1G", "--param", "pages_per_s=200000", "--log-mode", "manual",
-                    "--strategy", "qemu"],
+    "steady-qemu": [
+        "--memory",
+        "4G",
+        "--workload",
+        "steady-writer",
+        "--param",
+        "working_set=1G",
+        "--param",
+        "pages_per_s=200000",
+        "--log-mode",
+        "manual",
+        "--strategy",
+        "qemu",
+    ],
 }
 
 

@@ -186,7 +186,10 @@ def test_a_wall_clock_migration_of_a_guest_written_by_a_real_thread_loses_nothin
     bandwidth = 64 * MIB
     link = WallClockLink(bandwidth)
     migration = Precopy(
-        source, destination, link, PrecopyConfig(max_downtime=0.05, batch_pages=256),
+        source,
+        destination,
+        link,
+        PrecopyConfig(max_downtime=0.05, batch_pages=256),
         lost_pages=lambda: int(np.count_nonzero(source.contents != destination.contents)),
     )
     source.start()

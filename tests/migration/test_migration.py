@@ -23,9 +23,13 @@ from pagehint.sim import (
 )
 
 
-def simple(config: PrecopyConfig, *, writer: SteadyWriter | None = None, used: float = 0.25,
-           link: LinkModel | None = None,
-           ) -> tuple[MigrationResult, SimulatedGuest, FreePageHintDevice]:
+def simple(
+    config: PrecopyConfig,
+    *,
+    writer: SteadyWriter | None = None,
+    used: float = 0.25,
+    link: LinkModel | None = None,
+) -> tuple[MigrationResult, SimulatedGuest, FreePageHintDevice]:
     """A 256 MiB guest with a hole, fresh (free memory is zero pages), attached and migrated."""
     memmap = MemoryMap([(0, 128 * MIB), (192 * MIB, 128 * MIB)])
     guest, device = attached_guest(memmap, seed=2, used=used, init_on_alloc=False)
@@ -56,7 +60,7 @@ def test_qmp_figures_add_up() -> None:
 
 
 def test_hints_skip_free_pages_and_open_a_window_per_sync() -> None:
-    r, guest, device = simple(PrecopyConfig())
+    r, _guest, device = simple(PrecopyConfig())
     assert r.hinting and r.pages_skipped > 0 and r.lost_pages == 0
     # One start per sync while running (config interrupt each), stop before each, DONE last.
     assert device.cmd_id - 0x8000_0000 == r.dirty_sync_count - 1
@@ -76,8 +80,9 @@ def test_a_converged_migration_fits_the_downtime() -> None:
 def test_the_round_limit_forces_completion() -> None:
     # 40k pages/s over a 128 Mbit/s link never converges within 5 ms of downtime.
     cfg = PrecopyConfig(max_downtime=0.005, max_rounds=4)
-    r, _, _ = simple(cfg, writer=SteadyWriter(32 * MIB, pages_per_s=40_000),
-                     link=LinkModel(bandwidth=16 * MIB))
+    r, _, _ = simple(
+        cfg, writer=SteadyWriter(32 * MIB, pages_per_s=40_000), link=LinkModel(bandwidth=16 * MIB)
+    )
     assert r.status == "completed"
     assert r.dirty_sync_count == cfg.max_rounds + 2  # set-up, the rounds, the final one
     assert r.downtime > cfg.max_downtime and r.lost_pages == 0
@@ -94,8 +99,13 @@ def test_cancel_from_the_progress_callback_sends_done() -> None:
         if calls == 2:
             migration.cancel()
 
-    migration = Precopy(source, SimulatedDestination(guest), SimulatedLink(source),
-                        PrecopyConfig(batch_pages=1024), progress=progress)
+    migration = Precopy(
+        source,
+        SimulatedDestination(guest),
+        SimulatedLink(source),
+        PrecopyConfig(batch_pages=1024),
+        progress=progress,
+    )
     r = migration.run()
     assert r.status == "cancelled" and calls == 2
     assert device.state is HintState.DONE and not source.paused
@@ -103,8 +113,10 @@ def test_cancel_from_the_progress_callback_sends_done() -> None:
     assert guest.hinted_block_count == 0  # the guest took DONE and freed its hinted blocks
 
 
-@pytest.mark.parametrize("kw", [{"max_downtime": -1}, {"max_rounds": 0},
-                                {"clear_chunk_pages": 100}, {"strategy": "fast"}])
+@pytest.mark.parametrize(
+    "kw",
+    [{"max_downtime": -1}, {"max_rounds": 0}, {"clear_chunk_pages": 100}, {"strategy": "fast"}],
+)
 def test_bad_configs_are_refused(kw: dict[str, object]) -> None:
     with pytest.raises(ValueError):
         PrecopyConfig(**kw)  # type: ignore[arg-type]
@@ -117,8 +129,7 @@ def test_bad_link_models_are_refused(kw: dict[str, object]) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["wang-v37-idle-8g", "wang-v37-bzimage-8g",
-                                  "wang-v37-idle-128g"])
+@pytest.mark.parametrize("name", ["wang-v37-idle-8g", "wang-v37-bzimage-8g", "wang-v37-idle-128g"])
 def test_published_reductions_are_reproduced_within_10_points(name: str) -> None:
     s = load_scenario(name)
     off, on = run_scenario(s, hints=False), run_scenario(s, hints=True)

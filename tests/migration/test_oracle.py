@@ -36,8 +36,9 @@ class ScriptedSource(SimulatedSource):
     """A simulated source whose guest and device do exactly what the script says, one
     action per ``run()`` call (the time the sender spends on one batch)."""
 
-    def __init__(self, guest: SimulatedGuest, device: FreePageHintDevice,
-                 script: list[Action]) -> None:
+    def __init__(
+        self, guest: SimulatedGuest, device: FreePageHintDevice, script: list[Action]
+    ) -> None:
         super().__init__(guest, device)
         self.script = list(script)
         self.owned: list[np.ndarray] = []
@@ -93,8 +94,9 @@ def migrate(
     cancel_at: int | None = None,
     batch_pages: int = 512,
 ) -> tuple[MigrationResult, SimulatedGuest, FreePageHintDevice, SimulatedDestination]:
-    guest, device = attached_guest(MEMMAP, seed=11, used=0.25, block_bytes=64 * 1024,
-                                   log_mode=log_mode)
+    guest, device = attached_guest(
+        MEMMAP, seed=11, used=0.25, block_bytes=64 * 1024, log_mode=log_mode
+    )
     guest.log.get()
     if log_mode == "manual":
         guest.log.clear(0, guest.npages)
@@ -109,10 +111,17 @@ def migrate(
             migrations[0].cancel()
 
     # A slow link and small batches: many send steps, so the script spreads over rounds.
-    config = PrecopyConfig(max_downtime=0.01, batch_pages=batch_pages, iteration_time=0.05,
-                           max_rounds=6, strategy=strategy, clear_chunk_pages=1024)
-    result, destination = migrate_simulated(source, config, LinkModel(bandwidth=64 * MIB),
-                                            progress=progress, on_start=migrations.append)
+    config = PrecopyConfig(
+        max_downtime=0.01,
+        batch_pages=batch_pages,
+        iteration_time=0.05,
+        max_rounds=6,
+        strategy=strategy,
+        clear_chunk_pages=1024,
+    )
+    result, destination = migrate_simulated(
+        source, config, LinkModel(bandwidth=64 * MIB), progress=progress, on_start=migrations.append
+    )
     reused.extend(source.reused)
     allocated[:] = source.allocated
     return result, guest, device, destination
@@ -123,29 +132,51 @@ reused: list[np.ndarray] = []
 allocated: list[np.ndarray] = []
 """Every batch of blocks the last ``migrate`` call's script allocated, in order."""
 
-kinds = st.sampled_from(["driver", "device", "shrink-reuse", "alloc", "write", "driver",
-                         "device", "free", "interrupt", "driver", "device", "wait-sync"])
+kinds = st.sampled_from(
+    [
+        "driver",
+        "device",
+        "shrink-reuse",
+        "alloc",
+        "write",
+        "driver",
+        "device",
+        "free",
+        "interrupt",
+        "driver",
+        "device",
+        "wait-sync",
+    ]
+)
 # "wait-sync" holds the script until that many syncs happened (n is small for it); a
 # shrink-reuse sometimes takes every hinted block back, oldest hints included.
 actions = st.lists(
     st.tuples(kinds, st.integers(0, 40), st.booleans()).map(
-        lambda a: (a[0], a[1] % 4 + 1, a[2]) if a[0] == "wait-sync"
-        else (a[0], a[1] * 8, a[2]) if a[0] == "shrink-reuse" and a[2]  # sometimes all of them
-        else a
+        lambda a: (
+            (a[0], a[1] % 4 + 1, a[2])
+            if a[0] == "wait-sync"
+            else (a[0], a[1] * 8, a[2])
+            if a[0] == "shrink-reuse" and a[2]  # sometimes all of them
+            else a
+        )
     ),
     max_size=40,
 )
 
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(script=actions, cancel=st.one_of(st.none(), st.integers(1, 30)),
-       batch=st.sampled_from([64, 512]))
+@given(
+    script=actions,
+    cancel=st.one_of(st.none(), st.integers(1, 30)),
+    batch=st.sampled_from([64, 512]),
+)
 @pytest.mark.parametrize("log_mode", ["classic", "manual"])
 def test_safe_loses_nothing_under_any_interleaving(
     log_mode: LogMode, script: list[Action], cancel: int | None, batch: int
 ) -> None:
-    result, guest, device, _ = migrate(script, log_mode=log_mode, strategy="safe",
-                                       cancel_at=cancel, batch_pages=batch)
+    result, _guest, device, _ = migrate(
+        script, log_mode=log_mode, strategy="safe", cancel_at=cancel, batch_pages=batch
+    )
     assert result.error is None
     event(result.status)
     event("hints skipped pages" if result.pages_skipped else "no page skipped")
@@ -167,17 +198,23 @@ def test_qemu_strategy_with_a_manual_log_loses_reused_pages() -> None:
     # every chunk they touch, taking the reported bits, and with them the new writes, away.
     # Small send batches: round 1's first steps clear the log of the first 1024-page chunks
     # only, so the hints land in chunks still to be cleared.
-    script: list[Action] = [("alloc", 40, False), ("free", 0, False), ("wait-sync", 2, False),
-                            ("driver", 1000, False), ("shrink-reuse", 250, False),
-                            ("device", 10_000, False)]
+    script: list[Action] = [
+        ("alloc", 40, False),
+        ("free", 0, False),
+        ("wait-sync", 2, False),
+        ("driver", 1000, False),
+        ("shrink-reuse", 250, False),
+        ("device", 10_000, False),
+    ]
     lost: dict[tuple[str, str], int | None] = {}
     modes: tuple[LogMode, ...] = ("classic", "manual")
     strategies: tuple[Strategy, ...] = ("safe", "qemu")
     for mode in modes:
         for strategy in strategies:
             reused.clear()
-            result, guest, _, dest = migrate(script, log_mode=mode, strategy=strategy,
-                                             batch_pages=64)
+            result, guest, _, dest = migrate(
+                script, log_mode=mode, strategy=strategy, batch_pages=64
+            )
             first_blocks = allocated[0]
             assert result.status == "completed"
             lost[mode, strategy] = result.lost_pages
@@ -192,12 +229,14 @@ def test_qemu_strategy_with_a_manual_log_loses_reused_pages() -> None:
                 assert np.all(guest.hint_seq[blocks] > 0)
     assert (lost[("manual", "qemu")] or 0) > 0
     assert {k: v for k, v in lost.items() if k != ("manual", "qemu")} == {
-        ("classic", "safe"): 0, ("classic", "qemu"): 0, ("manual", "safe"): 0}
+        ("classic", "safe"): 0,
+        ("classic", "qemu"): 0,
+        ("manual", "safe"): 0,
+    }
 
 
 def test_the_oracle_reports_a_page_the_destination_got_wrong() -> None:
-    result, guest, _, dest = migrate([("alloc", 5, False)], log_mode="classic",
-                                     strategy="safe")
+    result, guest, _, dest = migrate([("alloc", 5, False)], log_mode="classic", strategy="safe")
     assert result.lost_pages == 0
     page = int(guest.block_pages(np.array([0]))[3])
     dest.contents.write_pages(np.array([page]), 12345)
@@ -205,8 +244,9 @@ def test_the_oracle_reports_a_page_the_destination_got_wrong() -> None:
 
 
 def test_a_hinted_page_not_written_since_is_excused_and_a_rewritten_one_is_not() -> None:
-    result, guest, device, dest = migrate([("driver", 1000, False), ("device", 10_000, False)],
-                                          log_mode="classic", strategy="safe")
+    result, guest, _device, dest = migrate(
+        [("driver", 1000, False), ("device", 10_000, False)], log_mode="classic", strategy="safe"
+    )
     assert result.status == "completed" and result.pages_skipped > 0
     hinted = np.flatnonzero(guest.state == HINTED)
     page = guest.block_pages(hinted[:1])
@@ -234,8 +274,12 @@ def test_a_failed_migration_sends_done_and_resumes_the_guest() -> None:
 def test_no_hinting_with_postcopy_or_hints_off(postcopy: bool, hints: bool) -> None:
     guest, device = attached_guest(MEMMAP, seed=1, block_bytes=64 * 1024)
     source = SimulatedSource(guest, device)
-    result = Precopy(source, SimulatedDestination(guest), SimulatedLink(source),
-                     PrecopyConfig(postcopy=postcopy, hints=hints)).run()
+    result = Precopy(
+        source,
+        SimulatedDestination(guest),
+        SimulatedLink(source),
+        PrecopyConfig(postcopy=postcopy, hints=hints),
+    ).run()
     assert result.status == "completed" and not result.hinting
     assert result.pages_hinted == 0 and guest.driver.config_interrupts == 0
     assert device.state is HintState.STOP and result.lost_pages is None

@@ -167,8 +167,11 @@ class PageContentsMachine(RuleBasedStateMachine):
         self.npages = npages
 
     def pages(self, data: st.DataObject, *, unique: bool) -> I64Array:
-        return i64(data.draw(st.lists(st.integers(0, self.npages - 1), unique=unique,
-                                      max_size=self.npages + 4)))
+        return i64(
+            data.draw(
+                st.lists(st.integers(0, self.npages - 1), unique=unique, max_size=self.npages + 4)
+            )
+        )
 
     @rule(data=st.data(), which=st.integers(0, 1), value=U32)
     def write_blocks(self, data: st.DataObject, which: int, value: int) -> None:
@@ -191,8 +194,9 @@ class PageContentsMachine(RuleBasedStateMachine):
     def write_pages_per_page(self, data: st.DataObject, which: int) -> None:
         # Unique pages: numpy does not define which of repeated assignments wins.
         pfns = self.pages(data, unique=True)
-        values = np.array(data.draw(st.lists(U32, min_size=len(pfns), max_size=len(pfns))),
-                          dtype=np.uint32)
+        values = np.array(
+            data.draw(st.lists(U32, min_size=len(pfns), max_size=len(pfns))), dtype=np.uint32
+        )
         self.pcs[which].write_pages(pfns, values)
         for p, v in zip(pfns.tolist(), values.tolist(), strict=True):
             self.models[which][p] = v
@@ -226,13 +230,16 @@ class PageContentsMachine(RuleBasedStateMachine):
     def block_of_is_naive(self) -> None:
         all_pages = np.arange(self.npages, dtype=np.int64)
         for pc in self.pcs:
-            expect = [naive_block_of(pc.block_pfn, pc.pages_per_block, p)
-                      for p in range(self.npages)]
+            expect = [
+                naive_block_of(pc.block_pfn, pc.pages_per_block, p) for p in range(self.npages)
+            ]
             assert pc.block_of(all_pages).tolist() == expect
 
 
 PageContentsMachine.TestCase.settings = settings(
-    max_examples=80, stateful_step_count=30, deadline=None,
+    max_examples=80,
+    stateful_step_count=30,
+    deadline=None,
     suppress_health_check=[HealthCheck.too_slow],
 )
 TestPageContents = PageContentsMachine.TestCase
@@ -263,8 +270,11 @@ def test_page_contents_rejects_overlapping_or_descending_blocks() -> None:
 def test_versions() -> None:
     assert data_version(5) == 11 and zero_version(5) == 10
     assert data_version(0x8000_0000) == 1  # wraps in 32 bits, keeping the data bit
-    assert is_zero(np.array([zero_version(3), data_version(3), 0], dtype=np.uint32)).tolist() \
-        == [True, False, True]
+    assert is_zero(np.array([zero_version(3), data_version(3), 0], dtype=np.uint32)).tolist() == [
+        True,
+        False,
+        True,
+    ]
 
 
 # -- 2. block layout ---------------------------------------------------------------------------
@@ -399,8 +409,9 @@ def test_used_fraction_takes_whole_blocks() -> None:
 
 
 def run_mixed(seed: int) -> SimulatedGuest:
-    guest = SimulatedGuest(MemoryMap.x86(128 * MiB, below_4g=64 * MiB), seed=seed,
-                           poison=0, log_mode="manual")
+    guest = SimulatedGuest(
+        MemoryMap.x86(128 * MiB, below_4g=64 * MiB), seed=seed, poison=0, log_mode="manual"
+    )
     guest.workloads = [
         Idle(pages_per_s=300),
         SteadyWriter(working_set_bytes=8 * MiB, pages_per_s=500),
@@ -486,7 +497,7 @@ def test_alloc_beyond_free_shrinks_hinted_blocks_first() -> None:
     # One free block: only the shortfall (2) is shrunk.
     guest.free_blocks(held[:1])
     got = guest.alloc_blocks(3)
-    assert sorted(got.tolist()) == sorted([int(held[0])] + hinted[5:7].tolist())
+    assert sorted(got.tolist()) == sorted([int(held[0]), *hinted[5:7].tolist()])
     assert guest.hinted_blocks().tolist() == hinted[:5].tolist()
 
     # Asking for more than everything: all hinted blocks, and no more.
@@ -505,8 +516,7 @@ def test_shrink_returns_at_most_the_hinted_blocks() -> None:
     assert guest.free_block_count == 4
     assert np.all(guest.state[hinted[-4:]] == FREE)
     # The shrinker frees through the allocator, so poisoning zero-writes those blocks.
-    assert dirty_pages(guest.log.get()).tolist() == sorted(
-        guest.block_pages(hinted[-4:]).tolist())
+    assert dirty_pages(guest.log.get()).tolist() == sorted(guest.block_pages(hinted[-4:]).tolist())
     assert guest.shrink(100) == len(hinted) - 4
     assert guest.shrink(1) == 0
     assert guest.hinted_block_count == 0 and guest.free_block_count == len(hinted)

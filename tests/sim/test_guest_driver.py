@@ -37,8 +37,9 @@ def rig(
     bitmap with every page dirty."""
     memmap = MemoryMap.x86(ram, below_4g=min(ram, 2 * GIB), page_size=page_size)
     bitmap = DirtyBitmap(memmap.npages, dirty=True)
-    guest, device = attached_guest(memmap, bitmap=bitmap, device_kw={"qemu_compat": qemu_compat},
-                                   seed=7, **guest_kw)
+    guest, device = attached_guest(
+        memmap, bitmap=bitmap, device_kw={"qemu_compat": qemu_compat}, seed=7, **guest_kw
+    )
     return guest, device, bitmap
 
 
@@ -81,7 +82,9 @@ def test_a_round_is_one_id_out_buffer_then_aligned_blocks_then_stop() -> None:
     assert np.all(guest.state[guest.hinted_blocks()] == HINTED)
 
 
-@pytest.mark.parametrize("page_size, block", [(4096, 4 * MIB), (16384, 32 * MIB), (65536, 512 * MIB)])
+@pytest.mark.parametrize(
+    "page_size, block", [(4096, 4 * MIB), (16384, 32 * MIB), (65536, 512 * MIB)]
+)
 def test_hint_block_is_max_page_order_for_the_page_size(page_size: int, block: int) -> None:
     guest, device, _ = rig(8 * GIB, page_size=page_size, used=0.9)
     device.start_hinting()
@@ -120,7 +123,7 @@ def test_the_whole_round_through_the_device_clears_exactly_the_hinted_blocks() -
 
 
 def test_the_driver_rereads_the_id_and_stops_when_it_changes() -> None:
-    guest, device, bitmap = rig(8 * GIB)
+    guest, device, _bitmap = rig(8 * GIB)
     device.start_hinting()
     guest.driver.run(max_blocks=100)
     device.process()
@@ -133,7 +136,7 @@ def test_the_driver_rereads_the_id_and_stops_when_it_changes() -> None:
 
 
 def test_a_new_id_mid_round_ends_it_and_starts_the_next() -> None:
-    guest, device, bitmap = rig(8 * GIB)
+    guest, device, _bitmap = rig(8 * GIB)
     first = device.start_hinting()
     guest.driver.run(max_blocks=50)
     device.process()
@@ -241,9 +244,10 @@ def test_init_on_alloc_makes_hinted_pages_dirty_zero_pages(init_on_alloc: bool) 
 
 
 @pytest.mark.parametrize("poison, negotiated", [(None, False), (0, True), (0xAA, True)])
-def test_page_poisoning_is_negotiated_and_told_to_the_device(poison: int | None,
-                                                             negotiated: bool) -> None:
-    guest, device, _ = rig(poison=poison)
+def test_page_poisoning_is_negotiated_and_told_to_the_device(
+    poison: int | None, negotiated: bool
+) -> None:
+    _guest, device, _ = rig(poison=poison)
     assert device.has(F_PAGE_POISON) is negotiated
     assert device.poison_val == (poison or 0)
     assert device.read_config(12, 4) == (poison or 0).to_bytes(4, "little")
@@ -327,7 +331,7 @@ def test_late_hints_of_the_old_round_are_not_applied_in_requested() -> None:
 
 
 def test_recorded_ranges_are_exactly_the_hinted_blocks() -> None:
-    guest, device, bitmap = rig(used=0.5)
+    guest, device, _bitmap = rig(used=0.5)
     device.record_ranges = True
     device.start_hinting()
     guest.driver.run()
@@ -354,11 +358,13 @@ def test_recorded_ranges_include_a_cmd_id_elements_in_buffers() -> None:
     cmd_id = device.start_hinting()
     assert cmd_id is not None
     ram_view(mem, memmap, 0x4000, 4)[:] = np.frombuffer(cmd_id.to_bytes(4, "little"), np.uint8)
-    ring.add_chain([
-        (0x4000, 4, False),
-        (8 * MIB - 4096 - 100, 8192 + 200, True),  # across the touching regions, rounded
-        (32 * MIB + 1, 4096, True),  # covers no whole page
-    ])
+    ring.add_chain(
+        [
+            (0x4000, 4, False),
+            (8 * MIB - 4096 - 100, 8192 + 200, True),  # across the touching regions, rounded
+            (32 * MIB + 1, 4096, True),  # covers no whole page
+        ]
+    )
     r = device.process()
     assert device.state is HintState.START and r.ranges is not None
     assert r.ranges.tolist() == [[2047, 1], [2048, 1]]

@@ -97,8 +97,26 @@ class KvmEnableCap(ctypes.Structure):
 class KvmRegs(ctypes.Structure):  # arch/x86/include/uapi/asm/kvm.h
     _fields_ = [
         (name, ctypes.c_uint64)
-        for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
-                     "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags")
+        for name in (
+            "rax",
+            "rbx",
+            "rcx",
+            "rdx",
+            "rsi",
+            "rdi",
+            "rsp",
+            "rbp",
+            "r8",
+            "r9",
+            "r10",
+            "r11",
+            "r12",
+            "r13",
+            "r14",
+            "r15",
+            "rip",
+            "rflags",
+        )
     ]
 
 
@@ -133,8 +151,10 @@ class KvmSregs(ctypes.Structure):
         *[(name, KvmSegment) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")],
         ("gdt", KvmDtable),
         ("idt", KvmDtable),
-        *[(name, ctypes.c_uint64)
-          for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")],
+        *[
+            (name, ctypes.c_uint64)
+            for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
+        ],
         ("interrupt_bitmap", ctypes.c_uint64 * 4),  # (KVM_NR_INTERRUPTS + 63) / 64
     ]
 
@@ -178,8 +198,16 @@ CHUNK = 64
 
 def _check_struct_sizes() -> None:
     """The uapi sizes (an ioctl number carries its struct's size)."""
-    sizes = {KvmUserspaceMemoryRegion: 32, KvmDirtyLog: 16, KvmClearDirtyLog: 24,
-             KvmEnableCap: 104, KvmRegs: 144, KvmSegment: 24, KvmDtable: 16, KvmSregs: 312}
+    sizes = {
+        KvmUserspaceMemoryRegion: 32,
+        KvmDirtyLog: 16,
+        KvmClearDirtyLog: 24,
+        KvmEnableCap: 104,
+        KvmRegs: 144,
+        KvmSegment: 24,
+        KvmDtable: 16,
+        KvmSregs: 312,
+    }
     for cls, size in sizes.items():
         assert ctypes.sizeof(cls) == size, (cls.__name__, ctypes.sizeof(cls), size)
 
@@ -223,16 +251,20 @@ class KvmVm:
         self._ram = np.frombuffer(ram_map, dtype=np.uint8)
         self._ram[CODE_GPA : CODE_GPA + len(CODE)] = np.frombuffer(CODE, dtype=np.uint8)
         region = KvmUserspaceMemoryRegion(
-            slot=SLOT, flags=KVM_MEM_LOG_DIRTY_PAGES, guest_phys_addr=0,
-            memory_size=RAM_BYTES, userspace_addr=self._ram.ctypes.data,
+            slot=SLOT,
+            flags=KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr=0,
+            memory_size=RAM_BYTES,
+            userspace_addr=self._ram.ctypes.data,
         )
         fcntl.ioctl(self.vm, KVM_SET_USER_MEMORY_REGION, region)
 
         self.vcpu = fcntl.ioctl(self.vm, KVM_CREATE_VCPU, 0)
         self._fds.append(self.vcpu)
         run_size = fcntl.ioctl(kvm, KVM_GET_VCPU_MMAP_SIZE)
-        self._run = mmap.mmap(self.vcpu, run_size, mmap.MAP_SHARED,
-                              mmap.PROT_READ | mmap.PROT_WRITE)
+        self._run = mmap.mmap(
+            self.vcpu, run_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE
+        )
         self._maps.append(self._run)
 
     def close(self) -> None:
@@ -277,8 +309,12 @@ class KvmVm:
         ``first_page``, a multiple of 64)."""
         assert first_page % 64 == 0
         bitmap = np.ascontiguousarray(bits, dtype=np.uint64)
-        clear = KvmClearDirtyLog(slot=SLOT, num_pages=64 * len(bitmap), first_page=first_page,
-                                 dirty_bitmap=bitmap.ctypes.data)
+        clear = KvmClearDirtyLog(
+            slot=SLOT,
+            num_pages=64 * len(bitmap),
+            first_page=first_page,
+            dirty_bitmap=bitmap.ctypes.data,
+        )
         fcntl.ioctl(self.vm, KVM_CLEAR_DIRTY_LOG, clear)
 
 

@@ -40,13 +40,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     console = Console()
     console.print(f"pagehint {__version__}")
-    console.print(f"SIMD level: [bold]{facts['simd_level']}[/bold] "
-                  f"(this CPU can run: {', '.join(available_simd_levels())}; "
-                  "force one with PAGEHINT_SIMD)")
+    console.print(
+        f"SIMD level: [bold]{facts['simd_level']}[/bold] "
+        f"(this CPU can run: {', '.join(available_simd_levels())}; "
+        "force one with PAGEHINT_SIMD)"
+    )
     console.print(f"machine: {facts['machine']}, Python {facts['python']}")
     if rows:
-        table = Table(title="self-benchmark, 1 TiB guest (2^28 pages), best of "
-                      f"{args.repeats}")
+        table = Table(title=f"self-benchmark, 1 TiB guest (2^28 pages), best of {args.repeats}")
         table.add_column("operation")
         table.add_column("pagehint ms", justify="right")
         table.add_column("numpy ms", justify="right")

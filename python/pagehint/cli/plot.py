@@ -8,10 +8,10 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only: no display needed
 
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
 
-from pagehint.migration import MigrationResult, RoundStats  # noqa: E402
+from pagehint.migration import MigrationResult, RoundStats
 
 
 def plot_rounds(title: str, off: MigrationResult, on: MigrationResult, path: str) -> None:
@@ -24,7 +24,7 @@ def plot_rounds(title: str, off: MigrationResult, on: MigrationResult, path: str
     ]
     fig, axes = plt.subplots(1, len(series), figsize=(4.2 * len(series), 3.6), sharex=True)
     width = 0.4
-    for ax, (name, get) in zip(axes, series):
+    for ax, (name, get) in zip(axes, series, strict=True):
         for shift, label, result in ((-width / 2, "hints off", off), (width / 2, "hints on", on)):
             x = np.arange(len(result.rounds)) + shift
             ax.bar(x, [get(r) for r in result.rounds], width, label=label)
@@ -33,8 +33,10 @@ def plot_rounds(title: str, off: MigrationResult, on: MigrationResult, path: str
         ax.set_xlabel("round (last: stop-and-copy)")
         ax.set_ylabel("pages")
     axes[0].legend()
-    fig.suptitle(f"{title}: total {off.total_time * 1000:,.0f} ms without hints, "
-                 f"{on.total_time * 1000:,.0f} ms with")
+    fig.suptitle(
+        f"{title}: total {off.total_time * 1000:,.0f} ms without hints, "
+        f"{on.total_time * 1000:,.0f} ms with"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -11,7 +11,6 @@ from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import Progress as Bar
 from rich.progress import (
     BarColumn,
     SpinnerColumn,
@@ -19,6 +18,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
 )
+from rich.progress import Progress as Bar
 from rich.table import Table
 
 from pagehint.migration import MigrationResult, Progress
@@ -48,14 +48,23 @@ def add_parser(sub: Any) -> None:
         "none) twice, with free page hinting off and on, checks both with the nothing-lost "
         "oracle and prints the figures side by side. Exit status 1 if any page was lost.",
     )
-    p.add_argument("scenario", nargs="?", default="default",
-                   help="shipped scenario name or TOML file (default: default)")
+    p.add_argument(
+        "scenario",
+        nargs="?",
+        default="default",
+        help="shipped scenario name or TOML file (default: default)",
+    )
     p.add_argument("--list", action="store_true", help="list the shipped scenarios and exit")
     p.add_argument("--memory", help="guest RAM, e.g. 8G or 1T")
     p.add_argument("--layout", choices=["x86", "flat"], help="RAM layout (x86: PCI hole)")
     p.add_argument("--workload", choices=WORKLOADS, help="what the guest runs meanwhile")
-    p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
-                   help="a workload parameter, e.g. working_set=2G or pages_per_s=50000")
+    p.add_argument(
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a workload parameter, e.g. working_set=2G or pages_per_s=50000",
+    )
     p.add_argument("--bandwidth", help="link speed, e.g. 10Gbit or 1.25GB (bytes/s)")
     p.add_argument("--downtime", help="maximum downtime, e.g. 300ms")
     p.add_argument("--log-mode", choices=["classic", "manual"], help="KVM dirty log mode")
@@ -99,8 +108,9 @@ def _scenario(args: argparse.Namespace) -> Scenario:
     if not (guest or pc or link):
         return s
     # Overridden: the scenario's own description and published figures no longer apply.
-    out = replace(s, precopy=replace(s.precopy, **pc), link=replace(s.link, **link),
-                  published={}, **guest)
+    out = replace(
+        s, precopy=replace(s.precopy, **pc), link=replace(s.link, **link), published={}, **guest
+    )
     return replace(out, description=f"{describe(out)} (overridden)")
 
 
@@ -109,9 +119,11 @@ def describe(s: Scenario) -> str:
     params = ", ".join(f"{k}={v}" for k, v in s.workload.params.items())
     workload = f"{s.workload.kind} ({params})" if params else s.workload.kind
     pc = s.precopy
-    return (f"{s.memory / (1 << 30):g} GiB {s.layout} guest, {workload}, "
-            f"{s.link.bandwidth * 8 / 1e9:g} Gbit/s, {pc.max_downtime * 1000:g} ms downtime, "
-            f"{s.log_mode} log, {pc.strategy} strategy")
+    return (
+        f"{s.memory / (1 << 30):g} GiB {s.layout} guest, {workload}, "
+        f"{s.link.bandwidth * 8 / 1e9:g} Gbit/s, {pc.max_downtime * 1000:g} ms downtime, "
+        f"{s.log_mode} log, {pc.strategy} strategy"
+    )
 
 
 def _fail(msg: str) -> int:
@@ -146,8 +158,7 @@ def _get(d: dict[str, Any], key: str) -> Any:
 
 
 def _table(s: Scenario, off: MigrationResult, on: MigrationResult) -> Table:
-    table = Table(title=escape(f"scenario {s.name}: {s.description}" if s.description
-                               else s.name))
+    table = Table(title=escape(f"scenario {s.name}: {s.description}" if s.description else s.name))
     table.add_column("")
     table.add_column("hints off", justify="right")
     table.add_column("hints on", justify="right")
@@ -170,11 +181,19 @@ def _published(s: Scenario, off: MigrationResult, on: MigrationResult) -> Table 
     for col in ("", "hints off (ms)", "hints on (ms)", "reduction"):
         table.add_column(col, justify="right" if col else "left")
     pub = reduction(p["total_time_off_ms"], p["total_time_on_ms"])
-    table.add_row("published", f"{p['total_time_off_ms']:,}", f"{p['total_time_on_ms']:,}",
-                  f"{pub * 100:.0f}%")
+    table.add_row(
+        "published",
+        f"{p['total_time_off_ms']:,}",
+        f"{p['total_time_on_ms']:,}",
+        f"{pub * 100:.0f}%",
+    )
     sim = reduction(off.total_time, on.total_time)
-    table.add_row("simulated", f"{off.total_time * 1000:,.0f}", f"{on.total_time * 1000:,.0f}",
-                  f"{sim * 100:.0f}% ({(sim - pub) * 100:+.0f} pp)")
+    table.add_row(
+        "simulated",
+        f"{off.total_time * 1000:,.0f}",
+        f"{on.total_time * 1000:,.0f}",
+        f"{sim * 100:.0f}% ({(sim - pub) * 100:+.0f} pp)",
+    )
     return table
 
 
@@ -198,9 +217,17 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--plot needs matplotlib ({e}); pip install 'pagehint[plot]'")
     show = not args.no_progress and not args.json and err.is_terminal
     results: dict[str, MigrationResult] = {}
-    with Bar(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-             TaskProgressColumn(), TimeElapsedColumn(),
-             console=err, transient=True, disable=not show, auto_refresh=False) as bar:
+    with Bar(
+        SpinnerColumn(),
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TaskProgressColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        transient=True,
+        disable=not show,
+        auto_refresh=False,
+    ) as bar:
         for label, hints in (("hints off", False), ("hints on", True)):
             task = bar.add_task(label, total=None, visible=False)
             t0 = time.perf_counter()
@@ -209,15 +236,20 @@ def run(args: argparse.Namespace) -> int:
                 if time.perf_counter() - t0 < SHOW_PROGRESS_AFTER:
                     return
                 # The bar is the current round: its dirty pages sent or skipped by hints.
-                bar.update(task, visible=True, total=max(p.round_dirty, 1),
-                           completed=max(p.round_dirty - p.remaining, 0), description=(
-                    f"{label}: round {p.round}, {_mib(p.remaining * s.page_size)} MiB dirty, "
-                    f"{p.time:.1f} s simulated"))
+                bar.update(
+                    task,
+                    visible=True,
+                    total=max(p.round_dirty, 1),
+                    completed=max(p.round_dirty - p.remaining, 0),
+                    description=(
+                        f"{label}: round {p.round}, {_mib(p.remaining * s.page_size)} MiB dirty, "
+                        f"{p.time:.1f} s simulated"
+                    ),
+                )
                 bar.refresh()
 
             try:
-                results[label] = run_scenario(s, hints=hints,
-                                              progress=progress if show else None)
+                results[label] = run_scenario(s, hints=hints, progress=progress if show else None)
             except ValueError as e:
                 # Building the guest found the scenario impossible (memory, layout, used,
                 # seed...); failures during the migration itself are a result, not raised.
@@ -227,18 +259,23 @@ def run(args: argparse.Namespace) -> int:
     failed = [r for r in (off, on) if r.status != "completed"]
     lost = sum(r.lost_pages or 0 for r in (off, on))
     if args.json:
-        print(json.dumps({
-            "scenario": s.name,
-            "description": s.description,
-            "hints-off": off.to_dict(),
-            "hints-on": on.to_dict(),
-            "reduction": {
-                "total-time": reduction(off.total_time, on.total_time),
-                "transferred": reduction(off.transferred, on.transferred),
-                "downtime": reduction(off.downtime, on.downtime),
-            },
-            "published": s.published,
-        }, indent=2))
+        print(
+            json.dumps(
+                {
+                    "scenario": s.name,
+                    "description": s.description,
+                    "hints-off": off.to_dict(),
+                    "hints-on": on.to_dict(),
+                    "reduction": {
+                        "total-time": reduction(off.total_time, on.total_time),
+                        "transferred": reduction(off.transferred, on.transferred),
+                        "downtime": reduction(off.downtime, on.downtime),
+                    },
+                    "published": s.published,
+                },
+                indent=2,
+            )
+        )
     else:
         console.print(_table(s, off, on))
         pub = _published(s, off, on)
@@ -247,8 +284,9 @@ def run(args: argparse.Namespace) -> int:
         for r in failed:
             err.print(f"[red]migration {r.status}: {escape(str(r.error))}[/red]")
         if lost:
-            err.print(f"[red]{lost} pages lost: the destination differs where no hint excuses "
-                      "it[/red]")
+            err.print(
+                f"[red]{lost} pages lost: the destination differs where no hint excuses it[/red]"
+            )
     if args.plot:
         plot_rounds(s.name, off, on, args.plot)
         if not args.json:

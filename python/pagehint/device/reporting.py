@@ -79,9 +79,7 @@ class FreePageReporting:
             interrupt = n > 0 and queue.needs_interrupt()
         if len(ranges) and self._discard is not None:
             self._discard(ranges)
-        return ReportResult(
-            n, len(ranges), int(ranges[:, 1].sum()), skipped, rejected, interrupt
-        )
+        return ReportResult(n, len(ranges), int(ranges[:, 1].sum()), skipped, rejected, interrupt)
 
 
 def page_ranges(

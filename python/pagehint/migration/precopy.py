@@ -226,8 +226,8 @@ class Precopy:
 
     def _hint_totals(self) -> _HintTotals:
         d = self.device
-        return _HintTotals() if d is None else _HintTotals(
-            d.pages_hinted_total, d.pages_cleared_total
+        return (
+            _HintTotals() if d is None else _HintTotals(d.pages_hinted_total, d.pages_cleared_total)
         )
 
     def _migration_bitmap_sync(self, *, running: bool) -> int:
@@ -319,8 +319,9 @@ class Precopy:
         downtime limit; nothing is measured before the first window, so no early
         switchover."""
         window, now = self._window, self.link.now()
-        measured = (self._sent.bytes - window.bytes) / (now - window.time) if now > window.time \
-            else 0.0
+        measured = (
+            (self._sent.bytes - window.bytes) / (now - window.time) if now > window.time else 0.0
+        )
         return measured * self.config.max_downtime
 
     def _migration_iteration_run(self) -> bool:
@@ -358,23 +359,36 @@ class Precopy:
         start, now = self._round_start, self.link.now()
         hinted = self._hint_totals()
         sent = self._round_sent
-        self._rounds.append(RoundStats(
-            round=len(self._rounds), start=start.time, duration=now - start.time,
-            dirty_at_start=start.dirty, new_dirty=start.new_dirty, normal=sent.normal,
-            duplicate=sent.duplicate, transferred=sent.bytes,
-            pages_hinted=hinted.hinted - self._hint_base.hinted,
-            pages_skipped=hinted.skipped - self._hint_base.skipped,
-        ))
+        self._rounds.append(
+            RoundStats(
+                round=len(self._rounds),
+                start=start.time,
+                duration=now - start.time,
+                dirty_at_start=start.dirty,
+                new_dirty=start.new_dirty,
+                normal=sent.normal,
+                duplicate=sent.duplicate,
+                transferred=sent.bytes,
+                pages_hinted=hinted.hinted - self._hint_base.hinted,
+                pages_skipped=hinted.skipped - self._hint_base.skipped,
+            )
+        )
         self._round_sent = _Sent()
         self._hint_base = hinted
         self._round_start = _RoundStart(now, self.bitmap.count(), new_dirty)
 
     def _report(self) -> None:
         if self._progress is not None:
-            self._progress(Progress(
-                self.link.now(), len(self._rounds), self.bitmap.count(),
-                self._round_start.dirty, self._sent.normal + self._sent.duplicate, self.npages,
-            ))
+            self._progress(
+                Progress(
+                    self.link.now(),
+                    len(self._rounds),
+                    self.bitmap.count(),
+                    self._round_start.dirty,
+                    self._sent.normal + self._sent.duplicate,
+                    self.npages,
+                )
+            )
 
     # -- the migration -----------------------------------------------------------------------
 

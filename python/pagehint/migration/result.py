@@ -70,9 +70,7 @@ class MigrationResult:
             "pages-hinted": self.pages_hinted,
             "pages-skipped": self.pages_skipped,
             "lost-pages": self.lost_pages,
-            "rounds": [
-                {k.replace("_", "-"): v for k, v in asdict(r).items()} for r in self.rounds
-            ],
+            "rounds": [{k.replace("_", "-"): v for k, v in asdict(r).items()} for r in self.rounds],
         }
         if self.error is not None:
             out["error"] = self.error

@@ -118,7 +118,7 @@ class PageContents:
             inside = (offs >= 0) & (offs + ppb <= n)
             idx = (offs[inside][:, None] + np.arange(ppb)).ravel()
             out[idx] = np.repeat(values[inside], ppb)
-            for off, value in zip(offs[~inside].tolist(), values[~inside].tolist()):
+            for off, value in zip(offs[~inside].tolist(), values[~inside].tolist(), strict=True):
                 out[max(off, 0) : min(off + ppb, n)] = value
         return out
 

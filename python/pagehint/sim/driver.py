@@ -81,9 +81,18 @@ class LinuxBalloonDriver:
         page queue in kernel memory with the device's maximum size, writes ``poison_val``,
         and takes config interrupts. Returns the negotiated features."""
         guest = self.guest
-        wanted = sum(1 << b for b in (F_MUST_TELL_HOST, F_STATS_VQ, F_DEFLATE_ON_OOM,
-                                      F_FREE_PAGE_HINT, F_VERSION_1, F_EVENT_IDX,
-                                      F_INDIRECT_DESC))
+        wanted = sum(
+            1 << b
+            for b in (
+                F_MUST_TELL_HOST,
+                F_STATS_VQ,
+                F_DEFLATE_ON_OOM,
+                F_FREE_PAGE_HINT,
+                F_VERSION_1,
+                F_EVENT_IDX,
+                F_INDIRECT_DESC,
+            )
+        )
         if guest.poison is not None:
             wanted |= 1 << F_PAGE_POISON
         self.negotiated = device.negotiate(wanted & device.features)
@@ -94,8 +103,9 @@ class LinuxBalloonDriver:
             size = FREE_PAGE_QUEUE_MAX
             desc, avail, used = self._ring_layout(size)
             event_idx = bool(self.negotiated >> F_EVENT_IDX & 1)
-            self.queue = DriverSplitRing(guest.ram, guest.memmap, size, desc, avail, used,
-                                         event_idx=event_idx)
+            self.queue = DriverSplitRing(
+                guest.ram, guest.memmap, size, desc, avail, used, event_idx=event_idx
+            )
             device.set_queue(index, size, desc, avail, used)
             guest.write_gpa_range(self._ring_base, self._ring_area(size) + 8)
         if self.negotiated >> F_PAGE_POISON & 1:
@@ -204,8 +214,7 @@ class LinuxBalloonDriver:
                 break
             blocks = guest.hint_blocks(want, self.cmd_id_active)
             if len(blocks):
-                queue.add(guest.block_gpa[blocks], guest.block_bytes, writable=True,
-                          tokens=blocks)
+                queue.add(guest.block_gpa[blocks], guest.block_bytes, writable=True, tokens=blocks)
                 hinted += len(blocks)
                 if budget > 0:
                     budget -= len(blocks)
@@ -214,8 +223,9 @@ class LinuxBalloonDriver:
         touched = hinted or sent
         if touched:
             guest.write_gpa_range(self._ring_base, self._ring_area(queue.size) + 8)
-        return DriverStep(hinted, tuple(sent), returned, self._in_round, ring_full,
-                          bool(touched) and queue.kick())
+        return DriverStep(
+            hinted, tuple(sent), returned, self._in_round, ring_full, bool(touched) and queue.kick()
+        )
 
     def _end_round(self, stop_gpa: int, sent: list[int]) -> None:
         self._send_cmd_id(stop_gpa, CMD_ID_STOP)
@@ -278,7 +288,12 @@ def run_until_idle(
         steps += 1
         if between is not None:
             between(steps)
-        if not guest.driver.in_round and not guest.driver.work_pending and r.elements == 0 \
-                and not s.blocks_hinted and not s.cmd_ids_sent:
+        if (
+            not guest.driver.in_round
+            and not guest.driver.work_pending
+            and r.elements == 0
+            and not s.blocks_hinted
+            and not s.cmd_ids_sent
+        ):
             break
     return RoundResult(blocks, hinted, cleared, ignored, steps, cmd_ids)

@@ -195,8 +195,11 @@ class DriverSplitRing:
         slots = (self._last_used + np.arange(n)) % self.size
         entries = self._used[slots]
         heads = entries[:, 0].astype(np.int64)
-        if n and (heads.max() >= self.size or np.any(self._chain_len[heads] == 0)
-                  or len(np.unique(heads)) != n):
+        if n and (
+            heads.max() >= self.size
+            or np.any(self._chain_len[heads] == 0)
+            or len(np.unique(heads)) != n
+        ):
             raise RuntimeError("the device returned a head that is not in flight")
         self._last_used = used_idx
         tokens = self._tokens[heads].copy()

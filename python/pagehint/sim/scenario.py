@@ -91,11 +91,11 @@ class WorkloadSpec:
                 return Idle(float(p.pop("pages_per_s", 0.0)))
             if self.kind == "memory-hog":
                 rate = p.pop("rate", None)
-                return MemoryHog(parse_size(p.pop("size")),
-                                 None if rate is None else parse_size(rate))
+                return MemoryHog(
+                    parse_size(p.pop("size")), None if rate is None else parse_size(rate)
+                )
             if self.kind == "steady-writer":
-                return SteadyWriter(parse_size(p.pop("working_set")),
-                                    float(p.pop("pages_per_s")))
+                return SteadyWriter(parse_size(p.pop("working_set")), float(p.pop("pages_per_s")))
             if self.kind == "kernel-compile":
                 d = KernelCompile()
                 return KernelCompile(
@@ -129,14 +129,15 @@ class Scenario:
     device_rate: float = DEVICE_RATE
     history: tuple[WorkloadSpec, ...] = ()
     workload: WorkloadSpec = WorkloadSpec()
-    precopy: PrecopyConfig = PrecopyConfig()
-    link: LinkModel = LinkModel()
+    precopy: PrecopyConfig = field(default_factory=PrecopyConfig)
+    link: LinkModel = field(default_factory=LinkModel)
     published: dict[str, Any] = field(default_factory=dict)
 
     def memmap(self) -> _core.MemoryMap:
         if self.layout == "x86":
-            return _core.MemoryMap.x86(self.memory, below_4g=min(self.memory, 2 << 30),
-                                       page_size=self.page_size)
+            return _core.MemoryMap.x86(
+                self.memory, below_4g=min(self.memory, 2 << 30), page_size=self.page_size
+            )
         if self.layout == "flat":
             return _core.MemoryMap([(0, self.memory)], page_size=self.page_size)
         raise ValueError(f"layout must be 'x86' or 'flat', not {self.layout!r}")
@@ -159,15 +160,25 @@ def scenario_from_dict(d: dict[str, Any], name: str = "custom") -> Scenario:
     for key in ("layout", "log_mode"):
         if key in guest:
             kw[key] = guest.pop(key)
-    for key, conv in (("page_size", int), ("used", float), ("init_on_alloc", bool),
-                      ("seed", int), ("hint_rate", float), ("device_rate", float)):
+    for key, conv in (
+        ("page_size", int),
+        ("used", float),
+        ("init_on_alloc", bool),
+        ("seed", int),
+        ("hint_rate", float),
+        ("device_rate", float),
+    ):
         if key in guest:
             kw[key] = conv(guest.pop(key))
-    kw["poison"] = {"none": None, "init_on_free": 0, "page_poison": PAGE_POISON}.get(
-        poison, poison) if isinstance(poison, str) else int(poison)
+    kw["poison"] = (
+        {"none": None, "init_on_free": 0, "page_poison": PAGE_POISON}.get(poison, poison)
+        if isinstance(poison, str)
+        else int(poison)
+    )
     if isinstance(kw["poison"], str):
-        raise ValueError(f"poison must be none, init_on_free, page_poison or a number, "
-                         f"not {poison!r}")
+        raise ValueError(
+            f"poison must be none, init_on_free, page_poison or a number, not {poison!r}"
+        )
     kw["history"] = tuple(_workload(w) for w in d.pop("history", []))
     if "workload" in d:
         kw["workload"] = _workload(d.pop("workload"))
@@ -192,8 +203,11 @@ def scenario_from_dict(d: dict[str, Any], name: str = "custom") -> Scenario:
     for key in ("strategy", "postcopy"):
         if key in mig:
             pc[key] = mig.pop(key)
-    leftovers = {k: v for k, v in (("top level", d), ("[guest]", guest), ("[link]", link),
-                                   ("[migration]", mig)) if v}
+    leftovers = {
+        k: v
+        for k, v in (("top level", d), ("[guest]", guest), ("[link]", link), ("[migration]", mig))
+        if v
+    }
     if leftovers:
         raise ValueError(f"unknown scenario keys: {leftovers}")
     kw["precopy"] = PrecopyConfig(**pc)
@@ -214,9 +228,7 @@ def _workload(d: dict[str, Any]) -> WorkloadSpec:
 def shipped_scenarios() -> dict[str, Path]:
     """The scenarios shipped with pagehint, by name."""
     root = resources.files("pagehint.sim") / "scenarios"
-    return {
-        Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".toml")
-    }
+    return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".toml")}
 
 
 def load_scenario(name_or_path: str) -> Scenario:
@@ -245,9 +257,14 @@ def run_scenario(
     """Builds the scenario's guest and migrates it once, with hints on or off, checking the
     result with the nothing-lost oracle."""
     memmap = scenario.memmap()
-    guest = SimulatedGuest(memmap, seed=scenario.seed, used=scenario.used,
-                           init_on_alloc=scenario.init_on_alloc, poison=scenario.poison,
-                           log_mode=scenario.log_mode)
+    guest = SimulatedGuest(
+        memmap,
+        seed=scenario.seed,
+        used=scenario.used,
+        init_on_alloc=scenario.init_on_alloc,
+        poison=scenario.poison,
+        log_mode=scenario.log_mode,
+    )
     for spec in scenario.history:
         w = spec.build()
         guest.run(w, 0.0)
@@ -259,13 +276,20 @@ def run_scenario(
     if guest.log.mode == "manual":
         guest.log.clear(0, guest.npages)
     guest.workloads.append(scenario.workload.build())
-    source = SimulatedSource(guest, device, hint_rate=scenario.hint_rate,
-                             device_rate=scenario.device_rate)
+    source = SimulatedSource(
+        guest, device, hint_rate=scenario.hint_rate, device_rate=scenario.device_rate
+    )
     destination = SimulatedDestination(guest)
     config = replace(scenario.precopy, hints=hints)
     link = SimulatedLink(source, scenario.link)
-    migration = Precopy(source, destination, link, config, progress=progress,
-                        lost_pages=lambda: len(guest.lost_pages(destination.contents)))
+    migration = Precopy(
+        source,
+        destination,
+        link,
+        config,
+        progress=progress,
+        lost_pages=lambda: len(guest.lost_pages(destination.contents)),
+    )
     return migration.run()
 
 
