@@ -25,7 +25,7 @@ use std::sync::atomic::AtomicU8;
 use crate::guest_memory::{GuestRam, OutsideRam, zeroed_ram};
 use crate::memmap::{MapError, MemoryMap};
 use crate::virtq::{
-    Chain, PackedQueue, QueueError, SplitQueue, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_NEXT,
+    Chain, Desc, PackedQueue, QueueError, SplitQueue, VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_NEXT,
     VIRTQ_DESC_F_USED, VIRTQ_DESC_F_WRITE, Virtqueue,
 };
 
@@ -37,6 +37,24 @@ pub type DescSpec = (u64, u32, u16);
 /// The id written into packed descriptors whose id the device must ignore (all but the last
 /// of a list, and every indirect table entry).
 pub const UNUSED_ID: u16 = 0xbeef;
+
+/// A device-readable buffer as a reader returns it in a [`Chain`].
+pub const fn device_readable(addr: u64, len: u32) -> Desc {
+    Desc {
+        addr,
+        len,
+        writable: false,
+    }
+}
+
+/// A device-writable buffer as a reader returns it in a [`Chain`].
+pub const fn device_writable(addr: u64, len: u32) -> Desc {
+    Desc {
+        addr,
+        len,
+        writable: true,
+    }
+}
 
 /// Guest RAM for a test: a memory map and a zeroed buffer of its size.
 #[derive(Debug)]

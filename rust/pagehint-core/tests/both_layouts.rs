@@ -9,11 +9,13 @@ use std::collections::BTreeSet;
 
 use pagehint_core::free_page::{ControlElement, DrainStop, drain_hints};
 use pagehint_core::test_utils::rig::{DATA, HIGH_END, LOW_END, TABLE};
-use pagehint_core::test_utils::{DescSpec, Driver, PackedDriver, SplitDriver, rig};
+use pagehint_core::test_utils::{
+    DescSpec, Driver, PackedDriver, SplitDriver, device_writable, rig,
+};
 use pagehint_core::virtq::{
-    Chain, Desc, ElementError, PACKED_ONLY_REASONS, PackedQueue, SplitQueue,
-    VIRTQ_DESC_F_AVAIL as AVAIL, VIRTQ_DESC_F_INDIRECT as INDIRECT, VIRTQ_DESC_F_NEXT as NEXT,
-    VIRTQ_DESC_F_USED as USED, VIRTQ_DESC_F_WRITE as WRITE, Virtqueue,
+    Chain, ElementError, PACKED_ONLY_REASONS, PackedQueue, SplitQueue, VIRTQ_DESC_F_AVAIL as AVAIL,
+    VIRTQ_DESC_F_INDIRECT as INDIRECT, VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_USED as USED,
+    VIRTQ_DESC_F_WRITE as WRITE, Virtqueue,
 };
 use pagehint_core::{DirtyBitmap, GuestRam, HintApplier, MemoryMap, RejectCounts};
 
@@ -458,12 +460,11 @@ fn every_bad_element_is_rejected<L: Layout>() {
         drv.add(&[(DATA + 0x800, 4096, WRITE)], GOOD_ID);
         let got = L::pop_with_layout(&mut q, &ram, &layout, &mut chain);
         assert_eq!(got, Some(Ok(GOOD_ID)), "{name}");
-        let good = Desc {
-            addr: DATA + 0x800,
-            len: 4096,
-            writable: true,
-        };
-        assert_eq!(chain.descs(), [good], "{name}");
+        assert_eq!(
+            chain.descs(),
+            [device_writable(DATA + 0x800, 4096)],
+            "{name}"
+        );
         assert_eq!(L::pop_with_layout(&mut q, &ram, &layout, &mut chain), None);
         q.add_used(&ram, GOOD_ID, 10).expect("in flight");
         assert_eq!(drv.returned(), Some((u32::from(GOOD_ID), 10)), "{name}");

@@ -4,37 +4,21 @@
 
 use std::collections::VecDeque;
 
-use pagehint_core::guest_memory::zeroed_ram;
+use pagehint_core::RejectCounts;
 use pagehint_core::test_utils::rig::{
     self as guest, DATA, DESC, DEVICE_AREA as DEVICE_EV, DRIVER_AREA as DRIVER_EV, HIGH, HIGH_END,
     LOW_END, TABLE,
 };
 use pagehint_core::test_utils::{
-    Driver, PackedDriver, UNUSED_ID as JUNK_ID, avail_bits, drain_checked, used_bits, with_bits,
+    Driver, PackedDriver, TestRam, UNUSED_ID as JUNK_ID, avail_bits, device_readable as out,
+    device_writable as inb, drain_checked, used_bits, with_bits,
 };
 use pagehint_core::virtq::{
     Chain, Desc, PackedQueue, QueueError, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE, Ring, VIRTQ_DESC_F_AVAIL as AVAIL, VIRTQ_DESC_F_INDIRECT as INDIRECT,
     VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_USED as USED, VIRTQ_DESC_F_WRITE as WRITE,
 };
-use pagehint_core::{GuestRam, MemoryMap, RejectCounts};
 use proptest::prelude::*;
-
-const fn out(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        writable: false,
-    }
-}
-
-const fn inb(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        writable: true,
-    }
-}
 
 #[test]
 fn queue_setup_is_checked() {
@@ -103,9 +87,8 @@ fn queue_setup_is_checked() {
         })
     );
     // The largest size: 512 KiB of descriptors.
-    let map = MemoryMap::new(&[(0, 1 << 20)], 4096).expect("map");
-    let buf = zeroed_ram(1 << 20);
-    let big = GuestRam::new(&map, &buf).expect("sized");
+    let big_mem = TestRam::new(&[(0, 1 << 20)], 4096).expect("map");
+    let big = big_mem.ram();
     let q = PackedQueue::new(&big, 32768, 0, 0x8_0000, 0x8_0004, false).expect("fits");
     assert_eq!(q.size(), 32768);
     assert!(PackedQueue::new(&big, 32768, 0x8_0010, 0, 4, false).is_err());
@@ -302,9 +285,8 @@ fn set_indices_checks_its_range() {
 fn a_queue_whose_parts_are_not_in_the_given_ram_breaks() {
     let rig = guest::packed(8);
     let q0 = rig.queue(false).expect("queue");
-    let small = MemoryMap::new(&[(0, 0x1000)], 4096).expect("map");
-    let buf = zeroed_ram(0x1000);
-    let ram = GuestRam::new(&small, &buf).expect("sized");
+    let small = TestRam::new(&[(0, 0x1000)], 4096).expect("map");
+    let ram = small.ram();
     let mut chain = Chain::new();
     let mut q = q0.clone();
     assert_eq!(q.pop(&ram, &mut chain), None);

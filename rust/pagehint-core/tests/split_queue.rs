@@ -1,35 +1,19 @@
 //! The split virtqueue reader against hand-built rings: every rejection reason, queue breaks,
 //! happy paths (chains, indirect tables, index wrap-around, notifications) and random rings.
 
-use pagehint_core::guest_memory::zeroed_ram;
 use pagehint_core::test_utils::rig::{
     self as guest, DATA, DESC, DEVICE_AREA as USED, DRIVER_AREA as AVAIL, HIGH, HIGH_END, LOW_END,
     TABLE,
 };
-use pagehint_core::test_utils::{Driver, drain_checked};
+use pagehint_core::test_utils::{
+    Driver, TestRam, device_readable as out, device_writable as inb, drain_checked,
+};
 use pagehint_core::virtq::{
-    Chain, Desc, QueueError, Ring, SplitQueue, VIRTQ_AVAIL_F_NO_INTERRUPT,
+    Chain, QueueError, Ring, SplitQueue, VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT as INDIRECT, VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_WRITE as WRITE,
     vring_need_event,
 };
-use pagehint_core::{GuestRam, MemoryMap};
 use proptest::prelude::*;
-
-const fn out(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        writable: false,
-    }
-}
-
-const fn inb(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        writable: true,
-    }
-}
 
 #[test]
 fn queue_setup_is_checked() {
@@ -96,9 +80,8 @@ fn queue_setup_is_checked() {
     );
     // The largest size is accepted when its rings fit: 512 KiB of descriptors, 64 KiB + 6
     // of available ring, 256 KiB + 6 of used ring.
-    let map = MemoryMap::new(&[(0, 1 << 20)], 4096).expect("map");
-    let buf = zeroed_ram(1 << 20);
-    let big = GuestRam::new(&map, &buf).expect("sized");
+    let big_mem = TestRam::new(&[(0, 1 << 20)], 4096).expect("map");
+    let big = big_mem.ram();
     let q = SplitQueue::new(&big, 32768, 0, 0x8_0000, 0x9_2000, true).expect("fits");
     assert_eq!(q.size(), 32768);
     assert!(SplitQueue::new(&big, 32768, 0, 0x8_0000, 0xc_2000, true).is_err());
@@ -215,9 +198,8 @@ fn a_queue_whose_rings_are_not_in_the_given_ram_breaks() {
     let rig = guest::split(8);
     let q0 = rig.queue(false).expect("queue");
     // The same queue used with a smaller guest RAM that lacks its rings.
-    let small = MemoryMap::new(&[(0, 0x1000)], 4096).expect("map");
-    let buf = zeroed_ram(0x1000);
-    let ram = GuestRam::new(&small, &buf).expect("sized");
+    let small = TestRam::new(&[(0, 0x1000)], 4096).expect("map");
+    let ram = small.ram();
     let mut q = q0.clone();
     let mut chain = Chain::new();
     assert_eq!(q.pop(&ram, &mut chain), None);
