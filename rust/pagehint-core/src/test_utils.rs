@@ -94,25 +94,6 @@ impl TestRam {
             .write(gpa, data)
             .unwrap_or_else(|e| panic!("test write: {e}"));
     }
-
-    /// Writes a little-endian `u16` at `gpa`; panics if it is not all RAM.
-    pub fn poke_u16(&self, gpa: u64, v: u16) {
-        self.poke(gpa, &v.to_le_bytes());
-    }
-
-    /// Reads a little-endian `u16` at `gpa`; panics if it is not all RAM.
-    pub fn peek_u16(&self, gpa: u64) -> u16 {
-        self.ram()
-            .read_u16(gpa)
-            .unwrap_or_else(|e| panic!("test read: {e}"))
-    }
-
-    /// Reads a little-endian `u32` at `gpa`; panics if it is not all RAM.
-    pub fn peek_u32(&self, gpa: u64) -> u32 {
-        self.ram()
-            .read_u32(gpa)
-            .unwrap_or_else(|e| panic!("test read: {e}"))
-    }
 }
 
 /// The 16 bytes of a split descriptor (§2.7.5): `{addr: le64, len: le32, flags: le16, next:
