@@ -20,9 +20,9 @@
 use arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
 use pagehint_core::free_page::drain_hints;
-use pagehint_core::guest_memory::zeroed_ram;
+use pagehint_core::test_utils::TestRam;
 use pagehint_core::virtq::{Chain, PackedQueue};
-use pagehint_core::{DirtyBitmap, GuestRam, HintApplier, MemoryMap};
+use pagehint_core::{DirtyBitmap, HintApplier};
 
 const PAGE: u64 = 4096;
 const RAM_REGIONS: [(u64, u64); 2] = [(0x4000, 0x2000), (0, 0x2000)];
@@ -72,9 +72,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     let start: u16 = if u.ratio(1, 8)? { u.arbitrary()? } else { u.int_in_range(0..=size)? };
     let wrap: bool = u.arbitrary()?;
 
-    let map = MemoryMap::new(&RAM_REGIONS, PAGE).expect("valid map");
-    let buf = zeroed_ram(usize::try_from(map.ram_bytes()).expect("small"));
-    let ram = GuestRam::new(&map, &buf).expect("sized");
+    let mem = TestRam::new(&RAM_REGIONS, PAGE).expect("valid map");
+    let (map, ram) = (mem.map(), mem.ram());
     let contents = u.bytes(u.len().min(usize::try_from(RAM_TOP).expect("small")))?;
     for (gpa, chunk) in (0u64..).step_by(512).zip(contents.chunks(512)) {
         let _ = ram.write(gpa, chunk); // bytes over the hole are dropped
@@ -131,7 +130,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     let mut bm = DirtyBitmap::new_dirty(map.npages()).expect("small bitmap");
     let budget = usize::from(u.int_in_range(0..=8u8)?);
     let (applied, _) = {
-        let mut applier = HintApplier::new(&mut bm, &map).expect("fits");
+        let mut applier = HintApplier::new(&mut bm, map).expect("fits");
         drain_hints(&mut q2, &ram, &mut chain, Some(&mut applier), budget)
     };
     assert!(applied <= budget);

@@ -23,7 +23,7 @@
 
 use arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
-use pagehint_core::guest_memory::zeroed_ram;
+use pagehint_core::test_utils::{SplitRing, TestRam, write_split_desc};
 use pagehint_core::virtq::{
     Chain, Desc, QueueError, SplitQueue, VIRTQ_DESC_F_INDIRECT as INDIRECT,
     VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_WRITE as WRITE,
@@ -173,6 +173,18 @@ struct Setup {
     used_lens: Vec<u32>,
 }
 
+impl Setup {
+    /// The rings as the driver writes them.
+    const fn ring(&self) -> SplitRing {
+        SplitRing {
+            size: self.size,
+            desc: self.desc,
+            avail: self.avail,
+            used: self.used,
+        }
+    }
+}
+
 fn setup(u: &mut Unstructured<'_>) -> Result<Setup> {
     let size: u16 = if u.ratio(1, 32)? {
         u.arbitrary()?
@@ -310,13 +322,8 @@ fn structured(u: &mut Unstructured<'_>, ram: &GuestRam<'_>, s: &Setup) -> Result
             } else {
                 u.int_in_range(0..=limit.saturating_add(1))?
             };
-            let mut b = [0u8; 16];
-            b[..8].copy_from_slice(&addr.to_le_bytes());
-            b[8..12].copy_from_slice(&len.to_le_bytes());
-            b[12..14].copy_from_slice(&flags.to_le_bytes());
-            b[14..].copy_from_slice(&next.to_le_bytes());
-            // (The configuration is not validated yet: wrap rather than overflow.)
-            let _ = ram.write(table.wrapping_add(16 * u64::from(i)), &b);
+            // (The configuration is not validated yet: the writer wraps rather than overflows.)
+            let _ = write_split_desc(ram, table, i, addr, len, flags, next);
         }
     }
     let pending = if u.ratio(1, 16)? {
@@ -324,25 +331,25 @@ fn structured(u: &mut Unstructured<'_>, ram: &GuestRam<'_>, s: &Setup) -> Result
     } else {
         u.int_in_range(0..=s.size.saturating_add(1))?
     };
+    let ring = s.ring();
     for k in 0..pending.min(s.size) {
-        let slot = u64::from(s.last_avail.wrapping_add(k) & s.size.wrapping_sub(1));
         let head = if u.ratio(1, 32)? {
             u.arbitrary()?
         } else {
             u.int_in_range(0..=limit.saturating_sub(1))?
         };
-        let _ = ram.write_u16(s.avail.wrapping_add(4 + 2 * slot), head);
+        let _ = ring.set_avail_head(ram, s.last_avail.wrapping_add(k), head);
     }
-    let _ = ram.write_u16(s.avail.wrapping_add(2), s.last_avail.wrapping_add(pending));
+    let _ = ring.set_avail_idx(ram, s.last_avail.wrapping_add(pending));
     Ok(())
 }
 
 fn run(u: &mut Unstructured<'_>) -> Result<()> {
     let s = setup(u)?;
-    let map = MemoryMap::new(&RAM_REGIONS, PAGE).expect("valid map");
+    let mem = TestRam::new(&RAM_REGIONS, PAGE).expect("valid map");
     let layout_map = MemoryMap::new(&s.layout, PAGE).expect("valid layout");
-    let buf = zeroed_ram(usize::try_from(map.ram_bytes()).expect("small"));
-    let ram = GuestRam::new(&map, &buf).expect("sized");
+    let ram = mem.ram();
+    let ring = s.ring();
     if u.arbitrary()? {
         structured(u, &ram, &s)?;
     } else {
@@ -396,7 +403,7 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     if !consistent {
         return Ok(());
     }
-    ram.write_u16(s.used + 2, next_used0).expect("ring in RAM");
+    ring.set_used_idx(&ram, next_used0).expect("ring in RAM");
 
     let mut chain = Chain::new();
     let mut held: Vec<u16> = Vec::new();
@@ -407,8 +414,8 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                 let _ = ram.write_u16(gpa, v);
             }
             if s.bump != 0 {
-                let idx = ram.read_u16(s.avail + 2).expect("ring in RAM");
-                ram.write_u16(s.avail + 2, idx.wrapping_add(s.bump))
+                let idx = ring.avail_idx(&ram).expect("ring in RAM");
+                ring.set_avail_idx(&ram, idx.wrapping_add(s.bump))
                     .expect("ring in RAM");
             }
         }
@@ -429,13 +436,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             let next_used = q.next_used();
             let counts_before = *q.counts();
             // The reference walk, from the head the queue will take (if it takes one now).
-            let pending = ram
-                .read_u16(s.avail + 2)
+            let pending = ring
+                .avail_idx(&ram)
                 .map(|i| i.wrapping_sub(last_avail))
                 .unwrap_or(0);
-            let head = ram
-                .read_u16(s.avail + 4 + 2 * u64::from(last_avail & (s.size - 1)))
-                .ok();
+            let head = ring.avail_head(&ram, last_avail).ok();
             let mut reads = Vec::new();
             let want = head
                 .filter(|&h| h < s.size)
@@ -482,10 +487,10 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
                         assert_eq!(want, Some(Walk::Element(e.reason())), "{e:?}");
                     }
                     // Returned with length 0 (unless the used element overlaps the index).
-                    let at = s.used + 4 + 8 * u64::from(next_used & (s.size - 1));
+                    let at = ring.used_elem_gpa(next_used);
                     if !overlaps((at, 8), (s.used + 2, 2)) {
                         assert_eq!(ram.read_u32(at + 4), Ok(0), "used length of {e:?}");
-                        assert_eq!(ram.read_u16(s.used + 2), Ok(next_used.wrapping_add(1)));
+                        assert_eq!(ring.used_idx(&ram), Ok(next_used.wrapping_add(1)));
                     }
                 }
             }
@@ -527,12 +532,11 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
             }
             assert_eq!(got, Ok(()));
             assert_eq!(q.next_used(), next_used.wrapping_add(1));
-            let at = s.used + 4 + 8 * u64::from(next_used & (s.size - 1));
+            let at = ring.used_elem_gpa(next_used);
             if !overlaps((at, 8), (s.used + 2, 2)) {
-                assert_eq!(ram.read_u32(at), Ok(u32::from(h)));
-                assert_eq!(ram.read_u32(at + 4), Ok(len));
+                assert_eq!(ring.used_elem(&ram, next_used), Ok((u32::from(h), len)));
             }
-            assert_eq!(ram.read_u16(s.used + 2), Ok(q.next_used()));
+            assert_eq!(ring.used_idx(&ram), Ok(q.next_used()));
         }
         held.clear();
         assert!(

@@ -11,6 +11,8 @@ pub mod hints;
 pub mod kernels;
 pub mod memmap;
 pub mod span;
+#[cfg(feature = "test-utils")]
+pub mod test_utils;
 pub mod virtq;
 pub mod words;
 

@@ -2,518 +2,27 @@
 //! happy paths (lists straddling the ring end, indirect tables, out-of-order completion,
 //! notifications), a driver model round trip, and random rings.
 
-use std::collections::{BTreeSet, VecDeque};
-use std::sync::atomic::AtomicU8;
+use std::collections::VecDeque;
 
-use pagehint_core::guest_memory::zeroed_ram;
-use pagehint_core::virtq::{
-    Chain, Desc, ElementError, PACKED_ONLY_REASONS, PackedQueue, QueueError, RING_EVENT_FLAGS_DESC,
-    RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE, Ring, VIRTQ_DESC_F_AVAIL as AVAIL,
-    VIRTQ_DESC_F_INDIRECT as INDIRECT, VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_USED as USED,
-    VIRTQ_DESC_F_WRITE as WRITE,
+use pagehint_core::RejectCounts;
+use pagehint_core::test_utils::rig::{
+    self as guest, DATA, DESC, DEVICE_AREA as DEVICE_EV, DRIVER_AREA as DRIVER_EV, HIGH, HIGH_END,
+    LOW_END, TABLE,
 };
-use pagehint_core::{GuestRam, MemoryMap, RejectCounts};
+use pagehint_core::test_utils::{
+    Driver, PackedDriver, TestRam, UNUSED_ID as JUNK_ID, avail_bits, device_readable as out,
+    device_writable as inb, drain_checked, used_bits, with_bits,
+};
+use pagehint_core::virtq::{
+    Chain, Desc, PackedQueue, QueueError, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE,
+    RING_EVENT_FLAGS_ENABLE, Ring, VIRTQ_DESC_F_AVAIL as AVAIL, VIRTQ_DESC_F_INDIRECT as INDIRECT,
+    VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_USED as USED, VIRTQ_DESC_F_WRITE as WRITE,
+};
 use proptest::prelude::*;
-
-/// RAM [0, 64 KiB) and [128 KiB, 192 KiB): a hole in between, nothing after.
-const LOW_END: u64 = 0x1_0000;
-const HIGH: u64 = 0x2_0000;
-const HIGH_END: u64 = 0x3_0000;
-const DESC: u64 = 0x1000;
-const DRIVER_EV: u64 = 0x2000;
-const DEVICE_EV: u64 = 0x3000;
-/// Where indirect tables go.
-const TABLE: u64 = 0x4000;
-/// Where buffers go.
-const DATA: u64 = 0x8000;
-/// The id field of list descriptors other than the last (the device must ignore it).
-const JUNK_ID: u16 = 0xbeef;
-
-/// A guest with a hole and a packed queue's parts at fixed places.
-struct Rig {
-    map: MemoryMap,
-    buf: Vec<AtomicU8>,
-    size: u16,
-}
-
-impl Rig {
-    fn new(size: u16) -> Self {
-        let map = MemoryMap::new(&[(0, LOW_END), (HIGH, HIGH_END - HIGH)], 4096).expect("map");
-        let buf = zeroed_ram(usize::try_from(map.ram_bytes()).expect("small"));
-        Self { map, buf, size }
-    }
-
-    fn ram(&self) -> GuestRam<'_> {
-        GuestRam::new(&self.map, &self.buf).expect("sized")
-    }
-
-    fn queue(&self, event_idx: bool) -> PackedQueue {
-        PackedQueue::new(
-            &self.ram(),
-            self.size,
-            DESC,
-            DRIVER_EV,
-            DEVICE_EV,
-            event_idx,
-        )
-        .expect("queue")
-    }
-
-    /// Writes descriptor `i` of the table at `table`.
-    fn raw(&self, table: u64, i: u16, addr: u64, len: u32, id: u16, flags: u16) {
-        let mut b = [0u8; 16];
-        b[..8].copy_from_slice(&addr.to_le_bytes());
-        b[8..12].copy_from_slice(&len.to_le_bytes());
-        b[12..14].copy_from_slice(&id.to_le_bytes());
-        b[14..].copy_from_slice(&flags.to_le_bytes());
-        self.ram()
-            .write(table + 16 * u64::from(i), &b)
-            .expect("in ram");
-    }
-
-    /// Indirect table entry `i` (its id is ignored by the device).
-    fn entry(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16) {
-        self.raw(table, i, addr, len, JUNK_ID, flags);
-    }
-
-    /// The descriptor at ring slot `pos`: (id, len, flags).
-    fn slot(&self, pos: u16) -> (u16, u32, u16) {
-        let at = DESC + 16 * u64::from(pos);
-        let ram = self.ram();
-        (
-            ram.read_u16(at + 12).expect("ram"),
-            ram.read_u32(at + 8).expect("ram"),
-            ram.read_u16(at + 14).expect("ram"),
-        )
-    }
-
-    fn set_driver_event(&self, off_wrap: u16, flags: u16) {
-        let ram = self.ram();
-        ram.write_u16(DRIVER_EV, off_wrap).expect("ram");
-        ram.write_u16(DRIVER_EV + 2, flags).expect("ram");
-    }
-
-    fn device_event(&self) -> (u16, u16) {
-        let ram = self.ram();
-        (
-            ram.read_u16(DEVICE_EV).expect("ram"),
-            ram.read_u16(DEVICE_EV + 2).expect("ram"),
-        )
-    }
-}
-
-/// AVAIL/USED bits of a descriptor made available in the lap with wrap counter `wrap`.
-const fn avail_bits(wrap: bool) -> u16 {
-    if wrap { AVAIL } else { USED }
-}
-
-/// AVAIL/USED bits of a descriptor used in the lap with wrap counter `wrap`.
-const fn used_bits(wrap: bool) -> u16 {
-    if wrap { AVAIL | USED } else { 0 }
-}
-
-/// The driver side of making lists available, as in the spec's example: consecutive slots,
-/// the wrap counter flipping past the end, the id in the last descriptor, the first
-/// descriptor's flags written last.
-struct Drv {
-    size: u16,
-    next: u16,
-    wrap: bool,
-}
-
-impl Drv {
-    const fn new(size: u16) -> Self {
-        Self {
-            size,
-            next: 0,
-            wrap: true,
-        }
-    }
-
-    const fn at(size: u16, next: u16, wrap: bool) -> Self {
-        Self { size, next, wrap }
-    }
-
-    /// Writes a list with exactly the given flags (plus the AVAIL/USED bits of each slot's
-    /// lap).
-    fn list_raw(&mut self, rig: &Rig, descs: &[(u64, u32, u16)], id: u16) {
-        let first = self.next;
-        let mut first_desc = None;
-        for (i, &(addr, len, flags)) in descs.iter().enumerate() {
-            let last = i + 1 == descs.len();
-            let this_id = if last { id } else { JUNK_ID };
-            if i == 0 {
-                first_desc = Some((addr, len, this_id, flags | avail_bits(self.wrap)));
-                // Keep the old flags for now: write everything else.
-                let (_, _, old_flags) = rig.slot(self.next);
-                rig.raw(DESC, self.next, addr, len, this_id, old_flags);
-            } else {
-                rig.raw(
-                    DESC,
-                    self.next,
-                    addr,
-                    len,
-                    this_id,
-                    flags | avail_bits(self.wrap),
-                );
-            }
-            self.next += 1;
-            if self.next == self.size {
-                self.next = 0;
-                self.wrap = !self.wrap;
-            }
-        }
-        if let Some((addr, len, this_id, flags)) = first_desc {
-            rig.raw(DESC, first, addr, len, this_id, flags);
-        }
-    }
-
-    /// Writes a list of buffers `(addr, len, writable)`, NEXT on all but the last.
-    fn list(&mut self, rig: &Rig, bufs: &[(u64, u32, bool)], id: u16) {
-        let descs: Vec<_> = bufs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, w))| {
-                let mut flags = if w { WRITE } else { 0 };
-                if i + 1 < bufs.len() {
-                    flags |= NEXT;
-                }
-                (addr, len, flags)
-            })
-            .collect();
-        self.list_raw(rig, &descs, id);
-    }
-}
-
-const fn out(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        writable: false,
-    }
-}
-
-const fn inb(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        writable: true,
-    }
-}
-
-/// A layout with 8 GiB of RAM from 0, for buffers too big for the test buffer.
-fn big_layout() -> MemoryMap {
-    MemoryMap::new(&[(0, 8 << 30)], 4096).expect("map")
-}
-
-/// One hostile element, made available at slot 0 (size 8) with buffer id `BAD_ID`: how to
-/// write it, the exact reason expected and how many ring slots it takes.
-struct Case {
-    name: &'static str,
-    build: fn(&Rig, &mut Drv),
-    want: ElementError,
-    slots: u16,
-    big_layout: bool,
-}
-
-const BAD_ID: u16 = 3;
-
-fn cases() -> Vec<Case> {
-    vec![
-        Case {
-            name: "list longer than the queue (NEXT on every slot)",
-            build: |r, d| d.list_raw(r, &[(DATA, 4, NEXT); 8], BAD_ID),
-            want: ElementError::ChainTooLong { limit: 8 },
-            slots: 8,
-            big_layout: false,
-        },
-        Case {
-            name: "INDIRECT with NEXT",
-            build: |r, d| {
-                r.entry(TABLE, 0, DATA, 4, 0);
-                d.list_raw(r, &[(TABLE, 16, INDIRECT | NEXT), (DATA, 4, 0)], BAD_ID);
-            },
-            want: ElementError::IndirectWithNext,
-            slots: 2,
-            big_layout: false,
-        },
-        Case {
-            name: "INDIRECT after a NEXT descriptor",
-            build: |r, d| {
-                r.entry(TABLE, 0, DATA, 4, 0);
-                d.list_raw(r, &[(DATA, 4, NEXT), (TABLE, 16, INDIRECT)], BAD_ID);
-            },
-            want: ElementError::IndirectInChain,
-            slots: 2,
-            big_layout: false,
-        },
-        Case {
-            name: "nested indirect",
-            build: |r, d| {
-                r.entry(TABLE, 0, TABLE + 0x100, 16, INDIRECT);
-                r.entry(TABLE + 0x100, 0, DATA, 4, 0);
-                d.list_raw(r, &[(TABLE, 16, INDIRECT)], BAD_ID);
-            },
-            want: ElementError::NestedIndirect,
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "indirect table of length 0",
-            build: |r, d| d.list_raw(r, &[(TABLE, 0, INDIRECT)], BAD_ID),
-            want: ElementError::IndirectEmpty,
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "indirect table length not a multiple of 16",
-            build: |r, d| d.list_raw(r, &[(TABLE, 24, INDIRECT)], BAD_ID),
-            want: ElementError::IndirectLenNotMultiple { len: 24 },
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "indirect table longer than the queue",
-            build: |r, d| d.list_raw(r, &[(TABLE, 16 * 9, INDIRECT)], BAD_ID),
-            want: ElementError::IndirectTooLarge {
-                entries: 9,
-                size: 8,
-            },
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "indirect table in the hole",
-            build: |r, d| d.list_raw(r, &[(LOW_END + 0x100, 32, INDIRECT)], BAD_ID),
-            want: ElementError::IndirectOutsideRam {
-                addr: LOW_END + 0x100,
-                len: 32,
-            },
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "indirect table crossing into the hole",
-            build: |r, d| d.list_raw(r, &[(LOW_END - 16, 32, INDIRECT)], BAD_ID),
-            want: ElementError::IndirectOutsideRam {
-                addr: LOW_END - 16,
-                len: 32,
-            },
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "zero-length buffer",
-            build: |r, d| d.list_raw(r, &[(DATA, 0, WRITE)], BAD_ID),
-            want: ElementError::ZeroLengthBuffer { addr: DATA },
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "zero-length buffer first of a list of 3: the whole list is skipped",
-            build: |r, d| {
-                d.list_raw(
-                    r,
-                    &[(DATA, 0, NEXT), (DATA, 4, NEXT), (DATA + 4, 4, WRITE)],
-                    BAD_ID,
-                );
-            },
-            want: ElementError::ZeroLengthBuffer { addr: DATA },
-            slots: 3,
-            big_layout: false,
-        },
-        Case {
-            name: "zero-length buffer inside an indirect table",
-            build: |r, d| {
-                r.entry(TABLE, 0, DATA, 0, 0);
-                d.list_raw(r, &[(TABLE, 16, INDIRECT)], BAD_ID);
-            },
-            want: ElementError::ZeroLengthBuffer { addr: DATA },
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "buffer in the hole",
-            build: |r, d| d.list_raw(r, &[(LOW_END + 0x1000, 4096, WRITE)], BAD_ID),
-            want: ElementError::BufferOutsideRam {
-                addr: LOW_END + 0x1000,
-                len: 4096,
-            },
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "buffer crossing into the hole",
-            build: |r, d| d.list_raw(r, &[(LOW_END - 0x1000, 0x2000, WRITE)], BAD_ID),
-            want: ElementError::BufferOutsideRam {
-                addr: LOW_END - 0x1000,
-                len: 0x2000,
-            },
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "buffer past the end of RAM",
-            build: |r, d| d.list_raw(r, &[(HIGH_END - 4, 8, 0)], BAD_ID),
-            want: ElementError::BufferOutsideRam {
-                addr: HIGH_END - 4,
-                len: 8,
-            },
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "buffer wrapping past 2^64",
-            build: |r, d| d.list_raw(r, &[(u64::MAX - 10, 100, WRITE)], BAD_ID),
-            want: ElementError::BufferOutsideRam {
-                addr: u64::MAX - 10,
-                len: 100,
-            },
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "second buffer of a list outside RAM",
-            build: |r, d| d.list_raw(r, &[(DATA, 4, NEXT), (HIGH_END, 4096, WRITE)], BAD_ID),
-            want: ElementError::BufferOutsideRam {
-                addr: HIGH_END,
-                len: 4096,
-            },
-            slots: 2,
-            big_layout: false,
-        },
-        Case {
-            name: "buffer inside an indirect table outside RAM",
-            build: |r, d| {
-                r.entry(TABLE, 0, DATA, 4, 0);
-                r.entry(TABLE, 1, LOW_END, 4, WRITE);
-                d.list_raw(r, &[(TABLE, 32, INDIRECT)], BAD_ID);
-            },
-            want: ElementError::BufferOutsideRam {
-                addr: LOW_END,
-                len: 4,
-            },
-            slots: 1,
-            big_layout: false,
-        },
-        Case {
-            name: "total length over 2^32 - 1",
-            build: |r, d| {
-                d.list_raw(
-                    r,
-                    &[(0, 0xffff_f000, WRITE | NEXT), (0, 0x2000, WRITE)],
-                    BAD_ID,
-                );
-            },
-            want: ElementError::LengthOverflow {
-                total: 0xffff_f000 + 0x2000,
-            },
-            slots: 2,
-            big_layout: true,
-        },
-        Case {
-            name: "readable after writable",
-            build: |r, d| d.list_raw(r, &[(DATA, 64, WRITE | NEXT), (DATA + 64, 4, 0)], BAD_ID),
-            want: ElementError::ReadableAfterWritable,
-            slots: 2,
-            big_layout: false,
-        },
-        Case {
-            name: "readable after writable inside an indirect table",
-            build: |r, d| {
-                r.entry(TABLE, 0, DATA, 64, WRITE);
-                r.entry(TABLE, 1, DATA + 64, 4, 0);
-                d.list_raw(r, &[(TABLE, 32, INDIRECT)], BAD_ID);
-            },
-            want: ElementError::ReadableAfterWritable,
-            slots: 1,
-            big_layout: false,
-        },
-    ]
-}
-
-/// Reasons that break the queue rather than reject an element, or that only the split ring
-/// has.
-const NOT_ELEMENT_REASONS: [&str; 6] = [
-    "head_out_of_range",
-    "next_out_of_range",
-    "buffer_id_out_of_range",
-    "buffer_id_in_use",
-    "chain_desc_not_available",
-    "ring_overrun",
-];
-
-#[test]
-fn every_bad_element_is_rejected_with_its_reason_returned_with_len_0_and_processing_goes_on() {
-    let mut seen = BTreeSet::new();
-    for case in cases() {
-        let rig = Rig::new(8);
-        let mut drv = Drv::new(8);
-        (case.build)(&rig, &mut drv);
-        let ram = rig.ram();
-        let mut q = rig.queue(false);
-        let layout = if case.big_layout {
-            big_layout()
-        } else {
-            rig.map.clone()
-        };
-        let mut chain = Chain::new();
-        let got = q.pop_with_layout(&ram, &layout, &mut chain);
-        assert_eq!(got, Some(Err(case.want)), "{}", case.name);
-        // Returned at once, in the first slot of the list, with the device's wrap counter 1.
-        assert_eq!(
-            rig.slot(0),
-            (BAD_ID, 0, AVAIL | USED),
-            "{}: id {BAD_ID}, len 0, used in lap 1",
-            case.name
-        );
-        let wrapped = case.slots == 8;
-        let next = case.slots % 8;
-        assert_eq!(
-            (q.next_avail(), q.avail_wrap(), q.next_used(), q.used_wrap()),
-            (next, !wrapped, next, !wrapped),
-            "{}: the whole list is skipped",
-            case.name
-        );
-        assert_eq!(q.in_flight(), 0, "{}", case.name);
-        let counts = q.counts();
-        assert_eq!(counts.total(), 1, "{}", case.name);
-        let by_reason = counts.by_reason();
-        let hit: Vec<_> = by_reason.iter().filter(|(_, n)| *n == 1).collect();
-        assert_eq!(hit, [&(case.want.reason(), 1)], "{}", case.name);
-        assert!(!case.want.to_string().is_empty());
-        seen.insert(case.want.reason());
-        // Processing goes on with the next element, right after the bad one.
-        assert_eq!(q.pop_with_layout(&ram, &layout, &mut chain), None);
-        assert_eq!((drv.next, drv.wrap), (next, !wrapped), "{}", case.name);
-        drv.list(&rig, &[(DATA + 0x800, 4096, true)], 5);
-        let got = q.pop_with_layout(&ram, &layout, &mut chain);
-        assert_eq!(got, Some(Ok(5)), "{}", case.name);
-        assert_eq!(chain.descs(), [inb(DATA + 0x800, 4096)], "{}", case.name);
-        assert_eq!(q.pop_with_layout(&ram, &layout, &mut chain), None);
-        q.add_used(&ram, 5, 10).expect("in flight");
-        assert_eq!(rig.slot(next), (5, 10, used_bits(!wrapped) | WRITE));
-        assert!(q.error().is_none(), "{}", case.name);
-    }
-    for (r, _) in RejectCounts::default().by_reason() {
-        if !NOT_ELEMENT_REASONS.contains(&r) {
-            assert!(seen.contains(r), "no case for {r}");
-        }
-    }
-    // The packed-only reasons are all counted fields.
-    for r in PACKED_ONLY_REASONS {
-        assert!(
-            RejectCounts::default()
-                .by_reason()
-                .iter()
-                .any(|(n, _)| *n == r)
-        );
-    }
-}
 
 #[test]
 fn queue_setup_is_checked() {
-    let rig = Rig::new(8);
+    let rig = guest::packed(8);
     let ram = rig.ram();
     let new = |size: u16, d: u64, a: u64, u: u64| PackedQueue::new(&ram, size, d, a, u, true);
     assert_eq!(
@@ -578,9 +87,8 @@ fn queue_setup_is_checked() {
         })
     );
     // The largest size: 512 KiB of descriptors.
-    let map = MemoryMap::new(&[(0, 1 << 20)], 4096).expect("map");
-    let buf = zeroed_ram(1 << 20);
-    let big = GuestRam::new(&map, &buf).expect("sized");
+    let big_mem = TestRam::new(&[(0, 1 << 20)], 4096).expect("map");
+    let big = big_mem.ram();
     let q = PackedQueue::new(&big, 32768, 0, 0x8_0000, 0x8_0004, false).expect("fits");
     assert_eq!(q.size(), 32768);
     assert!(PackedQueue::new(&big, 32768, 0x8_0010, 0, 4, false).is_err());
@@ -621,13 +129,12 @@ fn queue_setup_is_checked() {
 
 #[test]
 fn a_buffer_id_past_the_queue_breaks_it_and_is_counted() {
-    let rig = Rig::new(8);
-    let mut drv = Drv::new(8);
-    drv.list(&rig, &[(DATA, 4, false)], 0);
-    drv.list(&rig, &[(DATA, 4, false), (DATA + 8, 4, true)], 8);
-    drv.list(&rig, &[(DATA, 4, false)], 1);
+    let rig = guest::packed(8);
+    rig.list(&[(DATA, 4, false)], 0);
+    rig.list(&[(DATA, 4, false), (DATA + 8, 4, true)], 8);
+    rig.list(&[(DATA, 4, false)], 1);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(0)));
     q.add_used(&ram, 0, 0).expect("ok");
@@ -648,12 +155,11 @@ fn a_buffer_id_past_the_queue_breaks_it_and_is_counted() {
 
 #[test]
 fn a_buffer_id_reused_while_in_flight_breaks_the_queue() {
-    let rig = Rig::new(8);
-    let mut drv = Drv::new(8);
-    drv.list(&rig, &[(DATA, 4, true)], 2);
-    drv.list(&rig, &[(DATA + 4, 4, true)], 2);
+    let rig = guest::packed(8);
+    rig.list(&[(DATA, 4, true)], 2);
+    rig.list(&[(DATA + 4, 4, true)], 2);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(2)));
     assert_eq!(q.pop(&ram, &mut chain), None);
@@ -666,10 +172,10 @@ fn a_buffer_id_reused_while_in_flight_breaks_the_queue() {
 #[test]
 fn a_list_descriptor_not_available_breaks_the_queue() {
     // Slot 1 was never made available (still zero), though slot 0 says NEXT.
-    let rig = Rig::new(8);
-    rig.raw(DESC, 0, DATA, 4, 0, NEXT | AVAIL);
+    let rig = guest::packed(8);
+    rig.raw(0, DATA, 4, 0, NEXT | AVAIL);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     assert_eq!(q.pop(&ram, &mut chain), None);
     assert_eq!(
@@ -684,12 +190,12 @@ fn a_list_descriptor_not_available_breaks_the_queue() {
 
     // A list straddling the end whose second part keeps the old lap's bits: slot 0 of the
     // next lap must have AVAIL = 0 and USED = 1.
-    let rig = Rig::new(4);
+    let rig = guest::packed(4);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     q.set_indices(3, true, 3, true).expect("in range");
-    rig.raw(DESC, 0, DATA, 4, 7, AVAIL);
-    rig.raw(DESC, 3, DATA, 4, JUNK_ID, NEXT | AVAIL);
+    rig.raw(0, DATA, 4, 7, AVAIL);
+    rig.raw(3, DATA, 4, JUNK_ID, NEXT | AVAIL);
     assert_eq!(q.pop(&ram, &mut chain), None);
     assert_eq!(
         q.error(),
@@ -702,12 +208,11 @@ fn a_list_descriptor_not_available_breaks_the_queue() {
 
 #[test]
 fn making_available_slots_still_in_flight_breaks_the_queue() {
-    let rig = Rig::new(4);
-    let mut drv = Drv::new(4);
-    drv.list(&rig, &[(DATA, 4, false), (DATA + 4, 4, true)], 0);
-    drv.list(&rig, &[(DATA, 4, false), (DATA + 4, 4, true)], 1);
+    let rig = guest::packed(4);
+    rig.list(&[(DATA, 4, false), (DATA + 4, 4, true)], 0);
+    rig.list(&[(DATA, 4, false), (DATA + 4, 4, true)], 1);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(0)));
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(1)));
@@ -716,7 +221,7 @@ fn making_available_slots_still_in_flight_breaks_the_queue() {
     assert_eq!(q.pop(&ram, &mut chain), None);
     assert!(!q.is_broken());
     // The driver overwrites slot 0, which the device has not used yet.
-    drv.list(&rig, &[(DATA, 4, true)], 2);
+    rig.list(&[(DATA, 4, true)], 2);
     assert_eq!(q.pop(&ram, &mut chain), None);
     assert_eq!(
         q.error(),
@@ -731,11 +236,10 @@ fn making_available_slots_still_in_flight_breaks_the_queue() {
 
 #[test]
 fn add_used_refuses_ids_not_in_flight_without_breaking() {
-    let rig = Rig::new(8);
-    let mut drv = Drv::new(8);
-    drv.list(&rig, &[(DATA, 4, true), (DATA + 4, 4, true)], 6);
+    let rig = guest::packed(8);
+    rig.list(&[(DATA, 4, true), (DATA + 4, 4, true)], 6);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     assert_eq!(
         q.add_used(&ram, 8, 0),
         Err(QueueError::BufferIdOutOfRange { id: 8, size: 8 })
@@ -759,8 +263,8 @@ fn add_used_refuses_ids_not_in_flight_without_breaking() {
 
 #[test]
 fn set_indices_checks_its_range() {
-    let rig = Rig::new(5);
-    let mut q = rig.queue(false);
+    let rig = guest::packed(5);
+    let mut q = rig.queue(false).expect("queue");
     assert_eq!(
         q.set_indices(5, true, 0, true),
         Err(QueueError::IndexOutOfRange { index: 5, size: 5 })
@@ -779,11 +283,10 @@ fn set_indices_checks_its_range() {
 
 #[test]
 fn a_queue_whose_parts_are_not_in_the_given_ram_breaks() {
-    let rig = Rig::new(8);
-    let q0 = rig.queue(false);
-    let small = MemoryMap::new(&[(0, 0x1000)], 4096).expect("map");
-    let buf = zeroed_ram(0x1000);
-    let ram = GuestRam::new(&small, &buf).expect("sized");
+    let rig = guest::packed(8);
+    let q0 = rig.queue(false).expect("queue");
+    let small = TestRam::new(&[(0, 0x1000)], 4096).expect("map");
+    let ram = small.ram();
     let mut chain = Chain::new();
     let mut q = q0.clone();
     assert_eq!(q.pop(&ram, &mut chain), None);
@@ -807,16 +310,15 @@ fn a_queue_whose_parts_are_not_in_the_given_ram_breaks() {
 
 #[test]
 fn single_buffers_over_several_laps_flip_both_wrap_counters() {
-    let rig = Rig::new(3);
-    let mut drv = Drv::new(3);
+    let rig = guest::packed(3);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     for k in 0..10u16 {
         let pos = k % 3;
         let wrap = (k / 3) % 2 == 0;
         let id = (k + 1) % 3;
-        drv.list(&rig, &[(DATA + u64::from(k), 1, k % 2 == 0)], id);
+        rig.list(&[(DATA + u64::from(k), 1, k % 2 == 0)], id);
         assert_eq!((q.next_avail(), q.avail_wrap()), (pos, wrap));
         assert_eq!(q.pop(&ram, &mut chain), Some(Ok(id)), "k = {k}");
         assert_eq!(chain.len(), 1);
@@ -835,18 +337,18 @@ fn single_buffers_over_several_laps_flip_both_wrap_counters() {
 
 #[test]
 fn a_list_straddling_the_ring_end_flips_the_wrap_counter_mid_list() {
-    let rig = Rig::new(5);
+    let rig = guest::packed(5);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     q.set_indices(3, true, 3, true).expect("in range");
-    let mut drv = Drv::at(5, 3, true);
+    rig.set_position(3, true);
     let bufs = [
         (DATA, 16, false),
         (DATA + 16, 4, false),
         (HIGH, 4096, true),
         (HIGH_END - 8, 8, true),
     ];
-    drv.list(&rig, &bufs, 4);
+    rig.list(&bufs, 4);
     // Slots 3, 4 in lap 1; slots 0, 1 in lap 0.
     assert_eq!(rig.slot(4).2, NEXT | AVAIL);
     assert_eq!(rig.slot(0).2, WRITE | NEXT | USED);
@@ -861,7 +363,7 @@ fn a_list_straddling_the_ring_end_flips_the_wrap_counter_mid_list() {
     );
     assert_eq!(q.pop(&ram, &mut chain), None);
     // The next list, at slot 2 of lap 0.
-    drv.list(&rig, &[(DATA, 8, true)], 0);
+    rig.list(&[(DATA, 8, true)], 0);
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(0)));
     q.add_used(&ram, 4, 100).expect("in flight");
     assert_eq!(rig.slot(3), (4, 100, AVAIL | USED | WRITE));
@@ -873,12 +375,11 @@ fn a_list_straddling_the_ring_end_flips_the_wrap_counter_mid_list() {
 
 #[test]
 fn a_list_may_take_every_slot() {
-    let rig = Rig::new(7);
-    let mut drv = Drv::new(7);
+    let rig = guest::packed(7);
     let bufs: Vec<_> = (0..7u64).map(|i| (DATA + 64 * i, 64, i == 6)).collect();
-    drv.list(&rig, &bufs, 6);
+    rig.list(&bufs, 6);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(6)));
     assert_eq!((chain.readable().len(), chain.writable().len()), (6, 1));
@@ -893,14 +394,13 @@ fn a_list_may_take_every_slot() {
 
 #[test]
 fn indirect_tables_take_one_slot_and_ignore_next_and_ids_inside() {
-    let rig = Rig::new(8);
-    let mut drv = Drv::new(8);
+    let rig = guest::packed(8);
     rig.entry(TABLE, 0, DATA, 12, NEXT);
     rig.entry(TABLE, 1, DATA + 12, 4, 0);
     rig.entry(TABLE, 2, HIGH + 0x1000, 0x3000, WRITE | NEXT);
     rig.entry(TABLE, 3, DATA + 0x100, 1, WRITE);
     // WRITE on the descriptor naming the table is ignored.
-    drv.list_raw(&rig, &[(TABLE, 64, INDIRECT | WRITE)], 7);
+    rig.list_raw(&[(TABLE, 64, INDIRECT | WRITE)], 7);
     // A table of exactly `size` entries.
     for i in 0..8u16 {
         rig.entry(
@@ -911,9 +411,9 @@ fn indirect_tables_take_one_slot_and_ignore_next_and_ids_inside() {
             if i == 7 { WRITE } else { 0 },
         );
     }
-    drv.list_raw(&rig, &[(TABLE + 0x200, 128, INDIRECT)], 0);
+    rig.list_raw(&[(TABLE + 0x200, 128, INDIRECT)], 0);
     let ram = rig.ram();
-    let mut q = rig.queue(true);
+    let mut q = rig.queue(true).expect("queue");
     let mut chain = Chain::new();
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(7)));
     assert_eq!(chain.readable(), [out(DATA, 12), out(DATA + 12, 4)]);
@@ -930,17 +430,15 @@ fn indirect_tables_take_one_slot_and_ignore_next_and_ids_inside() {
 
 #[test]
 fn out_of_order_completion_advances_the_used_index_by_each_list_length() {
-    let rig = Rig::new(8);
-    let mut drv = Drv::new(8);
-    drv.list(&rig, &[(DATA, 4, false), (DATA + 4, 4, true)], 0);
-    drv.list(&rig, &[(DATA + 8, 4, true)], 1);
-    drv.list(
-        &rig,
+    let rig = guest::packed(8);
+    rig.list(&[(DATA, 4, false), (DATA + 4, 4, true)], 0);
+    rig.list(&[(DATA + 8, 4, true)], 1);
+    rig.list(
         &[(DATA, 4, false), (DATA + 4, 4, false), (DATA + 8, 4, true)],
         2,
     );
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     for id in 0..3 {
         assert_eq!(q.pop(&ram, &mut chain), Some(Ok(id)));
@@ -958,17 +456,16 @@ fn out_of_order_completion_advances_the_used_index_by_each_list_length() {
 
 #[test]
 fn event_idx_writes_the_device_area_and_plain_mode_leaves_it() {
-    let rig = Rig::new(4);
-    let mut drv = Drv::new(4);
+    let rig = guest::packed(4);
     for id in 0..2 {
-        drv.list(&rig, &[(DATA, 4, true), (DATA + 4, 4, true)], id);
+        rig.list(&[(DATA, 4, true), (DATA + 4, 4, true)], id);
     }
     let ram = rig.ram();
     let mut chain = Chain::new();
-    let mut plain = rig.queue(false);
+    let mut plain = rig.queue(false).expect("queue");
     assert_eq!(plain.pop(&ram, &mut chain), Some(Ok(0)));
     assert_eq!(rig.device_event(), (0, RING_EVENT_FLAGS_ENABLE));
-    let mut q = rig.queue(true);
+    let mut q = rig.queue(true).expect("queue");
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(0)));
     assert_eq!(rig.device_event(), (2 | 1 << 15, RING_EVENT_FLAGS_DESC));
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(1)));
@@ -979,11 +476,10 @@ fn event_idx_writes_the_device_area_and_plain_mode_leaves_it() {
 #[test]
 fn needs_interrupt_follows_the_driver_event_flags() {
     for event_idx in [false, true] {
-        let rig = Rig::new(8);
+        let rig = guest::packed(8);
         let ram = rig.ram();
-        let mut drv = Drv::new(8);
         let mut chain = Chain::new();
-        let mut q = rig.queue(event_idx);
+        let mut q = rig.queue(event_idx).expect("queue");
         rig.set_driver_event(0, RING_EVENT_FLAGS_DISABLE);
         assert!(!q.needs_interrupt(&ram));
         rig.set_driver_event(0, RING_EVENT_FLAGS_ENABLE);
@@ -996,7 +492,7 @@ fn needs_interrupt_follows_the_driver_event_flags() {
         assert!(!q.needs_interrupt(&ram));
         // DESC without EVENT_IDX is not valid: notify.
         rig.set_driver_event(5 | 1 << 15, RING_EVENT_FLAGS_DESC);
-        drv.list(&rig, &[(DATA, 4, true)], 0);
+        rig.list(&[(DATA, 4, true)], 0);
         assert_eq!(q.pop(&ram, &mut chain), Some(Ok(0)));
         q.add_used(&ram, 0, 0).expect("ok");
         assert_eq!(q.needs_interrupt(&ram), !event_idx);
@@ -1005,14 +501,13 @@ fn needs_interrupt_follows_the_driver_event_flags() {
 
 #[test]
 fn needs_interrupt_with_event_idx_follows_the_event_descriptor_across_the_wrap() {
-    let rig = Rig::new(5);
+    let rig = guest::packed(5);
     let ram = rig.ram();
-    let mut q = rig.queue(true);
-    let mut drv = Drv::new(5);
+    let mut q = rig.queue(true).expect("queue");
     let mut chain = Chain::new();
-    let mut one = |q: &mut PackedQueue, drv: &mut Drv, slots: usize| {
+    let mut one = |q: &mut PackedQueue, slots: usize| {
         let bufs = vec![(DATA, 4, true); slots];
-        drv.list(&rig, &bufs, 1);
+        rig.list(&bufs, 1);
         assert_eq!(q.pop(&ram, &mut chain), Some(Ok(1)));
         q.add_used(&ram, 1, 0).expect("ok");
     };
@@ -1022,74 +517,38 @@ fn needs_interrupt_with_event_idx_follows_the_event_descriptor_across_the_wrap()
     // Nothing used since: no.
     assert!(!q.needs_interrupt(&ram));
     // Event at slot 4 of lap 1. Used 0 -> 2: no; 2 -> 4: no; 4 -> 0 (lap 0): yes.
-    one(&mut q, &mut drv, 2);
+    one(&mut q, 2);
     assert!(!q.needs_interrupt(&ram));
-    one(&mut q, &mut drv, 2);
+    one(&mut q, 2);
     assert!(!q.needs_interrupt(&ram));
-    one(&mut q, &mut drv, 1);
+    one(&mut q, 1);
     assert_eq!((q.next_used(), q.used_wrap()), (0, false));
     assert!(q.needs_interrupt(&ram));
     // Event at slot 1 of lap 0, passed inside a list straddling... 0 -> 3 covers 0, 1, 2.
     rig.set_driver_event(1, RING_EVENT_FLAGS_DESC);
-    one(&mut q, &mut drv, 3);
+    one(&mut q, 3);
     assert!(q.needs_interrupt(&ram));
     // Event at slot 1 of lap 1 (the next lap): 3 -> 0 (lap 1) covers 3, 4: no; then 0 -> 2
     // covers 0, 1: yes.
     rig.set_driver_event(1 | 1 << 15, RING_EVENT_FLAGS_DESC);
-    one(&mut q, &mut drv, 2);
+    one(&mut q, 2);
     assert_eq!((q.next_used(), q.used_wrap()), (0, true));
     assert!(!q.needs_interrupt(&ram));
-    one(&mut q, &mut drv, 2);
+    one(&mut q, 2);
     assert!(q.needs_interrupt(&ram));
     // An event in the lap behind, straddled by one batch: 2 -> 1 (lap 0) covers 2, 3, 4, 0.
     rig.set_driver_event(4 | 1 << 15, RING_EVENT_FLAGS_DESC);
-    one(&mut q, &mut drv, 2);
-    one(&mut q, &mut drv, 2);
+    one(&mut q, 2);
+    one(&mut q, 2);
     assert_eq!((q.next_used(), q.used_wrap()), (1, false));
     assert!(q.needs_interrupt(&ram));
     // A batch of a whole lap or more covers every slot.
     rig.set_driver_event(1, RING_EVENT_FLAGS_DESC);
-    one(&mut q, &mut drv, 5);
+    one(&mut q, 5);
     assert!(q.needs_interrupt(&ram));
     // set_indices forgets the decision.
     q.set_indices(0, true, 0, true).expect("ok");
     assert!(q.needs_interrupt(&ram));
-}
-
-/// Pops until `None`, returning every accepted element at once and checking it. Each
-/// element takes at least one slot and the first slot of each is overwritten by its used
-/// descriptor, so at most `size` elements can come before the reader meets a used slot:
-/// more than `size + 1` calls means the reader does not stop.
-fn drain(q: &mut PackedQueue, ram: &GuestRam<'_>, size: u16) -> (u32, u32) {
-    let mut chain = Chain::new();
-    let (mut ok, mut bad) = (0u32, 0u32);
-    for _ in 0..=size {
-        match q.pop(ram, &mut chain) {
-            None => return (ok, bad),
-            Some(Ok(id)) => {
-                assert!(id < size);
-                assert!(!chain.is_empty());
-                let first_writable = chain
-                    .descs()
-                    .iter()
-                    .position(|d| d.writable)
-                    .unwrap_or(chain.len());
-                assert!(chain.descs()[first_writable..].iter().all(|d| d.writable));
-                assert_eq!(chain.readable().len(), first_writable);
-                for d in chain.descs() {
-                    assert!(d.len > 0 && ram.contains(d.addr, u64::from(d.len)));
-                }
-                assert!(chain.total_len() <= u64::from(u32::MAX));
-                ok += 1;
-                q.add_used(ram, id, 0).expect("not broken");
-            }
-            Some(Err(e)) => {
-                assert!(!e.reason().is_empty());
-                bad += 1;
-            }
-        }
-    }
-    panic!("the reader did not stop after {size} elements");
 }
 
 /// Queue-breaking counts.
@@ -1113,7 +572,7 @@ proptest! {
         event_idx in any::<bool>(),
         driver_event in any::<u32>(),
     ) {
-        let rig = Rig::new(size);
+        let rig = guest::packed(size);
         let ram = rig.ram();
         ram.write(DESC, &desc[..16 * usize::from(size)]).expect("ram");
         // Bias half the slots to be available in the starting lap so lists get long.
@@ -1122,15 +581,15 @@ proptest! {
                 let pos = u16::try_from(i).expect("small");
                 let (_, _, flags) = rig.slot(pos);
                 let at = DESC + 16 * u64::from(pos) + 14;
-                ram.write_u16(at, (flags & !(AVAIL | USED)) | avail_bits(wrap)).expect("ram");
+                ram.write_u16(at, with_bits(flags, avail_bits(wrap))).expect("ram");
             }
         }
         ram.write(TABLE, &table).expect("ram");
         ram.write(DRIVER_EV, &driver_event.to_le_bytes()).expect("ram");
-        let mut q = rig.queue(event_idx);
+        let mut q = rig.queue(event_idx).expect("queue");
         let start = start % size;
         q.set_indices(start, wrap, start, wrap).expect("in range");
-        let (ok, bad) = drain(&mut q, &ram, size);
+        let (ok, bad) = drain_checked(&mut q, &ram);
         prop_assert!(ok + bad <= u32::from(size));
         prop_assert_eq!(q.in_flight(), 0);
         prop_assert_eq!(q.counts().total(), u64::from(bad) + breaks(q.counts()));
@@ -1154,9 +613,9 @@ proptest! {
         start in 0u16..9,
         wrap in any::<bool>(),
     ) {
-        let rig = Rig::new(size);
+        let rig = guest::packed(size);
         let addrs = [DATA, TABLE, LOW_END - 8, HIGH, u64::MAX - 3, HIGH_END - 16];
-        let mut q = rig.queue(true);
+        let mut q = rig.queue(true).expect("queue");
         let start = start % size;
         q.set_indices(start, wrap, start, wrap).expect("in range");
         for (i, &(a, len, flags, id, bits)) in descs.iter().take(usize::from(size)).enumerate() {
@@ -1169,13 +628,13 @@ proptest! {
                 2 => avail_bits(!lap),
                 _ => avail_bits(lap),
             };
-            rig.raw(DESC, pos, addrs[a], len, id, flags | bits);
+            rig.raw(pos, addrs[a], len, id, flags | bits);
         }
         for (i, &(a, len, flags)) in table.iter().enumerate() {
             rig.entry(TABLE, u16::try_from(i).expect("small"), addrs[a], len, flags);
         }
         let ram = rig.ram();
-        let (ok, bad) = drain(&mut q, &ram, size);
+        let (ok, bad) = drain_checked(&mut q, &ram);
         prop_assert!(ok + bad <= u32::from(size));
         prop_assert_eq!(q.counts().total(), u64::from(bad) + breaks(q.counts()));
     }
@@ -1188,9 +647,9 @@ proptest! {
         size in 1u16..=9,
         ops in proptest::collection::vec((0u8..4, 0usize..64, any::<bool>()), 1..300),
     ) {
-        let rig = Rig::new(size);
+        let rig = guest::packed(size);
         let ram = rig.ram();
-        let mut q = rig.queue(true);
+        let mut q = rig.queue(true).expect("queue");
         let mut m = Model::new(size);
         let mut chain = Chain::new();
         let mut pending: Vec<u16> = vec![];
@@ -1236,36 +695,31 @@ proptest! {
     }
 }
 
-/// The driver of the round-trip test: free ids and slots, lists made available and not yet
-/// taken, used descriptors expected in order, and the used-side position and wrap counter.
+/// The bookkeeping of the round-trip test's driver: free ids and slots, lists made available
+/// and not yet taken, used descriptors expected in order. The shared driver writes the lists
+/// and finds the used descriptors.
 struct Model {
-    drv: Drv,
     size: u16,
     free_ids: Vec<u16>,
     free_slots: u32,
     slots_of: Vec<u32>,
     avail: VecDeque<(u16, Vec<Desc>)>,
     used: VecDeque<(u16, u32)>,
-    last_used: u16,
-    used_wrap: bool,
 }
 
 impl Model {
     fn new(size: u16) -> Self {
         Self {
-            drv: Drv::new(size),
             size,
             free_ids: (0..size).rev().collect(),
             free_slots: u32::from(size),
             slots_of: vec![0; usize::from(size)],
             avail: VecDeque::new(),
             used: VecDeque::new(),
-            last_used: 0,
-            used_wrap: true,
         }
     }
 
-    fn add(&mut self, rig: &Rig, k: usize, indirect: bool) {
+    fn add(&mut self, rig: &PackedDriver, k: usize, indirect: bool) {
         let slots = if indirect {
             1
         } else {
@@ -1289,21 +743,16 @@ impl Model {
             .collect();
         if indirect {
             let table = TABLE + 0x100 * u64::from(id);
-            for (i, b) in bufs.iter().enumerate() {
-                let flags = if b.writable { WRITE } else { 0 };
-                rig.entry(
-                    table,
-                    u16::try_from(i).expect("small"),
-                    b.addr,
-                    b.len,
-                    flags,
-                );
-            }
+            let entries: Vec<_> = bufs
+                .iter()
+                .map(|b| (b.addr, b.len, if b.writable { WRITE } else { 0 }))
+                .collect();
+            rig.write_table(table, &entries);
             let len = 16 * u32::try_from(k).expect("small");
-            self.drv.list_raw(rig, &[(table, len, INDIRECT)], id);
+            rig.list_raw(&[(table, len, INDIRECT)], id);
         } else {
             let list: Vec<_> = bufs.iter().map(|b| (b.addr, b.len, b.writable)).collect();
-            self.drv.list(rig, &list, id);
+            rig.list(&list, id);
         }
         self.free_slots -= slots;
         self.slots_of[usize::from(id)] = slots;
@@ -1311,23 +760,8 @@ impl Model {
     }
 
     /// Reads used descriptors as the spec's driver example does.
-    fn reap(&mut self, rig: &Rig) {
-        loop {
-            let (id, len, flags) = rig.slot(self.last_used);
-            // Used in this lap: AVAIL = USED = the used wrap counter (Linux
-            // `is_used_desc_packed`; the USED bit alone also matches a slot the driver made
-            // available in the previous lap and the device skipped).
-            let avail = flags & AVAIL != 0;
-            let used = flags & USED != 0;
-            if avail != used || used != self.used_wrap {
-                assert!(
-                    self.used.is_empty(),
-                    "no used descriptor at slot {} though {:?} were returned",
-                    self.last_used,
-                    self.used
-                );
-                return;
-            }
+    fn reap(&mut self, rig: &PackedDriver) {
+        while let Some((id, len, flags)) = rig.take_used_desc() {
             assert!(id < self.size);
             assert_eq!(self.used.pop_front(), Some((id, len)));
             assert_eq!(flags & WRITE != 0, len > 0);
@@ -1336,13 +770,11 @@ impl Model {
             self.slots_of[usize::from(id)] = 0;
             self.free_slots += slots;
             self.free_ids.push(id);
-            let next = u32::from(self.last_used) + slots;
-            if next >= u32::from(self.size) {
-                self.last_used = u16::try_from(next - u32::from(self.size)).expect("small");
-                self.used_wrap = !self.used_wrap;
-            } else {
-                self.last_used = u16::try_from(next).expect("small");
-            }
         }
+        assert!(
+            self.used.is_empty(),
+            "no used descriptor where the driver looks, though {:?} were returned",
+            self.used
+        );
     }
 }

@@ -6,7 +6,7 @@
 //! - the real RAM layout (QEMU's RAM block: `below_4g` from 0, the rest from 4 GiB, derived
 //!   from `qemu_flatview_ram`), a [`MemoryMap`] that allocates nothing, against which every
 //!   buffer's `(addr, len)` is checked; hints are never dereferenced, only range-checked;
-//! - a small backing [`GuestRam`] holding just the pages of the three rings and of the
+//! - a small backing guest RAM (a `test_utils::TestRam`) holding just the pages of the three rings and of the
 //!   out-buffers at their real guest-physical addresses, through which the reader reads the
 //!   rings and the test reads the command ids.
 //!
@@ -15,9 +15,9 @@
 use std::fs;
 use std::path::{Path, PathBuf};
 
-use pagehint_core::guest_memory::zeroed_ram;
+use pagehint_core::MemoryMap;
+use pagehint_core::test_utils::TestRam;
 use pagehint_core::virtq::{Chain, SplitQueue};
-use pagehint_core::{GuestRam, MemoryMap};
 use serde_json::Value;
 
 const PAGE: u64 = 4096;
@@ -71,6 +71,23 @@ fn page_regions(spans: &[(u64, u64)]) -> Vec<(u64, u64)> {
         }
     }
     merged.into_iter().map(|(s, e)| (s, e - s)).collect()
+}
+
+/// The small backing RAM: the pages of `contents`, each placed at its guest-physical address.
+fn backing(name: &str, contents: &[(u64, Vec<u8>)]) -> TestRam {
+    let spans: Vec<(u64, u64)> = contents
+        .iter()
+        .map(|(g, b)| (*g, u64::try_from(b.len()).expect("small")))
+        .collect();
+    let mem = TestRam::new(&page_regions(&spans), PAGE).expect("backing map");
+    assert!(
+        mem.map().ram_bytes() <= 1 << 20,
+        "{name}: backing stays small"
+    );
+    for (gpa, bytes) in contents {
+        mem.poke(*gpa, bytes);
+    }
+    mem
 }
 
 /// Everything the test needs about one dump.
@@ -166,19 +183,9 @@ fn replay(name: &'static str) {
 
     // The small backing RAM with the ring and out-buffer pages.
     let contents = d.contents();
-    let spans: Vec<(u64, u64)> = contents
-        .iter()
-        .map(|(g, b)| (*g, u64::try_from(b.len()).expect("small")))
-        .collect();
-    let backing = MemoryMap::new(&page_regions(&spans), PAGE).expect("backing map");
-    assert!(
-        backing.ram_bytes() <= 1 << 20,
-        "{name}: backing stays small"
-    );
-    let buf = zeroed_ram(usize::try_from(backing.ram_bytes()).expect("small"));
-    let ram = GuestRam::new(&backing, &buf).expect("sized");
+    let backing = backing(name, &contents);
+    let ram = backing.ram();
     for (gpa, bytes) in &contents {
-        ram.write(*gpa, bytes).expect("placed");
         // Each placed range is real RAM too.
         assert!(
             real.pieces(*gpa, u64::try_from(bytes.len()).expect("small"))
@@ -391,17 +398,8 @@ fn the_early_dump_history_decodes_as_qemu_says() {
     // Replaying them from index 0 must match QEMU slot by slot too.
     let d = Dump::load("q35-4G-early");
     let real = d.real_layout();
-    let contents = d.contents();
-    let spans: Vec<(u64, u64)> = contents
-        .iter()
-        .map(|(g, b)| (*g, u64::try_from(b.len()).expect("small")))
-        .collect();
-    let backing = MemoryMap::new(&page_regions(&spans), PAGE).expect("backing map");
-    let buf = zeroed_ram(usize::try_from(backing.ram_bytes()).expect("small"));
-    let ram = GuestRam::new(&backing, &buf).expect("sized");
-    for (gpa, bytes) in &contents {
-        ram.write(*gpa, bytes).expect("placed");
-    }
+    let backing = backing(d.name, &d.contents());
+    let ram = backing.ram();
     let r = &d.ring;
     let size = u16_of(&r["queue_size"]);
     let mut q = SplitQueue::new(

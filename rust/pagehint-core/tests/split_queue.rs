@@ -1,391 +1,23 @@
 //! The split virtqueue reader against hand-built rings: every rejection reason, queue breaks,
 //! happy paths (chains, indirect tables, index wrap-around, notifications) and random rings.
 
-use std::sync::atomic::AtomicU8;
-
-use pagehint_core::guest_memory::zeroed_ram;
+use pagehint_core::test_utils::rig::{
+    self as guest, DATA, DESC, DEVICE_AREA as USED, DRIVER_AREA as AVAIL, HIGH, HIGH_END, LOW_END,
+    TABLE,
+};
+use pagehint_core::test_utils::{
+    Driver, TestRam, device_readable as out, device_writable as inb, drain_checked,
+};
 use pagehint_core::virtq::{
-    Chain, Desc, ElementError, QueueError, Ring, SplitQueue, VIRTQ_AVAIL_F_NO_INTERRUPT,
+    Chain, QueueError, Ring, SplitQueue, VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT as INDIRECT, VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_WRITE as WRITE,
     vring_need_event,
 };
-use pagehint_core::{GuestRam, MemoryMap};
 use proptest::prelude::*;
-
-/// RAM [0, 64 KiB) and [128 KiB, 192 KiB): a hole in between, nothing after.
-const LOW_END: u64 = 0x1_0000;
-const HIGH: u64 = 0x2_0000;
-const HIGH_END: u64 = 0x3_0000;
-const DESC: u64 = 0x1000;
-const AVAIL: u64 = 0x2000;
-const USED: u64 = 0x3000;
-/// Where buffers and indirect tables go.
-const DATA: u64 = 0x8000;
-const TABLE: u64 = 0x4000;
-
-/// A guest with a hole and a queue's rings at fixed places; writes rings like a driver.
-struct Rig {
-    map: MemoryMap,
-    buf: Vec<AtomicU8>,
-    size: u16,
-}
-
-impl Rig {
-    fn new(size: u16) -> Self {
-        let map = MemoryMap::new(&[(0, LOW_END), (HIGH, HIGH_END - HIGH)], 4096).expect("map");
-        let buf = zeroed_ram(usize::try_from(map.ram_bytes()).expect("small"));
-        Self { map, buf, size }
-    }
-
-    fn ram(&self) -> GuestRam<'_> {
-        GuestRam::new(&self.map, &self.buf).expect("sized")
-    }
-
-    fn queue(&self, event_idx: bool) -> SplitQueue {
-        SplitQueue::new(&self.ram(), self.size, DESC, AVAIL, USED, event_idx).expect("queue")
-    }
-
-    /// Writes descriptor `i` of the table at `table`.
-    fn desc_at(&self, table: u64, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        let mut b = [0u8; 16];
-        b[..8].copy_from_slice(&addr.to_le_bytes());
-        b[8..12].copy_from_slice(&len.to_le_bytes());
-        b[12..14].copy_from_slice(&flags.to_le_bytes());
-        b[14..].copy_from_slice(&next.to_le_bytes());
-        self.ram()
-            .write(table + 16 * u64::from(i), &b)
-            .expect("in ram");
-    }
-
-    fn desc(&self, i: u16, addr: u64, len: u32, flags: u16, next: u16) {
-        self.desc_at(DESC, i, addr, len, flags, next);
-    }
-
-    fn avail_idx(&self) -> u16 {
-        self.ram().read_u16(AVAIL + 2).expect("ram")
-    }
-
-    fn set_avail_idx(&self, idx: u16) {
-        self.ram().write_u16(AVAIL + 2, idx).expect("ram");
-    }
-
-    /// Makes `head` available: ring[idx % size] = head, then idx + 1.
-    fn push(&self, head: u16) {
-        let idx = self.avail_idx();
-        let slot = u64::from(idx % self.size);
-        self.ram()
-            .write_u16(AVAIL + 4 + 2 * slot, head)
-            .expect("ram");
-        self.set_avail_idx(idx.wrapping_add(1));
-    }
-
-    fn used_idx(&self) -> u16 {
-        self.ram().read_u16(USED + 2).expect("ram")
-    }
-
-    /// Used element at used-ring index `i`: (id, len).
-    fn used(&self, i: u16) -> (u32, u32) {
-        let at = USED + 4 + 8 * u64::from(i % self.size);
-        let ram = self.ram();
-        (
-            ram.read_u32(at).expect("ram"),
-            ram.read_u32(at + 4).expect("ram"),
-        )
-    }
-
-    fn set_used_event(&self, v: u16) {
-        self.ram()
-            .write_u16(AVAIL + 4 + 2 * u64::from(self.size), v)
-            .expect("ram");
-    }
-
-    fn avail_event(&self) -> u16 {
-        self.ram()
-            .read_u16(USED + 4 + 8 * u64::from(self.size))
-            .expect("ram")
-    }
-}
-
-const fn out(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        writable: false,
-    }
-}
-
-const fn inb(addr: u64, len: u32) -> Desc {
-    Desc {
-        addr,
-        len,
-        writable: true,
-    }
-}
-
-/// A layout with 8 GiB of RAM from 0, for buffers too big for the test buffer (buffers are
-/// only range-checked, never read).
-fn big_layout() -> MemoryMap {
-    MemoryMap::new(&[(0, 8 << 30)], 4096).expect("map")
-}
-
-/// One hostile element: how to write it at head 0 (size 8), and the exact reason expected.
-struct Case {
-    name: &'static str,
-    build: fn(&Rig),
-    want: ElementError,
-    big_layout: bool,
-}
-
-fn cases() -> Vec<Case> {
-    vec![
-        Case {
-            name: "next index past the table",
-            build: |r| r.desc(0, DATA, 4, NEXT, 8),
-            want: ElementError::NextOutOfRange { next: 8, limit: 8 },
-            big_layout: false,
-        },
-        Case {
-            name: "loop 0 -> 1 -> 0",
-            build: |r| {
-                r.desc(0, DATA, 4, NEXT, 1);
-                r.desc(1, DATA, 4, NEXT, 0);
-            },
-            want: ElementError::ChainTooLong { limit: 8 },
-            big_layout: false,
-        },
-        Case {
-            name: "self loop",
-            build: |r| r.desc(0, DATA, 4, NEXT, 0),
-            want: ElementError::ChainTooLong { limit: 8 },
-            big_layout: false,
-        },
-        Case {
-            name: "loop inside an indirect table",
-            build: |r| {
-                r.desc(0, TABLE, 32, INDIRECT, 0);
-                r.desc_at(TABLE, 0, DATA, 4, NEXT, 1);
-                r.desc_at(TABLE, 1, DATA, 4, NEXT, 0);
-            },
-            want: ElementError::ChainTooLong { limit: 2 },
-            big_layout: false,
-        },
-        Case {
-            name: "next past an indirect table",
-            build: |r| {
-                r.desc(0, TABLE, 32, INDIRECT, 0);
-                r.desc_at(TABLE, 0, DATA, 4, NEXT, 2);
-            },
-            want: ElementError::NextOutOfRange { next: 2, limit: 2 },
-            big_layout: false,
-        },
-        Case {
-            name: "INDIRECT with NEXT",
-            build: |r| {
-                r.desc(0, TABLE, 16, INDIRECT | NEXT, 1);
-                r.desc_at(TABLE, 0, DATA, 4, 0, 0);
-                r.desc(1, DATA, 4, 0, 0);
-            },
-            want: ElementError::IndirectWithNext,
-            big_layout: false,
-        },
-        Case {
-            name: "nested indirect",
-            build: |r| {
-                r.desc(0, TABLE, 16, INDIRECT, 0);
-                r.desc_at(TABLE, 0, TABLE + 0x100, 16, INDIRECT, 0);
-                r.desc_at(TABLE + 0x100, 0, DATA, 4, 0, 0);
-            },
-            want: ElementError::NestedIndirect,
-            big_layout: false,
-        },
-        Case {
-            name: "indirect table of length 0",
-            build: |r| r.desc(0, TABLE, 0, INDIRECT, 0),
-            want: ElementError::IndirectEmpty,
-            big_layout: false,
-        },
-        Case {
-            name: "indirect table length not a multiple of 16",
-            build: |r| r.desc(0, TABLE, 24, INDIRECT, 0),
-            want: ElementError::IndirectLenNotMultiple { len: 24 },
-            big_layout: false,
-        },
-        Case {
-            name: "indirect table longer than the queue",
-            build: |r| r.desc(0, TABLE, 16 * 9, INDIRECT, 0),
-            want: ElementError::IndirectTooLarge {
-                entries: 9,
-                size: 8,
-            },
-            big_layout: false,
-        },
-        Case {
-            name: "indirect table in the hole",
-            build: |r| r.desc(0, LOW_END + 0x100, 32, INDIRECT, 0),
-            want: ElementError::IndirectOutsideRam {
-                addr: LOW_END + 0x100,
-                len: 32,
-            },
-            big_layout: false,
-        },
-        Case {
-            name: "indirect table crossing into the hole",
-            build: |r| r.desc(0, LOW_END - 16, 32, INDIRECT, 0),
-            want: ElementError::IndirectOutsideRam {
-                addr: LOW_END - 16,
-                len: 32,
-            },
-            big_layout: false,
-        },
-        Case {
-            name: "zero-length buffer",
-            build: |r| r.desc(0, DATA, 0, WRITE, 0),
-            want: ElementError::ZeroLengthBuffer { addr: DATA },
-            big_layout: false,
-        },
-        Case {
-            name: "zero-length buffer inside an indirect table",
-            build: |r| {
-                r.desc(0, TABLE, 16, INDIRECT, 0);
-                r.desc_at(TABLE, 0, DATA, 0, 0, 0);
-            },
-            want: ElementError::ZeroLengthBuffer { addr: DATA },
-            big_layout: false,
-        },
-        Case {
-            name: "buffer in the hole",
-            build: |r| r.desc(0, LOW_END + 0x1000, 4096, WRITE, 0),
-            want: ElementError::BufferOutsideRam {
-                addr: LOW_END + 0x1000,
-                len: 4096,
-            },
-            big_layout: false,
-        },
-        Case {
-            name: "buffer crossing into the hole",
-            build: |r| r.desc(0, LOW_END - 0x1000, 0x2000, WRITE, 0),
-            want: ElementError::BufferOutsideRam {
-                addr: LOW_END - 0x1000,
-                len: 0x2000,
-            },
-            big_layout: false,
-        },
-        Case {
-            name: "buffer past the end of RAM",
-            build: |r| r.desc(0, HIGH_END - 4, 8, 0, 0),
-            want: ElementError::BufferOutsideRam {
-                addr: HIGH_END - 4,
-                len: 8,
-            },
-            big_layout: false,
-        },
-        Case {
-            name: "buffer wrapping past 2^64",
-            build: |r| r.desc(0, u64::MAX - 10, 100, WRITE, 0),
-            want: ElementError::BufferOutsideRam {
-                addr: u64::MAX - 10,
-                len: 100,
-            },
-            big_layout: false,
-        },
-        Case {
-            name: "second buffer of a chain outside RAM",
-            build: |r| {
-                r.desc(0, DATA, 4, NEXT, 5);
-                r.desc(5, HIGH_END, 4096, WRITE, 0);
-            },
-            want: ElementError::BufferOutsideRam {
-                addr: HIGH_END,
-                len: 4096,
-            },
-            big_layout: false,
-        },
-        Case {
-            name: "total length over 2^32 - 1",
-            build: |r| {
-                r.desc(0, 0, 0xffff_f000, WRITE | NEXT, 1);
-                r.desc(1, 0, 0x2000, WRITE, 0);
-            },
-            want: ElementError::LengthOverflow {
-                total: 0xffff_f000 + 0x2000,
-            },
-            big_layout: true,
-        },
-        Case {
-            name: "readable after writable",
-            build: |r| {
-                r.desc(0, DATA, 64, WRITE | NEXT, 1);
-                r.desc(1, DATA + 64, 4, 0, 0);
-            },
-            want: ElementError::ReadableAfterWritable,
-            big_layout: false,
-        },
-        Case {
-            name: "readable in an indirect table after a writable direct buffer",
-            build: |r| {
-                r.desc(0, DATA, 64, WRITE | NEXT, 1);
-                r.desc(1, TABLE, 16, INDIRECT, 0);
-                r.desc_at(TABLE, 0, DATA + 64, 4, 0, 0);
-            },
-            want: ElementError::ReadableAfterWritable,
-            big_layout: false,
-        },
-    ]
-}
-
-#[test]
-fn every_bad_element_is_rejected_with_its_reason_returned_with_len_0_and_processing_goes_on() {
-    let mut seen = std::collections::BTreeSet::new();
-    for case in cases() {
-        let rig = Rig::new(8);
-        (case.build)(&rig);
-        // A good element after the bad one.
-        rig.desc(7, DATA + 0x800, 4096, WRITE, 0);
-        rig.push(0);
-        rig.push(7);
-        let ram = rig.ram();
-        let mut q = rig.queue(false);
-        let layout = if case.big_layout {
-            big_layout()
-        } else {
-            rig.map.clone()
-        };
-        let mut chain = Chain::new();
-        let got = q.pop_with_layout(&ram, &layout, &mut chain);
-        assert_eq!(got, Some(Err(case.want)), "{}", case.name);
-        assert_eq!(rig.used_idx(), 1, "{}: returned at once", case.name);
-        assert_eq!(rig.used(0), (0, 0), "{}: head 0 with len 0", case.name);
-        let counts = q.counts();
-        assert_eq!(counts.total(), 1, "{}", case.name);
-        let by_reason = counts.by_reason();
-        let hit: Vec<_> = by_reason.iter().filter(|(_, n)| *n == 1).collect();
-        assert_eq!(hit, [&(case.want.reason(), 1)], "{}", case.name);
-        assert!(!case.want.to_string().is_empty());
-        seen.insert(case.want.reason());
-        // Processing goes on with the next element.
-        let got = q.pop_with_layout(&ram, &layout, &mut chain);
-        assert_eq!(got, Some(Ok(7)), "{}", case.name);
-        assert_eq!(chain.descs(), [inb(DATA + 0x800, 4096)], "{}", case.name);
-        assert_eq!(q.pop_with_layout(&ram, &layout, &mut chain), None);
-        assert!(q.error().is_none(), "{}", case.name);
-    }
-    // Every element reason has a case (head_out_of_range breaks the queue: tested below).
-    let all: Vec<_> = pagehint_core::RejectCounts::default()
-        .by_reason()
-        .iter()
-        .map(|(r, _)| *r)
-        .filter(|r| {
-            *r != "head_out_of_range" && !pagehint_core::virtq::PACKED_ONLY_REASONS.contains(r)
-        })
-        .collect();
-    for r in all {
-        assert!(seen.contains(r), "no case for {r}");
-    }
-}
 
 #[test]
 fn queue_setup_is_checked() {
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     let ram = rig.ram();
     let new = |size: u16, d: u64, a: u64, u: u64| SplitQueue::new(&ram, size, d, a, u, true);
     assert_eq!(new(0, DESC, AVAIL, USED).err(), Some(QueueError::ZeroSize));
@@ -448,9 +80,8 @@ fn queue_setup_is_checked() {
     );
     // The largest size is accepted when its rings fit: 512 KiB of descriptors, 64 KiB + 6
     // of available ring, 256 KiB + 6 of used ring.
-    let map = MemoryMap::new(&[(0, 1 << 20)], 4096).expect("map");
-    let buf = zeroed_ram(1 << 20);
-    let big = GuestRam::new(&map, &buf).expect("sized");
+    let big_mem = TestRam::new(&[(0, 1 << 20)], 4096).expect("map");
+    let big = big_mem.ram();
     let q = SplitQueue::new(&big, 32768, 0, 0x8_0000, 0x9_2000, true).expect("fits");
     assert_eq!(q.size(), 32768);
     assert!(SplitQueue::new(&big, 32768, 0, 0x8_0000, 0xc_2000, true).is_err());
@@ -480,11 +111,11 @@ fn queue_setup_is_checked() {
 
 #[test]
 fn an_available_index_jump_breaks_the_queue() {
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     rig.desc(0, DATA, 4, 0, 0);
     rig.set_avail_idx(9);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     assert_eq!(q.pop(&ram, &mut chain), None);
     let want = QueueError::AvailIdxJump {
@@ -504,13 +135,13 @@ fn an_available_index_jump_breaks_the_queue() {
 
 #[test]
 fn exactly_size_pending_is_fine_one_more_is_not() {
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     rig.desc(0, DATA, 4, 0, 0);
     for _ in 0..8 {
         rig.push(0);
     }
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     let mut n = 0;
     while let Some(r) = q.pop(&ram, &mut chain) {
@@ -523,13 +154,13 @@ fn exactly_size_pending_is_fine_one_more_is_not() {
 
 #[test]
 fn a_bad_head_breaks_the_queue_and_is_counted() {
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     rig.desc(0, DATA, 4, 0, 0);
     rig.push(0);
     rig.push(8);
     rig.push(0);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(0)));
     q.add_used(&ram, 0, 0).expect("ok");
@@ -549,9 +180,9 @@ fn a_bad_head_breaks_the_queue_and_is_counted() {
 
 #[test]
 fn add_used_refuses_a_head_past_the_queue_without_breaking_it() {
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     assert_eq!(
         q.add_used(&ram, 8, 0),
         Err(QueueError::HeadOutOfRange { head: 8, size: 8 })
@@ -564,12 +195,11 @@ fn add_used_refuses_a_head_past_the_queue_without_breaking_it() {
 
 #[test]
 fn a_queue_whose_rings_are_not_in_the_given_ram_breaks() {
-    let rig = Rig::new(8);
-    let q0 = rig.queue(false);
+    let rig = guest::split(8);
+    let q0 = rig.queue(false).expect("queue");
     // The same queue used with a smaller guest RAM that lacks its rings.
-    let small = MemoryMap::new(&[(0, 0x1000)], 4096).expect("map");
-    let buf = zeroed_ram(0x1000);
-    let ram = GuestRam::new(&small, &buf).expect("sized");
+    let small = TestRam::new(&[(0, 0x1000)], 4096).expect("map");
+    let ram = small.ram();
     let mut q = q0.clone();
     let mut chain = Chain::new();
     assert_eq!(q.pop(&ram, &mut chain), None);
@@ -593,7 +223,7 @@ fn a_queue_whose_rings_are_not_in_the_given_ram_breaks() {
 
 #[test]
 fn next_chains_mix_readable_then_writable_buffers() {
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     rig.desc(0, DATA, 16, NEXT, 3);
     rig.desc(3, DATA + 16, 4, NEXT, 5);
     rig.desc(5, HIGH, 4096, WRITE | NEXT, 2);
@@ -601,7 +231,7 @@ fn next_chains_mix_readable_then_writable_buffers() {
     rig.desc(2, HIGH_END - 8, 8, WRITE, 7);
     rig.push(0);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::with_capacity(4);
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(0)));
     assert_eq!(chain.readable(), [out(DATA, 16), out(DATA + 16, 4)]);
@@ -616,7 +246,7 @@ fn next_chains_mix_readable_then_writable_buffers() {
 
 #[test]
 fn a_chain_may_use_every_descriptor() {
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     for i in 0..8u16 {
         let last = i == 7;
         rig.desc(
@@ -629,7 +259,7 @@ fn a_chain_may_use_every_descriptor() {
     }
     rig.push(0);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(0)));
     assert_eq!((chain.readable().len(), chain.writable().len()), (7, 1));
@@ -637,16 +267,16 @@ fn a_chain_may_use_every_descriptor() {
 
 #[test]
 fn indirect_tables_after_direct_descriptors() {
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     rig.desc(4, DATA, 12, NEXT, 1);
     // WRITE on the descriptor naming the table is ignored (spec 2.7.5.3.2).
     rig.desc(1, TABLE, 48, INDIRECT | WRITE, 0);
-    rig.desc_at(TABLE, 0, DATA + 12, 4, NEXT, 2);
-    rig.desc_at(TABLE, 2, HIGH + 0x1000, 0x3000, WRITE | NEXT, 1);
-    rig.desc_at(TABLE, 1, DATA + 0x100, 1, WRITE, 0);
+    rig.table_desc(TABLE, 0, DATA + 12, 4, NEXT, 2);
+    rig.table_desc(TABLE, 2, HIGH + 0x1000, 0x3000, WRITE | NEXT, 1);
+    rig.table_desc(TABLE, 1, DATA + 0x100, 1, WRITE, 0);
     // A table of exactly `size` entries, alone.
     for i in 0..8u16 {
-        rig.desc_at(
+        rig.table_desc(
             TABLE + 0x200,
             i,
             DATA + u64::from(i),
@@ -659,7 +289,7 @@ fn indirect_tables_after_direct_descriptors() {
     rig.push(4);
     rig.push(6);
     let ram = rig.ram();
-    let mut q = rig.queue(true);
+    let mut q = rig.queue(true).expect("queue");
     let mut chain = Chain::new();
     assert_eq!(q.pop(&ram, &mut chain), Some(Ok(4)));
     assert_eq!(chain.readable(), [out(DATA, 12), out(DATA + 12, 4)]);
@@ -674,7 +304,7 @@ fn indirect_tables_after_direct_descriptors() {
 
 #[test]
 fn sixteen_bit_indices_wrap() {
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     let start = 65533u16;
     rig.set_avail_idx(start);
     for h in 0..5u16 {
@@ -683,7 +313,7 @@ fn sixteen_bit_indices_wrap() {
     }
     assert_eq!(rig.avail_idx(), 2);
     let ram = rig.ram();
-    let mut q = rig.queue(true);
+    let mut q = rig.queue(true).expect("queue");
     q.set_indices(start, start).expect("consistent indices");
     assert_eq!((q.last_avail(), q.next_used()), (start, start));
     let mut chain = Chain::new();
@@ -707,13 +337,12 @@ fn sixteen_bit_indices_wrap() {
 
 #[test]
 fn needs_interrupt_without_event_idx_follows_no_interrupt() {
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     q.add_used(&ram, 0, 0).expect("ok");
     assert!(q.needs_interrupt(&ram));
-    ram.write_u16(AVAIL, VIRTQ_AVAIL_F_NO_INTERRUPT)
-        .expect("ram");
+    rig.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT);
     q.add_used(&ram, 0, 0).expect("ok");
     assert!(!q.needs_interrupt(&ram));
     // used_event is ignored without EVENT_IDX.
@@ -723,12 +352,11 @@ fn needs_interrupt_without_event_idx_follows_no_interrupt() {
 
 #[test]
 fn needs_interrupt_with_event_idx_follows_used_event() {
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     let ram = rig.ram();
-    let mut q = rig.queue(true);
+    let mut q = rig.queue(true).expect("queue");
     // The flag is ignored with EVENT_IDX.
-    ram.write_u16(AVAIL, VIRTQ_AVAIL_F_NO_INTERRUPT)
-        .expect("ram");
+    rig.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT);
     // No decision yet: notify.
     assert!(q.needs_interrupt(&ram));
     // The driver wants to hear once used entry 2 is written (used idx reaches 3).
@@ -773,40 +401,6 @@ fn vring_need_event_matches_the_spec_example() {
     assert!(!vring_need_event(5, 5, 0));
 }
 
-/// Pops until `None`, checking every accepted chain; at most `size` elements can be pending
-/// so more than `size + 1` calls means the reader does not stop.
-fn drain(q: &mut SplitQueue, ram: &GuestRam<'_>, size: u16) -> (u32, u32) {
-    let mut chain = Chain::new();
-    let (mut ok, mut bad) = (0u32, 0u32);
-    for _ in 0..=size {
-        match q.pop(ram, &mut chain) {
-            None => return (ok, bad),
-            Some(Ok(head)) => {
-                assert!(head < size);
-                assert!(!chain.is_empty());
-                let first_writable = chain
-                    .descs()
-                    .iter()
-                    .position(|d| d.writable)
-                    .unwrap_or(chain.len());
-                assert!(chain.descs()[first_writable..].iter().all(|d| d.writable));
-                assert_eq!(chain.readable().len(), first_writable);
-                for d in chain.descs() {
-                    assert!(d.len > 0 && ram.contains(d.addr, u64::from(d.len)));
-                }
-                assert!(chain.total_len() <= u64::from(u32::MAX));
-                ok += 1;
-                q.add_used(ram, head, 0).expect("not broken");
-            }
-            Some(Err(e)) => {
-                assert!(!e.reason().is_empty());
-                bad += 1;
-            }
-        }
-    }
-    panic!("the reader did not stop after {size} elements");
-}
-
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(512))]
 
@@ -821,15 +415,15 @@ proptest! {
         event_idx in any::<bool>(),
     ) {
         let size = 1u16 << size_log;
-        let rig = Rig::new(size);
+        let rig = guest::split(size);
         let ram = rig.ram();
         ram.write(DESC, &desc[..16 * usize::from(size)]).expect("ram");
         ram.write(AVAIL, &avail[..6 + 2 * usize::from(size)]).expect("ram");
         ram.write(TABLE, &data).expect("ram");
         ram.write_u16(USED + 2, last_avail).expect("ram");
-        let mut q = rig.queue(event_idx);
+        let mut q = rig.queue(event_idx).expect("queue");
         q.set_indices(last_avail, last_avail).expect("consistent indices");
-        let (ok, bad) = drain(&mut q, &ram, size);
+        let (ok, bad) = drain_checked(&mut q, &ram);
         prop_assert!(ok + bad <= u32::from(size));
         prop_assert_eq!(rig.used_idx(), last_avail.wrapping_add(u16::try_from(ok + bad).expect("small")));
         prop_assert_eq!(q.counts().total(), u64::from(bad) + q.counts().head_out_of_range);
@@ -853,13 +447,13 @@ proptest! {
         pending in 0u16..20,
     ) {
         let size = 1u16 << size_log;
-        let rig = Rig::new(size);
+        let rig = guest::split(size);
         let addrs = [DATA, TABLE, LOW_END - 8, HIGH, u64::MAX - 3, HIGH_END - 16];
         for (i, &(a, len, flags, next)) in descs.iter().take(usize::from(size)).enumerate() {
             rig.desc(u16::try_from(i).expect("small"), addrs[a], len, flags, next);
         }
         for (i, &(a, len, flags, next)) in table.iter().enumerate() {
-            rig.desc_at(TABLE, u16::try_from(i).expect("small"), addrs[a], len, flags, next);
+            rig.table_desc(TABLE, u16::try_from(i).expect("small"), addrs[a], len, flags, next);
         }
         for &h in heads.iter().take(usize::from(pending)) {
             rig.push(h);
@@ -868,8 +462,8 @@ proptest! {
             rig.set_avail_idx(pending);
         }
         let ram = rig.ram();
-        let mut q = rig.queue(true);
-        let (ok, bad) = drain(&mut q, &ram, size);
+        let mut q = rig.queue(true).expect("queue");
+        let (ok, bad) = drain_checked(&mut q, &ram);
         prop_assert!(ok + bad <= u32::from(size));
         if pending > size {
             prop_assert!(q.is_broken());
@@ -883,7 +477,7 @@ proptest! {
 /// stops it on its own.
 #[test]
 fn a_self_feeding_ring_cannot_keep_the_device_busy() {
-    let rig = Rig::new(4);
+    let rig = guest::split(4);
     let ram = rig.ram();
     // 1. The used ring may not overlap what the device reads.
     assert_eq!(
@@ -895,7 +489,7 @@ fn a_self_feeding_ring_cannot_keep_the_device_busy() {
         Some(QueueError::UsedRingOverlaps { ring: Ring::Desc })
     );
     // 2. Restored indices must be consistent (QEMU's virtio_load rule).
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     assert_eq!(
         q.set_indices(0, 1),
         Err(QueueError::IndicesInconsistent {
@@ -907,81 +501,6 @@ fn a_self_feeding_ring_cannot_keep_the_device_busy() {
     assert!(q.set_indices(5, 0).is_err());
     q.set_indices(4, 0)
         .expect("a full queue in flight is consistent");
-    // 3. A drain takes at most the elements it was allowed, rejected ones included: here every
-    // element is rejected (zero-length buffers) and the driver keeps publishing more.
-    let mut q = rig.queue(false);
-    let mut chain = Chain::new();
-    for i in 0..4 {
-        rig.desc(i, DATA, 0, 0, 0);
-    }
-    let mut bitmap = pagehint_core::DirtyBitmap::new(rig.map.npages()).expect("bitmap");
-    let mut applier = pagehint_core::HintApplier::new(&mut bitmap, &rig.map).expect("fits");
-    let mut taken = 0u32;
-    for _ in 0..3 {
-        for head in 0..4 {
-            rig.push(head);
-        }
-        let (applied, stop) =
-            pagehint_core::free_page::drain_hints(&mut q, &ram, &mut chain, Some(&mut applier), 3);
-        assert_eq!(
-            (applied, stop),
-            (0, pagehint_core::free_page::DrainStop::Limit)
-        );
-        taken += 3;
-        assert_eq!(u64::from(taken), q.counts().total());
-        let (applied, stop) = pagehint_core::free_page::drain_hints(
-            &mut q,
-            &ram,
-            &mut chain,
-            Some(&mut applier),
-            100,
-        );
-        assert_eq!(
-            (applied, stop),
-            (0, pagehint_core::free_page::DrainStop::Empty)
-        );
-        taken += 1;
-        assert_eq!(u64::from(taken), q.counts().total());
-    }
-    assert_eq!(q.counts().zero_length_buffer, 12);
-}
-
-/// Outside a START window the device returns hint elements without applying them, and still
-/// stops at the next cmd id so the state machine sees it in order.
-#[test]
-fn a_drain_without_an_applier_returns_hints_unapplied_and_stops_at_a_cmd_id() {
-    use pagehint_core::free_page::{ControlElement, DrainStop, drain_hints};
-    let rig = Rig::new(8);
-    let ram = rig.ram();
-    let mut q = rig.queue(false);
-    let mut chain = Chain::new();
-    // Two hint elements of one page each, then a cmd id 0x8000_0001.
-    rig.desc(0, DATA, 4096, WRITE, 0);
-    rig.desc(1, DATA + 4096, 4096, WRITE, 0);
-    rig.desc(2, DATA + 0x2000, 4, 0, 0);
-    ram.write(DATA + 0x2000, &0x8000_0001u32.to_le_bytes())
-        .expect("ram");
-    for head in 0..3 {
-        rig.push(head);
-    }
-    let (returned, stop) = drain_hints(&mut q, &ram, &mut chain, None, 100);
-    assert_eq!(returned, 2);
-    assert_eq!(
-        stop,
-        DrainStop::Control(ControlElement {
-            head: 2,
-            cmd_id: Some(0x8000_0001),
-            hints: vec![]
-        })
-    );
-    assert_eq!(rig.used_idx(), 2);
-    assert_eq!((rig.used(0), rig.used(1)), ((0, 0), (1, 0)));
-    // The same ring applied: the bitmap loses exactly the two hinted pages.
-    let mut q = rig.queue(false);
-    let mut bitmap = pagehint_core::DirtyBitmap::new(rig.map.npages()).expect("bitmap");
-    bitmap.set_all();
-    let mut applier = pagehint_core::HintApplier::new(&mut bitmap, &rig.map).expect("fits");
-    let (returned, _) = drain_hints(&mut q, &ram, &mut chain, Some(&mut applier), 100);
-    assert_eq!(returned, 2);
-    assert_eq!(applier.finish().pages_cleared, 2);
+    // 3. A drain takes at most the elements it was allowed, rejected ones included: in
+    // `both_layouts.rs`, for both layouts.
 }
