@@ -2,13 +2,13 @@
 
 use numpy::{PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pagehint_core::{HintOutcome, MemoryMap};
-use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
 use crate::args::Pfn;
 use crate::bitmap::PyDirtyBitmap;
-use crate::errors::{bitmap_err, map_err};
+use crate::errors::{bitmap_err, map_err, not_ram_err, past_map_err};
 
 /// Guest RAM regions `(gpa, size)`, numbered into consecutive bitmap pages in the order given.
 #[derive(Debug)]
@@ -70,20 +70,14 @@ impl PyMemoryMap {
 
     /// The bitmap page of a guest-physical address; `ValueError` for an address in a hole.
     fn pfn_of(&self, gpa: Pfn) -> PyResult<u64> {
-        self.map
-            .pfn_of(gpa.0)
-            .ok_or_else(|| PyValueError::new_err(format!("gpa {:#x} is not guest RAM", gpa.0)))
+        self.map.pfn_of(gpa.0).ok_or_else(|| not_ram_err(gpa.0))
     }
 
     /// The guest-physical address of a bitmap page; `IndexError` past the last page.
     fn gpa_of(&self, pfn: Pfn) -> PyResult<u64> {
-        self.map.gpa_of(pfn.0).ok_or_else(|| {
-            PyIndexError::new_err(format!(
-                "page {} is past the map's {} pages",
-                pfn.0,
-                self.map.npages()
-            ))
-        })
+        self.map
+            .gpa_of(pfn.0)
+            .ok_or_else(|| past_map_err(pfn.0, self.map.npages()))
     }
 
     fn __len__(&self) -> usize {

@@ -15,15 +15,11 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
 use crate::bitmap::PyDirtyBitmap;
-use crate::errors::bitmap_err;
+use crate::errors::{bitmap_err, queue_err, ram_size_err};
 use crate::memmap::PyMemoryMap;
 
 /// Elements popped in one call, as parallel arrays (no Python object per element).
 type Popped = (Vec<u16>, Vec<u32>, Vec<u64>, Vec<u32>, Vec<bool>);
-
-fn queue_err(e: QueueError) -> PyErr {
-    PyValueError::new_err(e.to_string())
-}
 
 /// Guest RAM over a buffer export.
 fn guest_ram<'a>(mem: &'a PyBuffer<u8>, map: &'a MemoryMap) -> PyResult<GuestRam<'a>> {
@@ -33,12 +29,7 @@ fn guest_ram<'a>(mem: &'a PyBuffer<u8>, map: &'a MemoryMap) -> PyResult<GuestRam
     // access through it is atomic, so the guest (or another thread) writing the same bytes
     // concurrently is a race on values the reader validates, not on memory safety.
     let bytes = unsafe { std::slice::from_raw_parts(mem.buf_ptr().cast::<AtomicU8>(), len) };
-    GuestRam::new(map, bytes).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "the buffer has {len} bytes but the memory map needs {}",
-            map.ram_bytes()
-        ))
-    })
+    GuestRam::new(map, bytes).ok_or_else(|| ram_size_err(len, map.ram_bytes()))
 }
 
 /// A writable, contiguous byte buffer export.
