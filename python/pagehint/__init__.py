@@ -8,14 +8,19 @@ free page hinting device), ``pagehint.guest`` (a Linux-faithful guest simulator)
 """
 
 from pagehint._core import (
+    ControlElement,
     DirtyBitmap,
+    Elements,
+    HintDrain,
+    HintResult,
     MemoryMap,
+    PackedQueue,
+    SplitQueue,
     __version__,
+    apply_hints,
     available_simd_levels,
     simd_level,
 )
-from pagehint.hints import HintResult, apply_hints
-from pagehint.virtqueue import ControlElement, Elements, HintDrain, PackedQueue, SplitQueue
 
 __all__ = [
     "ControlElement",

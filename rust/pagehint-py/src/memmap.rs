@@ -1,14 +1,14 @@
 //! `pagehint.MemoryMap` and `apply_hints`: guest RAM layout and hint application.
 
 use numpy::{PyArray2, PyArrayMethods, PyUntypedArrayMethods};
-use pagehint_core::{HintOutcome, MemoryMap};
+use pagehint_core::MemoryMap;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 
 use crate::args::Pfn;
 use crate::bitmap::PyDirtyBitmap;
 use crate::errors::{bitmap_err, map_err, not_ram_err, past_map_err};
+use crate::results::PyHintResult;
 
 /// Guest RAM regions `(gpa, size)`, numbered into consecutive bitmap pages in the order given.
 #[derive(Debug)]
@@ -103,16 +103,20 @@ impl PyMemoryMap {
     }
 }
 
-/// Applies `(gpa, len)` hints (a C-contiguous `uint64` array of shape `(N, 2)`) to `bitmap`
-/// through `memmap`. Returns `(hints, pages_hinted, pages_cleared, rejected_by_reason)`;
-/// `pagehint.apply_hints` wraps it in a `HintResult`.
+/// Clears the pages that `(gpa, len)` hints fully cover, in one pass with the GIL released.
+///
+/// `hints` is a C-contiguous `uint64` array of shape `(N, 2)`. A hint's start is rounded up and
+/// its end down to page boundaries; a hint of zero length, one whose end wraps past 2**64, or
+/// one touching any byte outside RAM is rejected whole and counted by reason in `rejected`
+/// (`zero_length`, `overflow`, `outside_ram`). Raises `ValueError` if the bitmap has fewer
+/// pages than the map, `TypeError`/`ValueError` for a malformed array.
 #[pyfunction]
-pub fn apply_hints<'py>(
-    py: Python<'py>,
-    bitmap: &Bound<'py, PyDirtyBitmap>,
-    memmap: &Bound<'py, PyMemoryMap>,
-    hints: &Bound<'py, PyAny>,
-) -> PyResult<(u64, u64, u64, Bound<'py, PyDict>)> {
+pub fn apply_hints(
+    py: Python<'_>,
+    bitmap: &Bound<'_, PyDirtyBitmap>,
+    memmap: &Bound<'_, PyMemoryMap>,
+    hints: &Bound<'_, PyAny>,
+) -> PyResult<PyHintResult> {
     let Ok(array) = hints.cast::<PyArray2<u64>>() else {
         return Err(PyTypeError::new_err(
             "hints must be a numpy uint64 array of shape (N, 2)",
@@ -135,12 +139,8 @@ pub fn apply_hints<'py>(
     let flat = ro.as_slice()?;
     let (bitmap, memmap) = (bitmap.get(), memmap.get());
     let pairs = flat.chunks_exact(2).map(|h| (h[0], h[1]));
-    let out: HintOutcome = bitmap
+    let out = bitmap
         .heavy_write(py, |bm| pagehint_core::apply_hints(bm, &memmap.map, pairs))
         .map_err(bitmap_err)?;
-    let rejected = PyDict::new(py);
-    for (reason, n) in out.rejected.by_reason() {
-        rejected.set_item(reason, n)?;
-    }
-    Ok((out.hints, out.pages_hinted, out.pages_cleared, rejected))
+    Ok(PyHintResult::from_outcome(&out, None))
 }
