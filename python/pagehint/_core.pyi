@@ -113,14 +113,19 @@ class MemoryMap:
     __hash__: ClassVar[None]  # type: ignore[assignment]
 
 def apply_hints(
-    bitmap: DirtyBitmap, memmap: MemoryMap, hints: npt.NDArray[np.uint64]
+    bitmap: DirtyBitmap,
+    memmap: MemoryMap,
+    hints: npt.NDArray[np.uint64],
+    *,
+    record: bool = False,
 ) -> HintResult:
     """Clears the pages that ``(gpa, len)`` hints fully cover, in one pass with the GIL released.
 
     ``hints`` is a C-contiguous ``uint64`` array of shape ``(N, 2)``. A hint's start is rounded
     up and its end down to page boundaries; a hint of zero length, one whose end wraps past
     2**64, or one touching any byte outside RAM is rejected whole and counted by reason in
-    ``rejected`` (``zero_length``, ``overflow``, ``outside_ram``). Raises ``ValueError`` if the
+    ``rejected`` (``zero_length``, ``overflow``, ``outside_ram``). With ``record=True`` the
+    result's ``ranges`` holds the ``(pfn, pages)`` ranges cleared. Raises ``ValueError`` if the
     bitmap has fewer pages than the map, ``TypeError``/``ValueError`` for a malformed array.
     """
 

@@ -8,7 +8,7 @@ use pyo3::prelude::*;
 use crate::args::Pfn;
 use crate::bitmap::PyDirtyBitmap;
 use crate::errors::{bitmap_err, map_err, not_ram_err, past_map_err};
-use crate::results::PyHintResult;
+use crate::results::{PyHintResult, ranges_array};
 
 /// Guest RAM regions `(gpa, size)`, numbered into consecutive bitmap pages in the order given.
 #[derive(Debug)]
@@ -108,14 +108,17 @@ impl PyMemoryMap {
 /// `hints` is a C-contiguous `uint64` array of shape `(N, 2)`. A hint's start is rounded up and
 /// its end down to page boundaries; a hint of zero length, one whose end wraps past 2**64, or
 /// one touching any byte outside RAM is rejected whole and counted by reason in `rejected`
-/// (`zero_length`, `overflow`, `outside_ram`). Raises `ValueError` if the bitmap has fewer
+/// (`zero_length`, `overflow`, `outside_ram`). With `record=True` the result's `ranges` holds
+/// the `(pfn, pages)` ranges cleared, in order. Raises `ValueError` if the bitmap has fewer
 /// pages than the map, `TypeError`/`ValueError` for a malformed array.
 #[pyfunction]
+#[pyo3(signature = (bitmap, memmap, hints, *, record = false))]
 pub fn apply_hints(
     py: Python<'_>,
     bitmap: &Bound<'_, PyDirtyBitmap>,
     memmap: &Bound<'_, PyMemoryMap>,
     hints: &Bound<'_, PyAny>,
+    record: bool,
 ) -> PyResult<PyHintResult> {
     let Ok(array) = hints.cast::<PyArray2<u64>>() else {
         return Err(PyTypeError::new_err(
@@ -139,8 +142,16 @@ pub fn apply_hints(
     let flat = ro.as_slice()?;
     let (bitmap, memmap) = (bitmap.get(), memmap.get());
     let pairs = flat.chunks_exact(2).map(|h| (h[0], h[1]));
-    let out = bitmap
-        .heavy_write(py, |bm| pagehint_core::apply_hints(bm, &memmap.map, pairs))
+    let (out, ranges) = bitmap
+        .heavy_write(py, |bm| {
+            if record {
+                pagehint_core::apply_hints_recording(bm, &memmap.map, pairs)
+                    .map(|(out, ranges)| (out, Some(ranges)))
+            } else {
+                pagehint_core::apply_hints(bm, &memmap.map, pairs).map(|out| (out, None))
+            }
+        })
         .map_err(bitmap_err)?;
-    Ok(PyHintResult::from_outcome(&out, None))
+    let ranges = ranges.map(|r| ranges_array(py, r)).transpose()?;
+    Ok(PyHintResult::from_outcome(&out, ranges))
 }
