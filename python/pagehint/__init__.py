@@ -9,14 +9,19 @@ world: guest, Linux driver, workloads, simulated source and link, scenarios) and
 """
 
 from pagehint._core import (
+    ControlElement,
     DirtyBitmap,
+    Elements,
+    HintDrain,
+    HintResult,
     MemoryMap,
+    PackedQueue,
+    SplitQueue,
     __version__,
+    apply_hints,
     available_simd_levels,
     simd_level,
 )
-from pagehint.hints import HintResult, apply_hints
-from pagehint.virtqueue import ControlElement, Elements, HintDrain, PackedQueue, SplitQueue
 
 __all__ = [
     "ControlElement",

@@ -9,7 +9,11 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "ControlElement",
     "DirtyBitmap",
+    "Elements",
+    "HintDrain",
+    "HintResult",
     "MemoryMap",
     "PackedQueue",
     "SplitQueue",
@@ -109,13 +113,184 @@ class MemoryMap:
     __hash__: ClassVar[None]  # type: ignore[assignment]
 
 def apply_hints(
-    bitmap: DirtyBitmap, memmap: MemoryMap, hints: npt.NDArray[np.uint64]
-) -> tuple[int, int, int, dict[str, int]]:
-    """Applies ``(gpa, len)`` hints; see ``pagehint.apply_hints``."""
+    bitmap: DirtyBitmap,
+    memmap: MemoryMap,
+    hints: npt.NDArray[np.uint64],
+    *,
+    record: bool = False,
+) -> HintResult:
+    """Clears the pages that ``(gpa, len)`` hints fully cover, in one pass with the GIL released.
+
+    ``hints`` is a C-contiguous ``uint64`` array of shape ``(N, 2)``. A hint's start is rounded
+    up and its end down to page boundaries; a hint of zero length, one whose end wraps past
+    2**64, or one touching any byte outside RAM is rejected whole and counted by reason in
+    ``rejected`` (``zero_length``, ``overflow``, ``outside_ram``). With ``record=True`` the
+    result's ``ranges`` holds the ``(pfn, pages)`` ranges cleared. Raises ``ValueError`` if the
+    bitmap has fewer pages than the map, ``TypeError``/``ValueError`` for a malformed array.
+    """
+
+@final
+class HintResult:
+    """What one batch of hints did.
+
+    ``pages_cleared`` is the drop in dirty pages (QEMU's ``migration_dirty_pages -=`` for the
+    batch); ``pages_hinted`` counts pages fully covered by accepted hints, twice if hinted twice.
+    """
+
+    def __new__(
+        cls,
+        hints: int,
+        pages_hinted: int,
+        pages_cleared: int,
+        rejected: dict[str, int] | None = None,
+        ranges: _U64Array | None = None,
+    ) -> HintResult: ...
+    @property
+    def hints(self) -> int:
+        """Hints seen."""
+    @property
+    def pages_hinted(self) -> int:
+        """Pages fully covered by accepted hints."""
+    @property
+    def pages_cleared(self) -> int:
+        """Pages that were dirty and are now clear."""
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Rejected hints by reason."""
+    @property
+    def rejected_total(self) -> int:
+        """Hints rejected for any reason."""
+    @property
+    def ranges(self) -> _U64Array | None:
+        """With ``record=True``: the ``(pfn, pages)`` ranges cleared, shape ``(N, 2)``."""
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    __hash__: ClassVar[None]  # type: ignore[assignment]
+
+@final
+class ControlElement:
+    """An element with a device-readable buffer (a cmd id), popped but not yet used."""
+
+    def __new__(cls, head: int, cmd_id: int | None, hints: list[tuple[int, int]]) -> ControlElement: ...
+    @property
+    def head(self) -> int:
+        """Its id, for ``add_used``."""
+    @property
+    def cmd_id(self) -> int | None:
+        """The first 4 out-buffer bytes (little endian), or None if there are fewer."""
+    @property
+    def hints(self) -> list[tuple[int, int]]:
+        """Its device-writable buffers as ``(gpa, len)``."""
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    __hash__: ClassVar[None]  # type: ignore[assignment]
+
+@final
+class HintDrain:
+    """What one ``drain_hints`` call did."""
+
+    def __new__(
+        cls,
+        result: HintResult,
+        elements: int,
+        control: ControlElement | None,
+        limited: bool = False,
+        ranges: _U64Array | None = None,
+    ) -> HintDrain: ...
+    @property
+    def result(self) -> HintResult:
+        """The hints applied."""
+    @property
+    def elements(self) -> int:
+        """Hint elements returned used."""
+    @property
+    def control(self) -> ControlElement | None:
+        """The element with a cmd id that stopped the drain, not used yet."""
+    @property
+    def limited(self) -> bool:
+        """Whether the element budget ran out first (more may be available)."""
+    @property
+    def ranges(self) -> _U64Array | None:
+        """With ``record=True``: the ``(pfn, pages)`` ranges cleared, shape ``(N, 2)``."""
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    __hash__: ClassVar[None]  # type: ignore[assignment]
+
+_Buffers: TypeAlias = tuple[
+    npt.NDArray[np.uint32], npt.NDArray[np.uint64], npt.NDArray[np.uint32]
+]
+
+@final
+class Elements:
+    """Elements popped from a queue, as parallel arrays (no Python object per element)."""
+
+    def __new__(
+        cls,
+        heads: npt.NDArray[np.uint16],
+        desc_element: npt.NDArray[np.uint32],
+        desc_addr: npt.NDArray[np.uint64],
+        desc_len: npt.NDArray[np.uint32],
+        desc_writable: npt.NDArray[np.bool_],
+    ) -> Elements: ...
+    @property
+    def heads(self) -> npt.NDArray[np.uint16]:
+        """Element ids."""
+    @property
+    def desc_element(self) -> npt.NDArray[np.uint32]:
+        """Per descriptor: the index of its element in ``heads``."""
+    @property
+    def desc_addr(self) -> npt.NDArray[np.uint64]:
+        """Per descriptor: guest-physical address."""
+    @property
+    def desc_len(self) -> npt.NDArray[np.uint32]:
+        """Per descriptor: bytes."""
+    @property
+    def desc_writable(self) -> npt.NDArray[np.bool_]:
+        """Per descriptor: whether it is device-writable."""
+    def __len__(self) -> int: ...
+    def buffers(self, i: int) -> list[tuple[int, int, bool]]:
+        """Element ``i``'s descriptors as ``(addr, len, writable)``."""
+    def out_buffers(self) -> _Buffers:
+        """Device-readable buffers: ``(element, addr, len)``."""
+    def in_buffers(self) -> _Buffers:
+        """Device-writable buffers: ``(element, addr, len)``."""
+
+class _Queue:
+    """What both queue layouts share (not a runtime class)."""
+
+    @property
+    def size(self) -> int:
+        """Queue size."""
+    @property
+    def error(self) -> str | None:
+        """Why the queue stopped, or None."""
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Rejected elements so far, by reason."""
+    def pop(self, max_elements: int = 65536) -> Elements:
+        """Takes up to ``max_elements`` available elements (GIL released)."""
+    def pop_batch(
+        self, max_elements: int
+    ) -> tuple[
+        npt.NDArray[np.uint16],
+        npt.NDArray[np.uint32],
+        npt.NDArray[np.uint64],
+        npt.NDArray[np.uint32],
+        npt.NDArray[np.bool_],
+    ]:
+        """``pop`` as a tuple of its arrays."""
+    def add_used(self, heads: Sequence[int], lens: Sequence[int]) -> None:
+        """Returns elements to the driver."""
+    def drain_hints(
+        self, bitmap: DirtyBitmap | None, max_elements: int = 65536, *, record: bool = False
+    ) -> HintDrain:
+        """Applies hint elements until empty, the limit, or a control element."""
+    def needs_interrupt(self) -> bool:
+        """Whether the driver wants an interrupt now."""
 
 @disjoint_base
-class SplitQueue:
-    """A split virtqueue read from guest RAM in a writable buffer laid out by a MemoryMap."""
+class SplitQueue(_Queue):
+    """A split virtqueue (virtio 1.2 §2.7) in guest RAM held by a writable buffer."""
 
     def __new__(
         cls,
@@ -129,53 +304,17 @@ class SplitQueue:
         event_idx: bool = False,
     ) -> SplitQueue: ...
     @property
-    def size(self) -> int:
-        """Queue size."""
-    @property
     def last_avail(self) -> int:
         """Next available-ring index the device reads."""
     @property
     def next_used(self) -> int:
         """Next used-ring index the device writes."""
-    @property
-    def error(self) -> str | None:
-        """Why the queue stopped, or None."""
-    @property
-    def rejected(self) -> dict[str, int]:
-        """Rejected elements so far, by reason."""
     def set_indices(self, last_avail: int, next_used: int) -> None:
         """Resumes at the given indices."""
-    def pop_batch(
-        self, max_elements: int
-    ) -> tuple[
-        npt.NDArray[np.uint16],
-        npt.NDArray[np.uint32],
-        npt.NDArray[np.uint64],
-        npt.NDArray[np.uint32],
-        npt.NDArray[np.bool_],
-    ]:
-        """Pops up to ``max_elements`` elements as parallel arrays."""
-    def add_used(self, heads: Sequence[int], lens: Sequence[int]) -> None:
-        """Returns elements to the driver."""
-    def _drain_hints(
-        self, bitmap: DirtyBitmap | None, max_elements: int = 65536, record: bool = False
-    ) -> tuple[
-        int,
-        int,
-        int,
-        dict[str, int],
-        int,
-        tuple[int, int | None, list[tuple[int, int]]] | None,
-        bool,
-        npt.NDArray[np.uint64] | None,
-    ]:
-        """Applies hint elements until empty, the limit, or a control element."""
-    def needs_interrupt(self) -> bool:
-        """Whether the driver wants an interrupt now."""
 
 @disjoint_base
-class PackedQueue:
-    """A packed virtqueue read from guest RAM in a writable buffer laid out by a MemoryMap."""
+class PackedQueue(_Queue):
+    """A packed virtqueue (virtio 1.2 §2.8) in guest RAM held by a writable buffer."""
 
     def __new__(
         cls,
@@ -189,48 +328,12 @@ class PackedQueue:
         event_idx: bool = False,
     ) -> PackedQueue: ...
     @property
-    def size(self) -> int:
-        """Queue size."""
-    @property
     def next_avail(self) -> tuple[int, bool]:
         """Next ring slot the device reads, and the wrap counter expected there."""
     @property
     def next_used(self) -> tuple[int, bool]:
         """Next ring slot the device writes used, and its wrap counter."""
-    @property
-    def error(self) -> str | None:
-        """Why the queue stopped, or None."""
-    @property
-    def rejected(self) -> dict[str, int]:
-        """Rejected elements so far, by reason."""
     def set_indices(
         self, next_avail: int, avail_wrap: bool, next_used: int, used_wrap: bool
     ) -> None:
         """Resumes at the given slots and wrap counters."""
-    def pop_batch(
-        self, max_elements: int
-    ) -> tuple[
-        npt.NDArray[np.uint16],
-        npt.NDArray[np.uint32],
-        npt.NDArray[np.uint64],
-        npt.NDArray[np.uint32],
-        npt.NDArray[np.bool_],
-    ]:
-        """Pops up to ``max_elements`` elements as parallel arrays."""
-    def add_used(self, heads: Sequence[int], lens: Sequence[int]) -> None:
-        """Returns elements to the driver."""
-    def _drain_hints(
-        self, bitmap: DirtyBitmap | None, max_elements: int = 65536, record: bool = False
-    ) -> tuple[
-        int,
-        int,
-        int,
-        dict[str, int],
-        int,
-        tuple[int, int | None, list[tuple[int, int]]] | None,
-        bool,
-        npt.NDArray[np.uint64] | None,
-    ]:
-        """Applies hint elements until empty, the limit, or a control element."""
-    def needs_interrupt(self) -> bool:
-        """Whether the driver wants an interrupt now."""

@@ -144,6 +144,28 @@ def test_apply_hints_matches_page_by_page_oracle(
     assert got == want_dirty
 
 
+
+@settings(max_examples=200, deadline=None)
+@given(maps_and_hints())
+def test_recorded_ranges_are_exactly_the_pages_cleared(
+    case: tuple[list[tuple[int, int]], int, list[tuple[int, int]], list[int]],
+) -> None:
+    """``record=True`` reports the core's own rounding: on an all-dirty bitmap the ranges cover
+    exactly the pages that became clean, a page once per hint that covered it."""
+    regions, page, hints, _ = case
+    m = MemoryMap(regions, page_size=page)
+    bm = DirtyBitmap(m.npages, dirty=True)
+    assert apply_hints(DirtyBitmap(m.npages), m, hint_array(hints)).ranges is None
+    r = apply_hints(bm, m, hint_array(hints), record=True)
+    assert r.ranges is not None and r.ranges.dtype == np.uint64 and r.ranges.shape[1] == 2
+    pages = [int(p) + i for p, n in r.ranges.tolist() for i in range(int(n))]
+    assert len(pages) == r.pages_hinted
+    starts, lengths = bm.dirty_runs()
+    still = {int(s) + i for s, n in zip(starts, lengths) for i in range(int(n))}
+    assert set(pages) == set(range(m.npages)) - still
+    assert len(set(pages)) == r.pages_cleared
+
+
 def test_memory_map_lookups_and_layout() -> None:
     m = MemoryMap.x86(4 * GIB)  # q35: 2 GiB low, 2 GiB from 4 GiB
     assert m.regions == [(0, 2 * GIB), (4 * GIB, 2 * GIB)]

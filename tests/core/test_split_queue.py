@@ -187,3 +187,43 @@ def test_overlapping_used_ring_and_inconsistent_indices_are_refused() -> None:
         q.set_indices(0, 1)  # used ahead of avail: QEMU refuses to load this too
     q.set_indices(256, 0)
     assert (q.last_avail, q.next_used) == (256, 0)
+
+
+def test_results_are_frozen_core_values() -> None:
+    """The queue classes and their results are the core's own: no Python wrapper layer. The
+    results are frozen values with a readable repr and value equality."""
+    import pagehint
+    from pagehint import _core
+
+    assert pagehint.SplitQueue is _core.SplitQueue and pagehint.HintDrain is _core.HintDrain
+    memmap = MemoryMap([(0, 1 << 22)])
+    mem = np.zeros(memmap.ram_bytes, dtype=np.uint8)
+    desc, avail = 0x1000, 0x2000
+    mem[desc : desc + 32] = np.frombuffer(
+        struct.pack("<QIHHQIHH", 0x100000, 0x10000, 2, 0, 0x8000, 4, 0, 0), dtype=np.uint8
+    )
+    mem[0x8000:0x8004] = np.frombuffer(struct.pack("<I", 0x80000001), dtype=np.uint8)
+    mem[avail : avail + 8] = np.frombuffer(struct.pack("<HHHH", 0, 2, 0, 1), dtype=np.uint8)
+    q = SplitQueue(mem, memmap, 8, desc, avail, 0x3000)
+    bm = DirtyBitmap(memmap.npages, dirty=True)
+    drain = q.drain_hints(bm, record=True)
+    assert drain.result == pagehint.HintResult(
+        1, 16, 16, {"outside_ram": 0, "overflow": 0, "zero_length": 0},
+        ranges=np.array([[256, 16]], dtype=np.uint64),
+    )
+    assert drain.ranges is drain.result.ranges
+    assert drain.control == pagehint.ControlElement(1, 0x80000001, [])
+    assert drain == pagehint.HintDrain(drain.result, 1, drain.control, False, drain.ranges)
+    assert repr(drain.control) == "ControlElement(head=1, cmd_id=2147483649, hints=[])"
+    assert repr(drain.result).startswith(
+        "HintResult(hints=1, pages_hinted=16, pages_cleared=16, rejected={'zero_length': 0,")
+    with pytest.raises(AttributeError):
+        drain.result.hints = 2  # type: ignore[misc]
+    # The elements of a pop: the same arrays on every access, helpers in Rust.
+    q2 = SplitQueue(mem, memmap, 8, desc, avail, 0x3000)
+    els = q2.pop()
+    assert els.heads is els.heads and len(els) == 2
+    assert els.buffers(0) == [(0x100000, 0x10000, True)] and els.buffers(-1) == []
+    assert [a.tolist() for a in els.out_buffers()] == [[1], [0x8000], [4]]
+    assert [a.dtype for a in els.in_buffers()] == [np.uint32, np.uint64, np.uint32]
+    assert repr(els).startswith("Elements(heads=array([0, 1], dtype=uint16)")

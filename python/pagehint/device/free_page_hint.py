@@ -515,9 +515,10 @@ class FreePageHintDevice:
                     if ctl.hints and self._error is None and self._state is HintState.START \
                             and self._bitmap is not None:
                         hints = np.array(ctl.hints, dtype=np.uint64).reshape(-1, 2)
-                        results.append(apply_hints(self._bitmap, self._memmap, hints))
-                        if record:
-                            covered = _covered_ranges(self._memmap, ctl.hints)
+                        applied_ctl = apply_hints(self._bitmap, self._memmap, hints, record=record)
+                        results.append(applied_ctl)
+                        covered = applied_ctl.ranges
+                        if covered is not None:
                             if self.record_ranges:
                                 ranges.append(covered)
                             if listener is not None and len(covered):
@@ -570,31 +571,3 @@ class FreePageHintDevice:
     def rejected(self) -> dict[str, int]:
         """Free page queue elements rejected so far, by reason (see ``SplitQueue``)."""
         return {} if self._queue is None else self._queue.rejected
-
-def _covered_ranges(memmap: _core.MemoryMap, hints: list[tuple[int, int]]) -> _U64Array:
-    """The ``(pfn, pages)`` ranges ``apply_hints`` clears for a few hints (a cmd id element's
-    in-buffers): whole pages only, a hint with any byte outside RAM contributes nothing, a
-    hint across touching regions is split."""
-    regions = sorted(memmap.regions)
-    page = memmap.page_size
-    out: list[tuple[int, int]] = []
-    for gpa, length in hints:
-        end = gpa + length
-        if length == 0 or end >= 1 << 64:
-            continue
-        pieces: list[tuple[int, int, int]] = []
-        at = gpa
-        for rgpa, rsize in regions:
-            if rgpa <= at < rgpa + rsize:
-                stop = min(end, rgpa + rsize)
-                pieces.append((rgpa, at, stop))
-                at = stop
-                if at == end:
-                    break
-        if at != end:
-            continue
-        for rgpa, lo, hi in pieces:
-            first, last = -(-(lo - rgpa) // page), (hi - rgpa) // page
-            if last > first:
-                out.append((memmap.pfn_of(rgpa) + first, last - first))
-    return np.array(out, dtype=np.uint64).reshape(-1, 2)

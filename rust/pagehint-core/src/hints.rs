@@ -203,6 +203,21 @@ pub fn apply_hints(
     Ok(applier.finish())
 }
 
+/// [`apply_hints`], also returning the `(pfn, pages)` ranges cleared, in order (see
+/// [`HintApplier::recording`]): the one rounding rule, for callers that need to know where it
+/// cleared.
+pub fn apply_hints_recording(
+    bitmap: &mut DirtyBitmap,
+    map: &MemoryMap,
+    hints: impl IntoIterator<Item = (u64, u64)>,
+) -> Result<(HintOutcome, Vec<(u64, u64)>), BitmapError> {
+    let mut applier = HintApplier::new(bitmap, map)?.recording();
+    for (gpa, len) in hints {
+        applier.add(gpa, len);
+    }
+    Ok(applier.finish_with_ranges())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -224,6 +239,24 @@ mod tests {
         assert_eq!(ranges[..2], [(0, 1), (3, 1)]);
         assert_eq!(ranges[300], (1023, 1));
         assert_eq!(ranges.iter().map(|r| r.1).sum::<u64>(), out.pages_hinted);
+    }
+
+    #[test]
+    fn apply_hints_recording_reports_what_apply_hints_clears() {
+        let map = MemoryMap::x86(8 << 20, 4 << 20, 4096).expect("map");
+        let hints = [
+            (4096 + 1, 3 * 4096),
+            (0, 0),
+            ((4 << 20) - 4096, 4096),
+            (1 << 32, 8192),
+        ];
+        let mut plain = DirtyBitmap::new_dirty(map.npages()).expect("bitmap");
+        let mut recorded = DirtyBitmap::new_dirty(map.npages()).expect("bitmap");
+        let out = apply_hints(&mut plain, &map, hints).expect("fits");
+        let (rec_out, ranges) = apply_hints_recording(&mut recorded, &map, hints).expect("fits");
+        assert_eq!(out, rec_out);
+        assert_eq!(plain, recorded);
+        assert_eq!(ranges, [(2, 2), (1023, 1), (1024, 2)]);
     }
 
     #[test]

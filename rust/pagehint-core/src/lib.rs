@@ -19,7 +19,7 @@ pub mod words;
 pub use bitmap::{DirtyBitmap, MAX_PAGES};
 pub use error::{BitmapError, SimdError};
 pub use guest_memory::{GuestRam, OutsideRam};
-pub use hints::{HintApplier, HintOutcome, HintRejects, apply_hints};
+pub use hints::{HintApplier, HintOutcome, HintRejects, apply_hints, apply_hints_recording};
 pub use kernels::{Kernels, Level};
 pub use memmap::{MapError, MemoryMap, Region};
 pub use virtq::PackedQueue;

@@ -504,3 +504,84 @@ fn a_self_feeding_ring_cannot_keep_the_device_busy() {
     // 3. A drain takes at most the elements it was allowed, rejected ones included: in
     // `both_layouts.rs`, for both layouts.
 }
+
+/// `pop_batch` takes at most its budget and leaves the rest available for the next call.
+#[test]
+fn pop_batch_takes_at_most_its_budget() {
+    use pagehint_core::virtq::pop_batch;
+    let rig = Rig::new(8);
+    let ram = rig.ram();
+    let mut q = rig.queue(false);
+    let mut chain = Chain::new();
+    for head in 0..5u16 {
+        rig.desc(head, DATA + 4096 * u64::from(head), 4096, WRITE, 0);
+        rig.push(head);
+    }
+    let first = pop_batch(&mut q, &ram, &mut chain, 3);
+    assert_eq!(first.heads, [0, 1, 2]);
+    assert_eq!(first.desc_element, [0, 1, 2]);
+    let rest = pop_batch(&mut q, &ram, &mut chain, 100);
+    assert_eq!(rest.heads, [3, 4]);
+    assert_eq!(rest.desc_addr, [DATA + 3 * 4096, DATA + 4 * 4096]);
+    assert!(pop_batch(&mut q, &ram, &mut chain, 100).is_empty());
+    assert!(pop_batch(&mut q, &ram, &mut chain, 0).is_empty());
+    assert_eq!(q.last_avail(), 5);
+}
+
+/// A rejected element uses the budget like an accepted one (a guest cannot keep the loop
+/// going with bad elements), is returned used with length 0 and is absent from the result.
+#[test]
+fn pop_batch_counts_rejected_elements_against_the_budget() {
+    use pagehint_core::virtq::pop_batch;
+    let rig = Rig::new(8);
+    let ram = rig.ram();
+    let mut q = rig.queue(false);
+    let mut chain = Chain::new();
+    rig.desc(0, DATA, 0, WRITE, 0); // zero length: rejected
+    rig.desc(1, DATA, 4096, WRITE, 0);
+    rig.desc(2, LOW_END, 4096, WRITE, 0); // in the hole: rejected
+    rig.desc(3, DATA + 4096, 4096, WRITE, 0);
+    for head in 0..4u16 {
+        rig.push(head);
+    }
+    let two = pop_batch(&mut q, &ram, &mut chain, 2);
+    assert_eq!(two.heads, [1]);
+    assert_eq!(q.counts().total(), 1);
+    assert_eq!((rig.used_idx(), rig.used(0)), (1, (0, 0)));
+    let one = pop_batch(&mut q, &ram, &mut chain, 1);
+    assert!(one.is_empty());
+    assert_eq!(q.counts().buffer_outside_ram, 1);
+    let last = pop_batch(&mut q, &ram, &mut chain, 1);
+    assert_eq!(last.heads, [3]);
+    assert_eq!(q.counts().total(), 2);
+    assert_eq!(q.last_avail(), 4);
+}
+
+/// Descriptors come in chain order, out-buffers before in-buffers, tagged with the index of
+/// their element in `heads` (not the head itself).
+#[test]
+fn pop_batch_keeps_chain_order_out_then_in() {
+    use pagehint_core::virtq::pop_batch;
+    let rig = Rig::new(8);
+    let ram = rig.ram();
+    let mut q = rig.queue(false);
+    let mut chain = Chain::new();
+    // Element at head 5: out 4 bytes, out 8 bytes, in 4096; element at head 2: in 4096 only.
+    rig.desc(5, DATA, 4, NEXT, 6);
+    rig.desc(6, DATA + 0x10, 8, NEXT, 7);
+    rig.desc(7, DATA + 0x1000, 4096, WRITE, 0);
+    rig.desc(2, DATA + 0x2000, 4096, WRITE, 0);
+    rig.push(5);
+    rig.push(2);
+    let els = pop_batch(&mut q, &ram, &mut chain, 10);
+    assert_eq!(els.len(), 2);
+    assert_eq!(els.heads, [5, 2]);
+    assert_eq!(els.desc_element, [0, 0, 0, 1]);
+    assert_eq!(
+        els.desc_addr,
+        [DATA, DATA + 0x10, DATA + 0x1000, DATA + 0x2000]
+    );
+    assert_eq!(els.desc_len, [4, 8, 4096, 4096]);
+    assert_eq!(els.desc_writable, [false, false, true, true]);
+    assert_eq!(q.counts().total(), 0);
+}

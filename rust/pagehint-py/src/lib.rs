@@ -5,6 +5,7 @@ mod args;
 mod bitmap;
 mod errors;
 mod memmap;
+mod results;
 mod virtq;
 
 use pagehint_core::{Level, kernels};
@@ -30,6 +31,10 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<bitmap::PyDirtyBitmap>()?;
     m.add_class::<memmap::PyMemoryMap>()?;
     m.add_function(wrap_pyfunction!(memmap::apply_hints, m)?)?;
+    m.add_class::<results::PyHintResult>()?;
+    m.add_class::<results::PyHintDrain>()?;
+    m.add_class::<results::PyControlElement>()?;
+    m.add_class::<results::PyElements>()?;
     m.add_class::<virtq::PySplitQueue>()?;
     m.add_class::<virtq::PyPackedQueue>()?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

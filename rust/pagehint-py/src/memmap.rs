@@ -1,14 +1,14 @@
 //! `pagehint.MemoryMap` and `apply_hints`: guest RAM layout and hint application.
 
 use numpy::{PyArray2, PyArrayMethods, PyUntypedArrayMethods};
-use pagehint_core::{HintOutcome, MemoryMap};
-use pyo3::exceptions::{PyIndexError, PyTypeError, PyValueError};
+use pagehint_core::MemoryMap;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
 
 use crate::args::Pfn;
 use crate::bitmap::PyDirtyBitmap;
-use crate::errors::{bitmap_err, map_err};
+use crate::errors::{bitmap_err, map_err, not_ram_err, past_map_err};
+use crate::results::{PyHintResult, ranges_array};
 
 /// Guest RAM regions `(gpa, size)`, numbered into consecutive bitmap pages in the order given.
 #[derive(Debug)]
@@ -70,20 +70,14 @@ impl PyMemoryMap {
 
     /// The bitmap page of a guest-physical address; `ValueError` for an address in a hole.
     fn pfn_of(&self, gpa: Pfn) -> PyResult<u64> {
-        self.map
-            .pfn_of(gpa.0)
-            .ok_or_else(|| PyValueError::new_err(format!("gpa {:#x} is not guest RAM", gpa.0)))
+        self.map.pfn_of(gpa.0).ok_or_else(|| not_ram_err(gpa.0))
     }
 
     /// The guest-physical address of a bitmap page; `IndexError` past the last page.
     fn gpa_of(&self, pfn: Pfn) -> PyResult<u64> {
-        self.map.gpa_of(pfn.0).ok_or_else(|| {
-            PyIndexError::new_err(format!(
-                "page {} is past the map's {} pages",
-                pfn.0,
-                self.map.npages()
-            ))
-        })
+        self.map
+            .gpa_of(pfn.0)
+            .ok_or_else(|| past_map_err(pfn.0, self.map.npages()))
     }
 
     fn __len__(&self) -> usize {
@@ -109,16 +103,23 @@ impl PyMemoryMap {
     }
 }
 
-/// Applies `(gpa, len)` hints (a C-contiguous `uint64` array of shape `(N, 2)`) to `bitmap`
-/// through `memmap`. Returns `(hints, pages_hinted, pages_cleared, rejected_by_reason)`;
-/// `pagehint.apply_hints` wraps it in a `HintResult`.
+/// Clears the pages that `(gpa, len)` hints fully cover, in one pass with the GIL released.
+///
+/// `hints` is a C-contiguous `uint64` array of shape `(N, 2)`. A hint's start is rounded up and
+/// its end down to page boundaries; a hint of zero length, one whose end wraps past 2**64, or
+/// one touching any byte outside RAM is rejected whole and counted by reason in `rejected`
+/// (`zero_length`, `overflow`, `outside_ram`). With `record=True` the result's `ranges` holds
+/// the `(pfn, pages)` ranges cleared, in order. Raises `ValueError` if the bitmap has fewer
+/// pages than the map, `TypeError`/`ValueError` for a malformed array.
 #[pyfunction]
-pub fn apply_hints<'py>(
-    py: Python<'py>,
-    bitmap: &Bound<'py, PyDirtyBitmap>,
-    memmap: &Bound<'py, PyMemoryMap>,
-    hints: &Bound<'py, PyAny>,
-) -> PyResult<(u64, u64, u64, Bound<'py, PyDict>)> {
+#[pyo3(signature = (bitmap, memmap, hints, *, record = false))]
+pub fn apply_hints(
+    py: Python<'_>,
+    bitmap: &Bound<'_, PyDirtyBitmap>,
+    memmap: &Bound<'_, PyMemoryMap>,
+    hints: &Bound<'_, PyAny>,
+    record: bool,
+) -> PyResult<PyHintResult> {
     let Ok(array) = hints.cast::<PyArray2<u64>>() else {
         return Err(PyTypeError::new_err(
             "hints must be a numpy uint64 array of shape (N, 2)",
@@ -141,12 +142,16 @@ pub fn apply_hints<'py>(
     let flat = ro.as_slice()?;
     let (bitmap, memmap) = (bitmap.get(), memmap.get());
     let pairs = flat.chunks_exact(2).map(|h| (h[0], h[1]));
-    let out: HintOutcome = bitmap
-        .heavy_write(py, |bm| pagehint_core::apply_hints(bm, &memmap.map, pairs))
+    let (out, ranges) = bitmap
+        .heavy_write(py, |bm| {
+            if record {
+                pagehint_core::apply_hints_recording(bm, &memmap.map, pairs)
+                    .map(|(out, ranges)| (out, Some(ranges)))
+            } else {
+                pagehint_core::apply_hints(bm, &memmap.map, pairs).map(|out| (out, None))
+            }
+        })
         .map_err(bitmap_err)?;
-    let rejected = PyDict::new(py);
-    for (reason, n) in out.rejected.by_reason() {
-        rejected.set_item(reason, n)?;
-    }
-    Ok((out.hints, out.pages_hinted, out.pages_cleared, rejected))
+    let ranges = ranges.map(|r| ranges_array(py, r)).transpose()?;
+    Ok(PyHintResult::from_outcome(&out, ranges))
 }

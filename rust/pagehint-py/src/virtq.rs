@@ -5,9 +5,11 @@
 use std::sync::atomic::AtomicU8;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use numpy::{PyArray1, PyArrayMethods};
+use numpy::PyArray1;
 use pagehint_core::free_page::{DrainStop, drain_hints};
-use pagehint_core::virtq::{Chain, PackedQueue, QueueError, SplitQueue, Virtqueue};
+use pagehint_core::virtq::{
+    Chain, PackedQueue, PoppedElements, QueueError, SplitQueue, Virtqueue, pop_batch,
+};
 use pagehint_core::{GuestRam, HintApplier, HintOutcome, MemoryMap};
 use pyo3::buffer::PyBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -15,15 +17,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyTuple};
 
 use crate::bitmap::PyDirtyBitmap;
-use crate::errors::bitmap_err;
+use crate::errors::{bitmap_err, queue_err, ram_size_err};
 use crate::memmap::PyMemoryMap;
-
-/// Elements popped in one call, as parallel arrays (no Python object per element).
-type Popped = (Vec<u16>, Vec<u32>, Vec<u64>, Vec<u32>, Vec<bool>);
-
-fn queue_err(e: QueueError) -> PyErr {
-    PyValueError::new_err(e.to_string())
-}
+use crate::results::{PyElements, PyHintDrain};
 
 /// Guest RAM over a buffer export.
 fn guest_ram<'a>(mem: &'a PyBuffer<u8>, map: &'a MemoryMap) -> PyResult<GuestRam<'a>> {
@@ -33,12 +29,7 @@ fn guest_ram<'a>(mem: &'a PyBuffer<u8>, map: &'a MemoryMap) -> PyResult<GuestRam
     // access through it is atomic, so the guest (or another thread) writing the same bytes
     // concurrently is a race on values the reader validates, not on memory safety.
     let bytes = unsafe { std::slice::from_raw_parts(mem.buf_ptr().cast::<AtomicU8>(), len) };
-    GuestRam::new(map, bytes).ok_or_else(|| {
-        PyValueError::new_err(format!(
-            "the buffer has {len} bytes but the memory map needs {}",
-            map.ram_bytes()
-        ))
-    })
+    GuestRam::new(map, bytes).ok_or_else(|| ram_size_err(len, map.ram_bytes()))
 }
 
 /// A writable, contiguous byte buffer export.
@@ -104,45 +95,13 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
         Ok(d)
     }
 
-    fn pop_batch<'py>(
-        &self,
-        py: Python<'py>,
-        max_elements: usize,
-    ) -> PyResult<Bound<'py, PyTuple>> {
+    fn pop(&self, py: Python<'_>, max_elements: usize) -> PyResult<PoppedElements> {
         let ram = guest_ram(&self.mem, &self.map)?;
-        let (heads, elem, addr, len, writable): Popped = py.detach(|| {
+        Ok(py.detach(|| {
             let mut guard = self.lock();
             let (queue, chain) = &mut *guard;
-            let mut out: Popped = Default::default();
-            // Rejected elements count too: a guest must not be able to keep this loop going.
-            for _ in 0..max_elements {
-                match queue.pop(&ram, chain) {
-                    None => break,
-                    Some(Err(_)) => {}
-                    Some(Ok(head)) => {
-                        let e = u32::try_from(out.0.len()).unwrap_or(u32::MAX);
-                        out.0.push(head);
-                        for d in chain.descs() {
-                            out.1.push(e);
-                            out.2.push(d.addr);
-                            out.3.push(d.len);
-                            out.4.push(d.writable);
-                        }
-                    }
-                }
-            }
-            out
-        });
-        PyTuple::new(
-            py,
-            [
-                PyArray1::from_vec(py, heads).into_any(),
-                PyArray1::from_vec(py, elem).into_any(),
-                PyArray1::from_vec(py, addr).into_any(),
-                PyArray1::from_vec(py, len).into_any(),
-                PyArray1::from_vec(py, writable).into_any(),
-            ],
-        )
+            pop_batch(queue, &ram, chain, max_elements)
+        }))
     }
 
     fn add_used(&self, py: Python<'_>, heads: &[u16], lens: &[u32]) -> PyResult<()> {
@@ -164,13 +123,13 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
         .map_err(queue_err)
     }
 
-    fn drain_hints<'py>(
+    fn drain_hints(
         &self,
-        py: Python<'py>,
-        bitmap: Option<&Bound<'py, PyDirtyBitmap>>,
+        py: Python<'_>,
+        bitmap: Option<&Bound<'_, PyDirtyBitmap>>,
         max_elements: usize,
         record: bool,
-    ) -> PyResult<Bound<'py, PyTuple>> {
+    ) -> PyResult<PyHintDrain> {
         let ram = guest_ram(&self.mem, &self.map)?;
         let drain = |applier: Option<&mut HintApplier<'_>>| {
             let mut guard = self.lock();
@@ -196,33 +155,19 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
                 (HintOutcome::default(), Vec::new(), applied, stop)
             }
         };
-        let rejected = PyDict::new(py);
-        for (reason, n) in outcome.rejected.by_reason() {
-            rejected.set_item(reason, n)?;
-        }
-        let limited = stop == DrainStop::Limit;
-        let control = match stop {
-            DrainStop::Control(c) => Some((c.head, c.cmd_id, c.hints)),
-            DrainStop::Empty | DrainStop::Limit => None,
+        let (control, limited) = match stop {
+            DrainStop::Control(c) => (Some(c), false),
+            DrainStop::Limit => (None, true),
+            DrainStop::Empty => (None, false),
         };
-        let ranges = if record {
-            let flat: Vec<u64> = ranges.into_iter().flat_map(|(p, n)| [p, n]).collect();
-            let rows = flat.len() / 2;
-            Some(PyArray1::from_vec(py, flat).reshape([rows, 2])?)
-        } else {
-            None
-        };
-        (
-            outcome.hints,
-            outcome.pages_hinted,
-            outcome.pages_cleared,
-            rejected,
+        PyHintDrain::build(
+            py,
+            &outcome,
+            record.then_some(ranges),
             applied,
             control,
             limited,
-            ranges,
         )
-            .into_pyobject(py)
     }
 
     fn needs_interrupt(&self) -> PyResult<bool> {
@@ -257,18 +202,34 @@ macro_rules! queue_methods {
                 self.core.rejected(py)
             }
 
-            /// Takes up to `max_elements` available elements (rejected ones count) with the GIL
-            /// released. Returns
-            /// parallel arrays: the accepted elements' ids (`uint16`), and per descriptor the
-            /// index of its element in that list (`uint32`), its address (`uint64`), length
-            /// (`uint32`) and whether it is device-writable (`bool`), in chain order. Rejected
-            /// elements are counted in `rejected` and already returned used with length 0.
+            /// Takes up to `max_elements` available elements with the GIL released. Rejected
+            /// elements count against `max_elements` too (a guest cannot keep the call going);
+            /// they are counted in `rejected`, already returned used with length 0, and absent
+            /// from the result.
+            #[pyo3(signature = (max_elements = 65536))]
+            fn pop(&self, py: Python<'_>, max_elements: usize) -> PyResult<PyElements> {
+                let popped = self.core.pop(py, max_elements)?;
+                Ok(PyElements::from_popped(py, popped))
+            }
+
+            /// `pop` as a tuple of its arrays: `(heads, desc_element, desc_addr, desc_len,
+            /// desc_writable)`.
             fn pop_batch<'py>(
                 &self,
                 py: Python<'py>,
                 max_elements: usize,
             ) -> PyResult<Bound<'py, PyTuple>> {
-                self.core.pop_batch(py, max_elements)
+                let p = self.core.pop(py, max_elements)?;
+                PyTuple::new(
+                    py,
+                    [
+                        PyArray1::from_vec(py, p.heads).into_any(),
+                        PyArray1::from_vec(py, p.desc_element).into_any(),
+                        PyArray1::from_vec(py, p.desc_addr).into_any(),
+                        PyArray1::from_vec(py, p.desc_len).into_any(),
+                        PyArray1::from_vec(py, p.desc_writable).into_any(),
+                    ],
+                )
             }
 
             /// Returns elements to the driver: `heads[i]` with `lens[i]` bytes written.
@@ -276,24 +237,23 @@ macro_rules! queue_methods {
                 self.core.add_used(py, &heads, &lens)
             }
 
-            /// The free page queue's hot path, with the GIL released: applies every available
-            /// hint element (device-writable buffers only) to `bitmap` through this queue's
-            /// memory map (or, with `bitmap=None`, applies nothing) and returns it used with
-            /// length 0, up to `max_elements` elements or the first element with a
-            /// device-readable buffer (a cmd id), which is returned unused. Returns `(hints,
-            /// pages_hinted, pages_cleared, hint_rejects, elements, control, limited)`, `control`
-            /// being None or `(id, cmd_id or None if shorter than 4 bytes, [(addr, len) of its
-            /// writable buffers])`, `limited` whether the element budget ran out first, and
-            /// with `record=True` the `(pfn, pages)` ranges cleared as a `uint64` `(N, 2)`
-            /// array (else None).
-            #[pyo3(name = "_drain_hints", signature = (bitmap, max_elements = 65536, record = false))]
-            fn drain_hints<'py>(
+            /// The free page queue's hot path, with the GIL released: applies available
+            /// free-page-hint elements (device-writable buffers only) to `bitmap` through this
+            /// queue's memory map and returns each used with length 0, until the queue is
+            /// empty, `max_elements` were taken (rejected ones count), or an element with a
+            /// device-readable buffer (a cmd id) comes up: that one is returned unused as
+            /// `control`. With `bitmap=None` the hint elements are returned used without being
+            /// applied (a device outside its START state). `record=True` also returns the page
+            /// ranges cleared (`ranges`), for a VMM that clears the hypervisor's dirty log where
+            /// hints landed.
+            #[pyo3(signature = (bitmap, max_elements = 65536, *, record = false))]
+            fn drain_hints(
                 &self,
-                py: Python<'py>,
-                bitmap: Option<&Bound<'py, PyDirtyBitmap>>,
+                py: Python<'_>,
+                bitmap: Option<&Bound<'_, PyDirtyBitmap>>,
                 max_elements: usize,
                 record: bool,
-            ) -> PyResult<Bound<'py, PyTuple>> {
+            ) -> PyResult<PyHintDrain> {
                 self.core.drain_hints(py, bitmap, max_elements, record)
             }
 
@@ -305,8 +265,14 @@ macro_rules! queue_methods {
     };
 }
 
-/// A split virtqueue (virtio 1.2 §2.7) read from guest RAM in a writable Python buffer
-/// (`bytearray`, `mmap`, a numpy `uint8` array) laid out by a `MemoryMap`.
+/// A split virtqueue (virtio 1.2 §2.7) in guest RAM held by a writable buffer.
+///
+/// `SplitQueue(mem, memmap, size, desc_gpa, avail_gpa, used_gpa, *, event_idx=False)`: `mem`
+/// is a `bytearray`, `mmap` or numpy `uint8` array laid out by `memmap` (it may be written by
+/// the guest concurrently). Construction checks the size (a power of two up to 32768), ring
+/// alignment and that the rings are RAM (`ValueError` otherwise). Every guest-written field is
+/// validated: a bad element is counted in `rejected` and returned used with length 0; a bad
+/// ring index stops the queue and sets `error`.
 #[derive(Debug)]
 #[pyclass(name = "SplitQueue", module = "pagehint._core", frozen, subclass)]
 pub struct PySplitQueue {
@@ -351,8 +317,11 @@ queue_methods!(PySplitQueue {
     }
 });
 
-/// A packed virtqueue (virtio 1.2 §2.8) read from guest RAM in a writable Python buffer laid
-/// out by a `MemoryMap`.
+/// A packed virtqueue (virtio 1.2 §2.8) in guest RAM held by a writable buffer.
+///
+/// `PackedQueue(mem, memmap, size, desc_gpa, driver_event_gpa, device_event_gpa, *,
+/// event_idx=False)`: the same guarantees as `SplitQueue`; ids are buffer ids, and indices come
+/// with their wrap counters (`next_avail`, `next_used`, `set_indices`).
 #[derive(Debug)]
 #[pyclass(name = "PackedQueue", module = "pagehint._core", frozen, subclass)]
 pub struct PyPackedQueue {

@@ -11,6 +11,7 @@
 //! Section numbers refer to the virtio 1.2 specification, "Split Virtqueues" (§2.7) and
 //! "Packed Virtqueues" (§2.8).
 
+pub mod batch;
 pub mod packed;
 pub mod split;
 
@@ -18,6 +19,7 @@ use std::fmt;
 
 use crate::guest_memory::GuestRam;
 
+pub use batch::{PoppedElements, pop_batch};
 pub use packed::{
     PackedQueue, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
     VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED,
