@@ -3,10 +3,9 @@
 from collections.abc import Sequence
 from typing import ClassVar, TypeAlias, final
 
-from typing_extensions import Buffer, disjoint_base
-
 import numpy as np
 import numpy.typing as npt
+from typing_extensions import Buffer, disjoint_base
 
 __all__ = [
     "ControlElement",
@@ -70,7 +69,8 @@ class DirtyBitmap:
     def set_ranges(self, starts: _U64Array, counts: _U64Array) -> int:
         """Sets ``[starts[i], starts[i] + counts[i])`` for every i; returns pages newly set."""
     def clear_ranges(self, starts: _U64Array, counts: _U64Array) -> int:
-        """Clears ``[starts[i], starts[i] + counts[i])`` for every i; returns pages that were set."""
+        """Clears ``[starts[i], starts[i] + counts[i])`` for every i; returns the pages that
+        were set."""
     def merge_log(self, log: _U64Array, page_offset: int = ...) -> int:
         """ORs a KVM-layout dirty log in at ``page_offset``; returns pages newly dirty."""
     def next_dirty(self, start: int = ...) -> int | None:
@@ -171,7 +171,9 @@ class HintResult:
 class ControlElement:
     """An element with a device-readable buffer (a cmd id), popped but not yet used."""
 
-    def __new__(cls, head: int, cmd_id: int | None, hints: list[tuple[int, int]]) -> ControlElement: ...
+    def __new__(
+        cls, head: int, cmd_id: int | None, hints: list[tuple[int, int]]
+    ) -> ControlElement: ...
     @property
     def head(self) -> int:
         """Its id, for ``add_used``."""
@@ -216,9 +218,7 @@ class HintDrain:
     def __ne__(self, other: object, /) -> bool: ...
     __hash__: ClassVar[None]  # type: ignore[assignment]
 
-_Buffers: TypeAlias = tuple[
-    npt.NDArray[np.uint32], npt.NDArray[np.uint64], npt.NDArray[np.uint32]
-]
+_Buffers: TypeAlias = tuple[npt.NDArray[np.uint32], npt.NDArray[np.uint64], npt.NDArray[np.uint32]]
 
 @final
 class Elements:

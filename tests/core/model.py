@@ -213,10 +213,10 @@ class ModelBitmap:
         cs = _u64_array(counts, "counts")
         if len(ss) != len(cs):
             raise ValueError(f"arrays of different lengths: {len(ss)} and {len(cs)}")
-        for s, c in zip(ss, cs):
+        for s, c in zip(ss, cs, strict=True):
             self._range(s, c)
         mask = 0
-        for s, c in zip(ss, cs):
+        for s, c in zip(ss, cs, strict=True):
             mask |= self._mask(s, c)
         return mask
 

@@ -19,10 +19,9 @@ import numpy.typing as npt
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from model import ModelBitmap  # noqa: E402
-
-import pagehint  # noqa: E402
-from pagehint import DirtyBitmap  # noqa: E402
+import pagehint
+from model import ModelBitmap
+from pagehint import DirtyBitmap
 
 U64Array = npt.NDArray[np.uint64]
 FULL = 2**64 - 1
@@ -122,7 +121,7 @@ class Checker:
             ok = isinstance(got, tuple) and len(got) == len(want)
             if ok:
                 assert isinstance(got, tuple)
-                for g, w in zip(got, want):
+                for g, w in zip(got, want, strict=True):
                     self.same(what, g, w)
         else:
             ok = type(got) is type(want) and got == want

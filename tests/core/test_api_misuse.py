@@ -7,11 +7,12 @@ import gc
 import weakref
 from collections.abc import Callable
 from typing import Any
+
 import numpy as np
 import numpy.typing as npt
 import pytest
-from model import ModelBitmap
 
+from model import ModelBitmap
 from pagehint import DirtyBitmap
 
 U64Array = npt.NDArray[np.uint64]
@@ -53,28 +54,65 @@ def log_with_page(page: int, words: int, offset: int = 0) -> U64Array:
 Call = Callable[[Any], object]
 WRAP = 2**64  # values at or past this wrap a u64
 
+
 def ranges_cases(op: str) -> list[tuple[str, Call, type[Exception]]]:
     """``clear_ranges`` and ``set_ranges`` share their argument checks: the same table."""
     return [
-        (f"{op} int64 starts", lambda b: getattr(b, op)(np.array([5], np.int64), u64(1)), TypeError),
-        (f"{op} int64 counts", lambda b: getattr(b, op)(u64(5), np.array([1], np.int64)), TypeError),
-        (f"{op} uint32", lambda b: getattr(b, op)(np.array([5], np.uint32), np.array([1], np.uint32)), TypeError),
+        (
+            f"{op} int64 starts",
+            lambda b: getattr(b, op)(np.array([5], np.int64), u64(1)),
+            TypeError,
+        ),
+        (
+            f"{op} int64 counts",
+            lambda b: getattr(b, op)(u64(5), np.array([1], np.int64)),
+            TypeError,
+        ),
+        (
+            f"{op} uint32",
+            lambda b: getattr(b, op)(np.array([5], np.uint32), np.array([1], np.uint32)),
+            TypeError,
+        ),
         (f"{op} float64", lambda b: getattr(b, op)(np.array([5.0]), u64(1)), TypeError),
-        (f"{op} big-endian", lambda b: getattr(b, op)(np.array([5], ">u8"), np.array([1], ">u8")), TypeError),
+        (
+            f"{op} big-endian",
+            lambda b: getattr(b, op)(np.array([5], ">u8"), np.array([1], ">u8")),
+            TypeError,
+        ),
         (f"{op} list", lambda b: getattr(b, op)([5], [1]), TypeError),
         (f"{op} None", lambda b: getattr(b, op)(None, u64(1)), TypeError),
-        (f"{op} 2-D", lambda b: getattr(b, op)(u64(5, 6).reshape(1, 2), u64(1, 1).reshape(1, 2)), TypeError),
+        (
+            f"{op} 2-D",
+            lambda b: getattr(b, op)(u64(5, 6).reshape(1, 2), u64(1, 1).reshape(1, 2)),
+            TypeError,
+        ),
         (f"{op} 2-D counts", lambda b: getattr(b, op)(u64(5), u64(1).reshape(1, 1)), TypeError),
-        (f"{op} 0-D", lambda b: getattr(b, op)(np.array(5, np.uint64), np.array(1, np.uint64)), TypeError),
+        (
+            f"{op} 0-D",
+            lambda b: getattr(b, op)(np.array(5, np.uint64), np.array(1, np.uint64)),
+            TypeError,
+        ),
         (f"{op} strided starts", lambda b: getattr(b, op)(strided(5, 600), u64(1, 1)), ValueError),
         (f"{op} strided counts", lambda b: getattr(b, op)(u64(5, 600), strided(1, 1)), ValueError),
         (f"{op} reversed", lambda b: getattr(b, op)(u64(5, 600)[::-1], u64(1, 1)), ValueError),
         (f"{op} length mismatch", lambda b: getattr(b, op)(u64(5, 600), u64(1)), ValueError),
         (f"{op} empty vs one", lambda b: getattr(b, op)(u64(), u64(1)), ValueError),
-        (f"{op} last past end", lambda b: getattr(b, op)(u64(0, 5, 600, N - 1), u64(1, 100, 37, 2)), IndexError),
-        (f"{op} last empty past end", lambda b: getattr(b, op)(u64(5, N + 1), u64(100, 0)), IndexError),
+        (
+            f"{op} last past end",
+            lambda b: getattr(b, op)(u64(0, 5, 600, N - 1), u64(1, 100, 37, 2)),
+            IndexError,
+        ),
+        (
+            f"{op} last empty past end",
+            lambda b: getattr(b, op)(u64(5, N + 1), u64(100, 0)),
+            IndexError,
+        ),
         (f"{op} last wraps", lambda b: getattr(b, op)(u64(5, 2**64 - 1), u64(100, 2)), IndexError),
-        (f"{op} last n wraps", lambda b: getattr(b, op)(u64(5, 10), u64(100, 2**64 - 5)), IndexError),
+        (
+            f"{op} last n wraps",
+            lambda b: getattr(b, op)(u64(5, 10), u64(100, 2**64 - 5)),
+            IndexError,
+        ),
         (f"{op} first past end", lambda b: getattr(b, op)(u64(N, 5), u64(1, 100)), IndexError),
     ]
 
@@ -170,9 +208,21 @@ CASES: list[tuple[str, Call, type[Exception]]] = [
     ("merge_log offset float", lambda b: b.merge_log(u64(1), 64.0), TypeError),
     ("merge_log bit at npages", lambda b: b.merge_log(log_with_page(N, 16)), IndexError),
     ("merge_log last tail bit", lambda b: b.merge_log(log_with_page(1023, 16)), IndexError),
-    ("merge_log bit in extra word", lambda b: b.merge_log(log_with_page(1024 + 70, 18)), IndexError),
-    ("merge_log tail bit at offset", lambda b: b.merge_log(log_with_page(N, 1, 960), 960), IndexError),
-    ("merge_log tail after valid words", lambda b: b.merge_log(np.concatenate([np.full(15, 2**64 - 1, np.uint64), u64(1 << 40)])), IndexError),
+    (
+        "merge_log bit in extra word",
+        lambda b: b.merge_log(log_with_page(1024 + 70, 18)),
+        IndexError,
+    ),
+    (
+        "merge_log tail bit at offset",
+        lambda b: b.merge_log(log_with_page(N, 1, 960), 960),
+        IndexError,
+    ),
+    (
+        "merge_log tail after valid words",
+        lambda b: b.merge_log(np.concatenate([np.full(15, 2**64 - 1, np.uint64), u64(1 << 40)])),
+        IndexError,
+    ),
     ("merge_log int64", lambda b: b.merge_log(np.array([1], np.int64)), TypeError),
     ("merge_log uint32", lambda b: b.merge_log(np.array([1, 1], np.uint32)), TypeError),
     ("merge_log big-endian", lambda b: b.merge_log(np.array([1], ">u8")), TypeError),
@@ -180,7 +230,11 @@ CASES: list[tuple[str, Call, type[Exception]]] = [
     ("merge_log list", lambda b: b.merge_log([1]), TypeError),
     ("merge_log 2-D", lambda b: b.merge_log(np.full((2, 2), 2**64 - 1, np.uint64)), TypeError),
     ("merge_log strided", lambda b: b.merge_log(strided(2**64 - 1, 2**64 - 1)), ValueError),
-    ("merge_log F-order 2-D", lambda b: b.merge_log(np.asfortranarray(np.ones((2, 2), np.uint64))), TypeError),
+    (
+        "merge_log F-order 2-D",
+        lambda b: b.merge_log(np.asfortranarray(np.ones((2, 2), np.uint64))),
+        TypeError,
+    ),
 ]
 
 
@@ -245,25 +299,73 @@ ACCEPTED: list[tuple[str, Accepted]] = [
     ("next_dirty at end", lambda b, m: (b.next_dirty(N), m.next_dirty(N))),
     ("take_dirty at end", lambda b, m: (b.take_dirty(5, N).tolist(), m.take_dirty(5, N).tolist())),
     ("take_dirty zero", lambda b, m: (b.take_dirty(0).tolist(), m.take_dirty(0).tolist())),
-    ("take_dirty huge max", lambda b, m: (b.take_dirty(2**70, 600).tolist(), m.take_dirty(2**70, 600).tolist())),
+    (
+        "take_dirty huge max",
+        lambda b, m: (b.take_dirty(2**70, 600).tolist(), m.take_dirty(2**70, 600).tolist()),
+    ),
     ("dirty_runs at end", lambda b, m: (b.dirty_runs(N)[0].tolist(), m.dirty_runs(N)[0].tolist())),
-    ("numpy int args", lambda b, m: (b.set_range(np.int64(200), np.uint64(3)), m.set_range(200, 3))),
+    (
+        "numpy int args",
+        lambda b, m: (b.set_range(np.int64(200), np.uint64(3)), m.set_range(200, 3)),
+    ),
     ("numpy uint64 pfn", lambda b, m: (b.test_and_clear(np.uint64(5)), m.test_and_clear(5))),
     ("bool args", lambda b, m: (b.test(True), m.test(1))),
     ("keyword args", lambda b, m: (b.count(start=5, n=10), m.count(5, 10))),
-    ("keyword take", lambda b, m: (b.take_dirty(max_pages=3, start=6).tolist(), m.take_dirty(3, 6).tolist())),
+    (
+        "keyword take",
+        lambda b, m: (b.take_dirty(max_pages=3, start=6).tolist(), m.take_dirty(3, 6).tolist()),
+    ),
     ("empty clear_ranges", lambda b, m: (b.clear_ranges(u64(), u64()), 0)),
     ("empty set_ranges", lambda b, m: (b.set_ranges(u64(), u64()), 0)),
-    ("set_ranges to the end", lambda b, m: (b.set_ranges(u64(990, 0), u64(10, N)), m.set_ranges(u64(990, 0), u64(10, N)))),
-    ("set_ranges overlapping", lambda b, m: (b.set_ranges(u64(5, 7, 5), u64(10, 2, 1)), m.set_ranges(u64(5, 7, 5), u64(10, 2, 1)))),
-    ("clear_ranges to the end", lambda b, m: (b.clear_ranges(u64(990, 0), u64(10, N)), m.clear_ranges(u64(990, 0), u64(10, N)))),
-    ("clear_ranges read-only input", lambda b, m: (b.clear_ranges(_readonly(u64(5)), _readonly(u64(10))), m.clear_ranges(u64(5), u64(10)))),
-    ("clear_ranges 1-element strided", lambda b, m: (b.clear_ranges(u64(5, 6)[:1], u64(3, 4)[:1]), m.clear_ranges(u64(5), u64(3)))),
+    (
+        "set_ranges to the end",
+        lambda b, m: (b.set_ranges(u64(990, 0), u64(10, N)), m.set_ranges(u64(990, 0), u64(10, N))),
+    ),
+    (
+        "set_ranges overlapping",
+        lambda b, m: (
+            b.set_ranges(u64(5, 7, 5), u64(10, 2, 1)),
+            m.set_ranges(u64(5, 7, 5), u64(10, 2, 1)),
+        ),
+    ),
+    (
+        "clear_ranges to the end",
+        lambda b, m: (
+            b.clear_ranges(u64(990, 0), u64(10, N)),
+            m.clear_ranges(u64(990, 0), u64(10, N)),
+        ),
+    ),
+    (
+        "clear_ranges read-only input",
+        lambda b, m: (
+            b.clear_ranges(_readonly(u64(5)), _readonly(u64(10))),
+            m.clear_ranges(u64(5), u64(10)),
+        ),
+    ),
+    (
+        "clear_ranges 1-element strided",
+        lambda b, m: (b.clear_ranges(u64(5, 6)[:1], u64(3, 4)[:1]), m.clear_ranges(u64(5), u64(3))),
+    ),
     ("merge_log empty", lambda b, m: (b.merge_log(u64()), 0)),
-    ("merge_log at last word", lambda b, m: (b.merge_log(u64((1 << 40) - 1), 960), m.merge_log(u64((1 << 40) - 1), 960))),
-    ("merge_log long zero tail", lambda b, m: (b.merge_log(np.concatenate([u64(1 << 7), np.zeros(100, np.uint64)])), m.merge_log(u64(1 << 7)))),
-    ("merge_log keyword", lambda b, m: (b.merge_log(log=u64(2), page_offset=64), m.merge_log(u64(2), 64))),
-    ("merge_log read-only", lambda b, m: (b.merge_log(_readonly(u64(1 << 9))), m.merge_log(u64(1 << 9)))),
+    (
+        "merge_log at last word",
+        lambda b, m: (b.merge_log(u64((1 << 40) - 1), 960), m.merge_log(u64((1 << 40) - 1), 960)),
+    ),
+    (
+        "merge_log long zero tail",
+        lambda b, m: (
+            b.merge_log(np.concatenate([u64(1 << 7), np.zeros(100, np.uint64)])),
+            m.merge_log(u64(1 << 7)),
+        ),
+    ),
+    (
+        "merge_log keyword",
+        lambda b, m: (b.merge_log(log=u64(2), page_offset=64), m.merge_log(u64(2), 64)),
+    ),
+    (
+        "merge_log read-only",
+        lambda b, m: (b.merge_log(_readonly(u64(1 << 9))), m.merge_log(u64(1 << 9))),
+    ),
 ]
 
 
@@ -413,7 +515,10 @@ def test_merge_own_words_shifted(shift: int) -> None:
     npages = 64 * 40
     rng = np.random.default_rng(shift)
     bm = DirtyBitmap(npages)
-    bm.merge_log(rng.integers(0, 2**64, size=40, dtype=np.uint64) & rng.integers(0, 2**64, size=40, dtype=np.uint64))
+    bm.merge_log(
+        rng.integers(0, 2**64, size=40, dtype=np.uint64)
+        & rng.integers(0, 2**64, size=40, dtype=np.uint64)
+    )
     model = ModelBitmap.from_words(npages, bm.words())
     snapshot = bm.words()[:-shift].copy()
     want = model.merge_log(snapshot, 64 * shift)
@@ -481,7 +586,7 @@ def test_equality_with_other_types() -> None:
     bm = seeded()
     assert (bm == 5) is False
     assert (bm != 5) is True
-    assert (bm == None) is False  # noqa: E711
-    assert not (bm == ModelBitmap(N))
+    assert (bm == None) is False  # noqa: E711 - __eq__ with None, on purpose
+    assert not (bm == ModelBitmap(N))  # noqa: SIM201 - __eq__ itself, not __ne__
     assert bm != ModelBitmap(N)
     assert (bm == "DirtyBitmap") is False

@@ -17,8 +17,8 @@ from hypothesis.stateful import (
     precondition,
     rule,
 )
-from model import ModelBitmap, int_to_words
 
+from model import ModelBitmap, int_to_words
 from pagehint import DirtyBitmap
 
 U64Array = npt.NDArray[np.uint64]
@@ -264,7 +264,7 @@ class BitmapMachine(RuleBasedStateMachine):
         cm = self.model.copy()
         assert type(c) is DirtyBitmap
         assert c is not self.bm
-        assert c == self.bm and not (c != self.bm)
+        assert c == self.bm and not (c != self.bm)  # noqa: SIM202 - both operators
         assert c.npages == self.npages
         assert c.words().tolist() == self.model.words().tolist()
         # Changing the copy leaves the original alone.
@@ -306,7 +306,7 @@ class BitmapMachine(RuleBasedStateMachine):
         assert (other == self.bm) is (om == self.model)
         assert (self.bm != other) is (self.model != om)
         assert self.bm == self.bm
-        assert not (self.bm != self.bm)
+        assert not (self.bm != self.bm)  # noqa: SIM202 - __ne__ itself
         assert (self.bm == object()) is False
         assert (self.bm != object()) is True
         assert_words(other, om)
@@ -435,7 +435,7 @@ def test_clear_range_on_dirty_bitmap(case: tuple[int, int, int]) -> None:
         want = [(0, start)] if start else []
         if start + n < npages:
             want.append((start + n, npages - start - n))
-    assert list(zip(starts.tolist(), lens.tolist())) == want
+    assert list(zip(starts.tolist(), lens.tolist(), strict=True)) == want
 
 
 @PROPERTY_SETTINGS
@@ -480,7 +480,7 @@ def test_merge_log_at_offsets(npages: int, first: int, words: list[int], dirty_s
 @PROPERTY_SETTINGS
 @given(sized_range(), st.integers(0, 200))
 def test_take_dirty_respects_start_and_max(case: tuple[int, int, int], max_pages: int) -> None:
-    npages, start, n = case
+    npages, start, _n = case
     bm = DirtyBitmap(npages, dirty=True)
     got = bm.take_dirty(max_pages, start)
     k = min(max_pages, npages - start)

@@ -31,7 +31,7 @@ def oracle(
         at += size // page
 
     def pfn(gpa: int) -> int | None:
-        for (g, size), f in zip(regions, first_pfn):
+        for (g, size), f in zip(regions, first_pfn, strict=True):
             if g <= gpa < g + size:
                 return f + (gpa - g) // page
         return None
@@ -94,7 +94,13 @@ def test_each_reject_reason_is_counted_and_the_batch_goes_on() -> None:
     )
     assert r.rejected_total == 5
     assert [bm.test(p) for p in (1, 2, 3, 4, 1023, 1024, 1025)] == [
-        True, False, False, True, True, False, True,
+        True,
+        False,
+        False,
+        True,
+        True,
+        False,
+        True,
     ]
     # Hinting the same pages again clears nothing more but still counts them as hinted.
     again = apply_hints(bm, m, hints[:1])
@@ -102,7 +108,9 @@ def test_each_reject_reason_is_counted_and_the_batch_goes_on() -> None:
 
 
 @st.composite
-def maps_and_hints(draw: st.DrawFn) -> tuple[list[tuple[int, int]], int, list[tuple[int, int]], list[int]]:
+def maps_and_hints(
+    draw: st.DrawFn,
+) -> tuple[list[tuple[int, int]], int, list[tuple[int, int]], list[int]]:
     page = draw(st.sampled_from([4096, 16384, 65536]))
     nregions = draw(st.integers(1, 3))
     regions = []
@@ -137,12 +145,14 @@ def test_apply_hints_matches_page_by_page_oracle(
     want_dirty, hinted, cleared, rejected = oracle(regions, page, set(dirty), hints)
     r = apply_hints(bm, m, hint_array(hints))
     assert (r.hints, r.pages_hinted, r.pages_cleared, r.rejected) == (
-        len(hints), hinted, cleared, rejected,
+        len(hints),
+        hinted,
+        cleared,
+        rejected,
     )
     starts, lengths = bm.dirty_runs()
-    got = {int(s) + i for s, n in zip(starts, lengths) for i in range(int(n))}
+    got = {int(s) + i for s, n in zip(starts, lengths, strict=True) for i in range(int(n))}
     assert got == want_dirty
-
 
 
 @settings(max_examples=200, deadline=None)
@@ -161,7 +171,7 @@ def test_recorded_ranges_are_exactly_the_pages_cleared(
     pages = [int(p) + i for p, n in r.ranges.tolist() for i in range(int(n))]
     assert len(pages) == r.pages_hinted
     starts, lengths = bm.dirty_runs()
-    still = {int(s) + i for s, n in zip(starts, lengths) for i in range(int(n))}
+    still = {int(s) + i for s, n in zip(starts, lengths, strict=True) for i in range(int(n))}
     assert set(pages) == set(range(m.npages)) - still
     assert len(set(pages)) == r.pages_cleared
 

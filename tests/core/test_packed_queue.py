@@ -68,12 +68,14 @@ def test_a_free_page_round_through_a_packed_ring_with_laps() -> None:
     assert q.error is None and sum(q.rejected.values()) == 0
     slot, wrap = q.next_used
     assert (slot, wrap) == ((1 + len(gpas)) % size, ((1 + len(gpas)) // size) % 2 == 0)
-    bid, length, flags = drv.used_slot((slot - 1) % size)
+    _bid, length, flags = drv.used_slot((slot - 1) % size)
     assert length == 0 and bool(flags & AVAIL) == bool(flags & USED)
 
 
 @settings(max_examples=200, deadline=None)
-@given(ring=st.binary(min_size=16 * 8, max_size=16 * 8), start=st.integers(0, 7), wrap=st.booleans())
+@given(
+    ring=st.binary(min_size=16 * 8, max_size=16 * 8), start=st.integers(0, 7), wrap=st.booleans()
+)
 def test_hostile_packed_ring_bytes_never_crash(ring: bytes, start: int, wrap: bool) -> None:
     memmap = MemoryMap([(0, 1 << 16), (1 << 20, 1 << 16)])
     mem = np.zeros(memmap.ram_bytes, dtype=np.uint8)

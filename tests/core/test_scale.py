@@ -71,7 +71,7 @@ def test_huge_bitmap_is_lazy_and_works_at_the_far_end() -> None:
     assert bm.count(end - 10**6) == 53
     assert bm.test_and_clear(end - 51) is True
     taken = bm.take_dirty(10, end - 10**6)
-    assert taken.tolist() == [end - 5000, end - 4999, end - 4998] + list(range(end - 100, end - 93))
+    assert taken.tolist() == [end - 5000, end - 4999, end - 4998, *list(range(end - 100, end - 93))]
     assert bm.count(end - 10**6) == 52 - 10
     # A KVM log for the last 1024 pages, all dirty.
     log = np.full(16, 2**64 - 1, dtype=np.uint64)

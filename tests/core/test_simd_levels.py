@@ -56,7 +56,14 @@ def test_available_levels_are_sane() -> None:
 
 
 def test_default_level_is_an_available_one() -> None:
-    out = run_child(["-c", "import pagehint; print(pagehint.simd_level()); print(*pagehint.available_simd_levels())"], None)
+    out = run_child(
+        [
+            "-c",
+            "import pagehint; print(pagehint.simd_level()); "
+            "print(*pagehint.available_simd_levels())",
+        ],
+        None,
+    )
     assert out.returncode == 0, out.stderr
     level, available = out.stdout.splitlines()
     assert level in available.split()
@@ -79,7 +86,14 @@ def test_forced_level_is_reported(level: str) -> None:
     available = pagehint.available_simd_levels()
     if level not in available:
         pytest.skip(f"this CPU lacks {level} (available: {', '.join(available)})")
-    out = run_child(["-c", "import pagehint; print(pagehint.simd_level()); print(*pagehint.available_simd_levels())"], level)
+    out = run_child(
+        [
+            "-c",
+            "import pagehint; print(pagehint.simd_level()); "
+            "print(*pagehint.available_simd_levels())",
+        ],
+        level,
+    )
     assert out.returncode == 0, out.stderr
     got, listed = out.stdout.splitlines()
     assert got == level
@@ -93,7 +107,9 @@ def test_unsupported_level_fails_import(level: str) -> None:
     if level in available:
         pytest.skip(f"{level} is available on this CPU, so forcing it is not an error")
     out = run_child(["-c", IMPORT_PROBE], level)
-    assert out.returncode == 3, f"import with PAGEHINT_SIMD={level} did not fail:\n{out.stdout}{out.stderr}"
+    assert out.returncode == 3, (
+        f"import with PAGEHINT_SIMD={level} did not fail:\n{out.stdout}{out.stderr}"
+    )
     message = out.stdout
     assert level in message, message
     assert "PAGEHINT_SIMD" in message, message
@@ -103,7 +119,9 @@ def test_unsupported_level_fails_import(level: str) -> None:
 @pytest.mark.parametrize("value", ["bogus", "AVX3", "sse9", "scalar,avx2"])
 def test_unknown_level_fails_import(value: str) -> None:
     out = run_child(["-c", IMPORT_PROBE], value)
-    assert out.returncode == 3, f"import with PAGEHINT_SIMD={value!r} did not fail:\n{out.stdout}{out.stderr}"
+    assert out.returncode == 3, (
+        f"import with PAGEHINT_SIMD={value!r} did not fail:\n{out.stdout}{out.stderr}"
+    )
     message = out.stdout
     assert value in message, message
     assert "PAGEHINT_SIMD" in message, message

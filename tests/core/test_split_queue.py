@@ -44,7 +44,12 @@ def load(name: str) -> tuple[dict[str, Any], MemoryMap, np.ndarray[Any, np.dtype
 def test_real_dump_decodes_exactly_as_qemu(name: str) -> None:
     ring, memmap, mem = load(name)
     q = SplitQueue(
-        mem, memmap, ring["queue_size"], ring["desc_gpa"], ring["avail_gpa"], ring["used_gpa"],
+        mem,
+        memmap,
+        ring["queue_size"],
+        ring["desc_gpa"],
+        ring["avail_gpa"],
+        ring["used_gpa"],
         event_idx=True,
     )
     used = int(ring["used_idx_in_memory"])
@@ -66,7 +71,10 @@ def test_real_dump_decodes_exactly_as_qemu(name: str) -> None:
     offsets = [memmap.pfn_of(int(a)) * 4096 + int(a) % 4096 for a in out_addr]
     cmd_ids = [struct.unpack("<I", mem[o : o + 4].tobytes())[0] for o in offsets]
     assert set(out_len.tolist()) <= {4}
-    outbufs = {int(o["gpa"]): int(o["u32_le"]) for o in json.loads((DUMPS / name / "outbufs.json").read_text())}
+    outbufs = {
+        int(o["gpa"]): int(o["u32_le"])
+        for o in json.loads((DUMPS / name / "outbufs.json").read_text())
+    }
     assert cmd_ids == [outbufs[int(a)] for a in out_addr]
     _, hint_addr, hint_len = els.in_buffers()
     assert set(hint_len.tolist()) <= {4 << 20}
@@ -87,7 +95,7 @@ def test_queue_setup_errors_are_value_errors() -> None:
     for size, desc in [(0, 0), (3, 0), (65535, 0), (65536, 0), (1 << 20, 0), (16, 8)]:
         with pytest.raises(ValueError):
             SplitQueue(mem, memmap, size, desc, 0x8000, 0x9000)
-    with pytest.raises(ValueError, match="RAM|ram"):
+    with pytest.raises(ValueError, match=r"RAM|ram"):
         SplitQueue(mem, memmap, 256, 1 << 20, 0x8000, 0x9000)
     with pytest.raises(TypeError):
         SplitQueue(bytes(1 << 20), memmap, 256, 0, 0x8000, 0x9000)
@@ -130,7 +138,12 @@ def test_drain_hints_on_real_dump_stops_at_each_cmd_id() -> None:
     out-buffer untouched, applies every hint when resumed, and stops again at STOP."""
     ring, memmap, mem = load("pc-2G-frozen-full")
     q = SplitQueue(
-        mem, memmap, ring["queue_size"], ring["desc_gpa"], ring["avail_gpa"], ring["used_gpa"],
+        mem,
+        memmap,
+        ring["queue_size"],
+        ring["desc_gpa"],
+        ring["avail_gpa"],
+        ring["used_gpa"],
         event_idx=True,
     )
     bm = DirtyBitmap(memmap.npages, dirty=True)
@@ -208,7 +221,10 @@ def test_results_are_frozen_core_values() -> None:
     bm = DirtyBitmap(memmap.npages, dirty=True)
     drain = q.drain_hints(bm, record=True)
     assert drain.result == pagehint.HintResult(
-        1, 16, 16, {"outside_ram": 0, "overflow": 0, "zero_length": 0},
+        1,
+        16,
+        16,
+        {"outside_ram": 0, "overflow": 0, "zero_length": 0},
         ranges=np.array([[256, 16]], dtype=np.uint64),
     )
     assert drain.ranges is drain.result.ranges
@@ -216,7 +232,8 @@ def test_results_are_frozen_core_values() -> None:
     assert drain == pagehint.HintDrain(drain.result, 1, drain.control, False, drain.ranges)
     assert repr(drain.control) == "ControlElement(head=1, cmd_id=2147483649, hints=[])"
     assert repr(drain.result).startswith(
-        "HintResult(hints=1, pages_hinted=16, pages_cleared=16, rejected={'zero_length': 0,")
+        "HintResult(hints=1, pages_hinted=16, pages_cleared=16, rejected={'zero_length': 0,"
+    )
     with pytest.raises(AttributeError):
         drain.result.hints = 2  # type: ignore[misc]
     # The elements of a pop: the same arrays on every access, helpers in Rust.

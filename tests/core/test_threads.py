@@ -35,7 +35,9 @@ def log_of(pfns: U64Array, offset: int, nwords: int) -> U64Array:
     """A dirty log of ``nwords`` words at page ``offset`` with ``pfns`` set."""
     log = np.zeros(nwords, dtype=np.uint64)
     rel = pfns - np.uint64(offset)
-    np.bitwise_or.at(log, (rel >> np.uint64(6)).astype(np.intp), np.uint64(1) << (rel & np.uint64(63)))
+    np.bitwise_or.at(
+        log, (rel >> np.uint64(6)).astype(np.intp), np.uint64(1) << (rel & np.uint64(63))
+    )
     return log
 
 
@@ -213,7 +215,9 @@ def test_merged_bits_survive_concurrent_clears() -> None:
     merged = np.zeros(NPAGES_B, dtype=np.bool_)
     stop = threading.Event()
     clearer_state = [np.zeros(NPAGES_B, dtype=np.bool_) for _ in range(CLEARERS)]
-    clearer_pages = [odd[(odd // np.uint64(2)) % np.uint64(CLEARERS) == np.uint64(c)] for c in range(CLEARERS)]
+    clearer_pages = [
+        odd[(odd // np.uint64(2)) % np.uint64(CLEARERS) == np.uint64(c)] for c in range(CLEARERS)
+    ]
     for c in range(CLEARERS):
         clearer_state[c][clearer_pages[c]] = True
 
@@ -225,7 +229,9 @@ def test_merged_bits_survive_concurrent_clears() -> None:
                 nwords = int(rng.integers(1, min(64, NPAGES_B // 64 - first) + 1))
                 offset = 64 * first
                 window = even[(even >= offset) & (even < offset + 64 * nwords)]
-                pfns: U64Array = rng.choice(window, size=int(rng.integers(1, window.size + 1)), replace=False)
+                pfns: U64Array = rng.choice(
+                    window, size=int(rng.integers(1, window.size + 1)), replace=False
+                )
                 want = int((~merged[pfns]).sum())
                 got = bm.merge_log(log_of(pfns, offset, nwords), offset)
                 if got != want:
@@ -262,7 +268,9 @@ def test_merged_bits_survive_concurrent_clears() -> None:
     expected = merged.copy()
     for st in clearer_state:
         expected |= st
-    bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")[:NPAGES_B].astype(np.bool_)
+    bits = np.unpackbits(words.astype("<u8").view(np.uint8), bitorder="little")[:NPAGES_B].astype(
+        np.bool_
+    )
     lost = np.flatnonzero(merged & ~bits)
     assert lost.size == 0, f"merged even pages lost: {lost[:20].tolist()}"
     assert not (bits[0::2] & ~merged[0::2]).any(), "even pages set that were never merged"
@@ -420,7 +428,10 @@ def test_gil_released_by_repeated_clear_ranges_on_shared_bitmap(big_dirty: Dirty
     rng.shuffle(starts)
 
     def clear_in_batches() -> int:
-        return sum(bm.clear_ranges(s, c) for s, c in zip(np.array_split(starts, 4), np.array_split(counts, 4)))
+        return sum(
+            bm.clear_ranges(s, c)
+            for s, c in zip(np.array_split(starts, 4), np.array_split(counts, 4), strict=True)
+        )
 
     iterations, cleared = progress_during(clear_in_batches)
     assert cleared == BIG

@@ -131,8 +131,14 @@ def make_rig(
     notes: list[int] = []
     discards: list[U64Array] = []
     dev = FreePageHintDevice(
-        mem, memmap, bm, page_poison=page_poison, stats_vq=stats_vq, reporting=reporting,
-        qemu_compat=qemu_compat, notify_config=lambda: notes.append(1),
+        mem,
+        memmap,
+        bm,
+        page_poison=page_poison,
+        stats_vq=stats_vq,
+        reporting=reporting,
+        qemu_compat=qemu_compat,
+        notify_config=lambda: notes.append(1),
         discard=lambda a: discards.append(a.copy()),
     )
     dev.negotiate(dev.features & ~refuse)
@@ -145,8 +151,9 @@ def make_rig(
 
 
 def reporting_ring(rig: Rig, size: int = 32) -> DriverSplitRing:
-    ring = DriverSplitRing(rig.mem, rig.memmap, size, R_DESC, R_AVAIL, R_USED,
-                           event_idx=rig.dev.has(F_EVENT_IDX))
+    ring = DriverSplitRing(
+        rig.mem, rig.memmap, size, R_DESC, R_AVAIL, R_USED, event_idx=rig.dev.has(F_EVENT_IDX)
+    )
     poison_used_ring(rig.mem, rig.memmap, R_USED, size)
     rig.dev.set_queue(rig.dev.queue_indices()["reporting"], size, R_DESC, R_AVAIL, R_USED)
     return ring
@@ -167,20 +174,27 @@ def bare_device(**kw: Any) -> FreePageHintDevice:
 
 def test_feature_bit_numbers() -> None:
     assert (F_STATS_VQ, F_DEFLATE_ON_OOM, F_FREE_PAGE_HINT, F_PAGE_POISON, F_REPORTING) == (
-        1, 2, 3, 4, 5)
+        1,
+        2,
+        3,
+        4,
+        5,
+    )
     assert (F_EVENT_IDX, F_VERSION_1, F_RING_PACKED) == (29, 32, 34)
 
 
 def test_default_offer_is_qemus_plus_free_page_hint() -> None:
     f = bare_device().features
-    assert [bool(f & bit(b)) for b in (F_FREE_PAGE_HINT, F_STATS_VQ, F_PAGE_POISON,
-                                       F_VERSION_1)] == [True] * 4
+    assert [
+        bool(f & bit(b)) for b in (F_FREE_PAGE_HINT, F_STATS_VQ, F_PAGE_POISON, F_VERSION_1)
+    ] == [True] * 4
     assert f & (bit(F_REPORTING) | bit(F_DEFLATE_ON_OOM) | bit(F_RING_PACKED)) == 0
 
 
 def test_options_toggle_offered_features() -> None:
-    f = bare_device(stats_vq=False, page_poison=False, deflate_on_oom=True, reporting=True,
-                    packed_ring=True).features
+    f = bare_device(
+        stats_vq=False, page_poison=False, deflate_on_oom=True, reporting=True, packed_ring=True
+    ).features
     assert f & (bit(F_STATS_VQ) | bit(F_PAGE_POISON)) == 0
     want = bit(F_DEFLATE_ON_OOM) | bit(F_REPORTING) | bit(F_RING_PACKED) | bit(F_FREE_PAGE_HINT)
     assert f & want == want
@@ -253,7 +267,11 @@ def test_driver_writes_only_actual_and_negotiated_poison_val() -> None:
     dev.write_config(12, u32(0xAA))
     assert (dev.num_pages, dev.actual, dev.poison_val) == (1000, 0x00030002, 0xAA)
     assert (cfg32(dev, 0), cfg32(dev, 4), cfg32(dev, 8), cfg32(dev, 12)) == (
-        1000, 0x00030002, cmd, 0xAA)
+        1000,
+        0x00030002,
+        cmd,
+        0xAA,
+    )
     assert dev.state is HintState.REQUESTED
     # PAGE_POISON offered but not accepted: poison_val stays 0 (QEMU's set_config).
     dev.negotiate(dev.features & ~bit(F_PAGE_POISON))
@@ -308,8 +326,11 @@ def test_stop_and_done_ids_in_config() -> None:
 def test_config_interrupts_on_every_start_and_each_state_change() -> None:
     notes: list[str] = []
     memmap = hole_map()
-    dev = FreePageHintDevice(np.zeros(memmap.ram_bytes, np.uint8), memmap,
-                             notify_config=lambda: notes.append(dev.state.value))
+    dev = FreePageHintDevice(
+        np.zeros(memmap.ram_bytes, np.uint8),
+        memmap,
+        notify_config=lambda: notes.append(dev.state.value),
+    )
     dev.negotiate(dev.features)
     dev.stop_hinting()  # already STOP: nothing to tell
     dev.start_hinting()
@@ -327,8 +348,9 @@ def test_config_interrupts_on_every_start_and_each_state_change() -> None:
 def test_hinting_calls_do_nothing_unless_negotiated() -> None:
     notes: list[int] = []
     memmap = hole_map()
-    dev = FreePageHintDevice(np.zeros(memmap.ram_bytes, np.uint8), memmap,
-                             notify_config=lambda: notes.append(1))
+    dev = FreePageHintDevice(
+        np.zeros(memmap.ram_bytes, np.uint8), memmap, notify_config=lambda: notes.append(1)
+    )
     dev.negotiate(bit(F_VERSION_1) | bit(F_STATS_VQ))
     assert dev.start_hinting() is None
     dev.finish()
@@ -343,7 +365,12 @@ def test_dense_queue_indices_follow_negotiated_features() -> None:
     dev = bare_device(reporting=True)
     dev.negotiate(dev.features)
     assert dev.queue_indices() == {
-        "inflate": 0, "deflate": 1, "stats": 2, "free_page": 3, "reporting": 4}
+        "inflate": 0,
+        "deflate": 1,
+        "stats": 2,
+        "free_page": 3,
+        "reporting": 4,
+    }
     dev.negotiate(dev.features & ~bit(F_STATS_VQ))
     assert dev.queue_indices() == {"inflate": 0, "deflate": 1, "free_page": 2, "reporting": 3}
     assert dev.free_page_queue_index == 2
@@ -405,13 +432,16 @@ def test_mismatching_id_in_requested_is_ignored(stale: int) -> None:
     rig.hint(32 * MIB)
     r = rig.dev.process()
     assert (r.state, r.cmd_ids, r.hint_elements_ignored, rig.cleared()) == (
-        HintState.REQUESTED, [stale], 1, 0)
+        HintState.REQUESTED,
+        [stale],
+        1,
+        0,
+    )
     assert cfg32(rig.dev, 8) == cmd
     rig.send_id(cmd)
     rig.hint(36 * MIB)
     r = rig.dev.process()
-    assert (r.state, r.hint_elements_applied, rig.cleared()) == (
-        HintState.START, 1, BLOCK_PAGES)
+    assert (r.state, r.hint_elements_applied, rig.cleared()) == (HintState.START, 1, BLOCK_PAGES)
 
 
 @pytest.mark.parametrize("value", [CMD_ID_STOP, CMD_ID_DONE, "current", "next"])
@@ -425,9 +455,14 @@ def test_any_out_buffer_in_start_stops(value: int | str) -> None:
     rig.hint(36 * MIB)
     r = rig.dev.process()
     assert (r.state, r.cmd_ids, r.hint_elements_applied, r.hint_elements_ignored) == (
-        HintState.STOP, [out], 1, 1)
+        HintState.STOP,
+        [out],
+        1,
+        1,
+    )
     assert rig.cleared() == BLOCK_PAGES and rig.bm.count(36 * MIB // PAGE, BLOCK_PAGES) == (
-        BLOCK_PAGES)
+        BLOCK_PAGES
+    )
     assert cfg32(rig.dev, 8) == CMD_ID_STOP
 
 
@@ -479,13 +514,11 @@ def test_hints_apply_only_in_start() -> None:
     rig.send_id(cmd)
     rig.hint(32 * MIB)
     r = rig.dev.process()
-    assert (r.state, r.hint_elements_applied, rig.cleared()) == (
-        HintState.START, 1, BLOCK_PAGES)
+    assert (r.state, r.hint_elements_applied, rig.cleared()) == (HintState.START, 1, BLOCK_PAGES)
     rig.dev.finish()
     rig.hint(40 * MIB)  # DONE
     r = rig.dev.process()
-    assert (r.state, r.hint_elements_ignored, rig.cleared()) == (
-        HintState.DONE, 1, BLOCK_PAGES)
+    assert (r.state, r.hint_elements_ignored, rig.cleared()) == (HintState.DONE, 1, BLOCK_PAGES)
 
 
 def test_every_in_buffer_of_an_element_is_applied() -> None:
@@ -505,8 +538,7 @@ def test_in_buffers_of_a_cmd_id_element_see_the_new_state() -> None:
     cmd = rig.dev.start_hinting()
     assert cmd is not None
     # The id moves REQUESTED to START before the element's own in-buffers are looked at.
-    rig.ring.add_chain([(rig.put(u32(cmd)), 4, False), (8 * MIB, BLOCK, True),
-                        (HI, BLOCK, True)])
+    rig.ring.add_chain([(rig.put(u32(cmd)), 4, False), (8 * MIB, BLOCK, True), (HI, BLOCK, True)])
     r = rig.dev.process()
     assert (r.state, r.hints.hints, rig.cleared()) == (HintState.START, 2, 2 * BLOCK_PAGES)
     # STOP with in-buffers: START -> STOP first, so they are not applied.
@@ -518,8 +550,7 @@ def test_in_buffers_of_a_cmd_id_element_see_the_new_state() -> None:
     assert cmd2 == cmd + 1
     rig.ring.add_chain([(rig.put(u32(cmd)), 4, False), (20 * MIB, BLOCK, True)])
     r = rig.dev.process()
-    assert (r.state, r.hints.hints, rig.cleared()) == (
-        HintState.REQUESTED, 0, 2 * BLOCK_PAGES)
+    assert (r.state, r.hints.hints, rig.cleared()) == (HintState.REQUESTED, 0, 2 * BLOCK_PAGES)
 
 
 def test_used_length_is_zero_for_every_element() -> None:
@@ -543,10 +574,7 @@ def test_used_length_is_zero_for_every_element() -> None:
 @pytest.mark.parametrize("started", [True, False])
 def test_finish_after_cancel_gives_done(started: bool) -> None:
     rig = make_rig()
-    if started:
-        cmd = rig.start()
-    else:
-        cmd = rig.dev.start_hinting() or 0
+    cmd = rig.start() if started else rig.dev.start_hinting() or 0
     rig.notes.clear()
     rig.dev.finish()  # migration cancelled
     assert (rig.dev.state, cfg32(rig.dev, 8), rig.notes) == (HintState.DONE, CMD_ID_DONE, [1])
@@ -630,7 +658,11 @@ def test_cmd_id_gathered_across_out_descriptors() -> None:
     rig.hint(32 * MIB)
     r = rig.dev.process()
     assert (r.error, r.cmd_ids, r.state, rig.cleared()) == (
-        None, [cmd], HintState.START, BLOCK_PAGES)
+        None,
+        [cmd],
+        HintState.START,
+        BLOCK_PAGES,
+    )
     # An 8-byte out-buffer: the first 4 bytes are the id (here STOP).
     rig.ring.add(np.array([rig.put(u32(0) + u32(cmd))], np.uint64), 8, writable=False)
     r = rig.dev.process()
@@ -705,66 +737,70 @@ HINT = 64 * 1024
 
 def test_no_hint_applied_after_stop_hinting_returns() -> None:
     for iteration in range(6):
-        rig = make_rig(size=256)
-        dev, ring, bm = rig.dev, rig.ring, rig.bm
-        npages = rig.memmap.npages
-        cmd = dev.start_hinting()
-        assert cmd is not None
-        rig.send_id(cmd)
-        done = threading.Event()
-        errors: list[BaseException] = []
+        stop_hinting_while_the_device_thread_drains(iteration)
 
-        def device() -> None:
-            try:
-                while not done.is_set():
-                    dev.process(max_elements=8)
-                dev.process()
-            except BaseException as e:  # noqa: BLE001 - re-raised by the main thread
-                errors.append(e)
 
-        # Only this (main) thread touches the driver ring; the device thread only process()es.
-        slots = np.arange(16, 60 * MIB // HINT, dtype=np.uint64) * np.uint64(HINT)
-        cursor = 0
+def stop_hinting_while_the_device_thread_drains(iteration: int) -> None:
+    rig = make_rig(size=256)
+    dev, ring, bm = rig.dev, rig.ring, rig.bm
+    npages = rig.memmap.npages
+    cmd = dev.start_hinting()
+    assert cmd is not None
+    rig.send_id(cmd)
+    done = threading.Event()
+    errors: list[BaseException] = []
 
-        def feed() -> int:
-            nonlocal cursor
-            ring.get_used()
-            k = ring.num_free
-            idx = (cursor + np.arange(k)) % len(slots)
-            cursor += k
-            ring.add(slots[idx], HINT, writable=True)
-            return k
-
-        def feed_for(n: int) -> int:
-            """Feeds until ``n`` hints went in, sleeping so the device thread gets the GIL."""
-            fed = 0
-            deadline = time.monotonic() + 10
-            while fed < n:
-                fed += feed()
-                time.sleep(0.0001)
-                assert time.monotonic() < deadline, "the device stopped taking elements"
-            return fed
-
-        t = threading.Thread(target=device)
-        t.start()
+    def device() -> None:
         try:
-            deadline = time.monotonic() + 10
-            while bm.count() == npages:  # wait for the round to be running
-                feed_for(1)
-                assert time.monotonic() < deadline, "the device never applied a hint"
-            feed_for(2 * rig.size)  # the device is busy applying when STOP comes
-            dev.stop_hinting()
-            stopped_at = bm.count()
-            bm.set_all()
-            fed_after = feed_for(4 * rig.size)  # a slow guest still hinting the old round
-        finally:
-            done.set()
-            t.join(30)
-        assert not t.is_alive() and errors == []
+            while not done.is_set():
+                dev.process(max_elements=8)
+            dev.process()
+        except BaseException as e:  # noqa: BLE001 - re-raised by the main thread
+            errors.append(e)
+
+    # Only this (main) thread touches the driver ring; the device thread only process()es.
+    slots = np.arange(16, 60 * MIB // HINT, dtype=np.uint64) * np.uint64(HINT)
+    cursor = 0
+
+    def feed() -> int:
+        nonlocal cursor
         ring.get_used()
-        assert ring.in_flight == 0 and fed_after > 0 and stopped_at < npages
-        assert bm.count() == npages, f"iteration {iteration}: a hint landed after STOP"
-        assert dev.state is HintState.STOP
+        k = ring.num_free
+        idx = (cursor + np.arange(k)) % len(slots)
+        cursor += k
+        ring.add(slots[idx], HINT, writable=True)
+        return k
+
+    def feed_for(n: int) -> int:
+        """Feeds until ``n`` hints went in, sleeping so the device thread gets the GIL."""
+        fed = 0
+        deadline = time.monotonic() + 10
+        while fed < n:
+            fed += feed()
+            time.sleep(0.0001)
+            assert time.monotonic() < deadline, "the device stopped taking elements"
+        return fed
+
+    t = threading.Thread(target=device)
+    t.start()
+    try:
+        deadline = time.monotonic() + 10
+        while bm.count() == npages:  # wait for the round to be running
+            feed_for(1)
+            assert time.monotonic() < deadline, "the device never applied a hint"
+        feed_for(2 * rig.size)  # the device is busy applying when STOP comes
+        dev.stop_hinting()
+        stopped_at = bm.count()
+        bm.set_all()
+        fed_after = feed_for(4 * rig.size)  # a slow guest still hinting the old round
+    finally:
+        done.set()
+        t.join(30)
+    assert not t.is_alive() and errors == []
+    ring.get_used()
+    assert ring.in_flight == 0 and fed_after > 0 and stopped_at < npages
+    assert bm.count() == npages, f"iteration {iteration}: a hint landed after STOP"
+    assert dev.state is HintState.STOP
 
 
 # -- 10. free page reporting -----------------------------------------------------------------------
@@ -774,8 +810,11 @@ def test_reporting_discards_page_aligned_ram_ranges() -> None:
     rig = make_rig(reporting=True)
     ring = reporting_ring(rig)
     ring.add_chain([(8 * MIB, 4 * MIB, True), (HI + 2 * MIB, 2 * MIB, True)])
-    ring.add(np.array([20 * MIB + 512, 24 * MIB], np.uint64),
-             np.array([PAGE, PAGE + 1], np.uint32), writable=True)
+    ring.add(
+        np.array([20 * MIB + 512, 24 * MIB], np.uint64),
+        np.array([PAGE, PAGE + 1], np.uint32),
+        writable=True,
+    )
     r = rig.dev.process_reporting()
     assert (r.elements, r.ranges, r.bytes, r.skipped_poison) == (3, 2, 6 * MIB, 0)
     assert r.rejected == {"unaligned": 2, "outside_ram": 0}
@@ -824,7 +863,10 @@ def test_reporting_poison_val_ignored_without_page_poison() -> None:
     ring.add(np.array([8 * MIB], np.uint64), 4 * MIB, writable=True)
     r = rig.dev.process_reporting()
     assert (r.ranges, r.skipped_poison, [a.tolist() for a in rig.discards]) == (
-        1, 0, [[[8 * MIB, 4 * MIB]]])
+        1,
+        0,
+        [[[8 * MIB, 4 * MIB]]],
+    )
 
 
 # -- 11. API misuse ------------------------------------------------------------------------------

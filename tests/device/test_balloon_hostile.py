@@ -25,8 +25,9 @@ addrs = st.one_of(
     st.integers(0, 0x40_0000),
     st.integers(0, 2**64 - 1),
 )
-lens = st.one_of(st.sampled_from([0, 2, 4, PAGE, 2 * PAGE, 0x10000, 0x100001]),
-                 st.integers(0, 2**32 - 1))
+lens = st.one_of(
+    st.sampled_from([0, 2, 4, PAGE, 2 * PAGE, 0x10000, 0x100001]), st.integers(0, 2**32 - 1)
+)
 flags = st.sampled_from([0, 1, 2, 3, 4, 5, 6, 7, VIRTQ_DESC_F_WRITE])
 hostile_desc = st.tuples(addrs, lens, flags, st.integers(0, SIZE + 2))
 # A well-formed round (the cmd id, then 4 KiB..16 KiB hints) with any slot replaced by a
@@ -36,7 +37,7 @@ WELL_FORMED = [(CMD, 4, 0, 0)] + [
 ]
 # A slot is replaced when its selector is 3 (hypothesis draws small numbers more often).
 descs = st.lists(st.tuples(st.integers(0, 3), hostile_desc), min_size=SIZE, max_size=SIZE).map(
-    lambda t: [d if sel == 3 else w for w, (sel, d) in zip(WELL_FORMED, t)]
+    lambda t: [d if sel == 3 else w for w, (sel, d) in zip(WELL_FORMED, t, strict=False)]
 )
 
 

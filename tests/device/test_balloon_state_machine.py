@@ -31,8 +31,9 @@ class HintingMachine(RuleBasedStateMachine):
         # A hole between 32 MiB and 64 MiB; 4 KiB pages, 256 KiB blocks so rounds are long.
         memmap = MemoryMap([(0, 32 * MIB), (64 * MIB, 32 * MIB)])
         self.bitmap = DirtyBitmap(memmap.npages, dirty=True)
-        self.guest, self.device = attached_guest(memmap, bitmap=self.bitmap, seed=3, used=0.25,
-                                                 block_bytes=256 * 1024)
+        self.guest, self.device = attached_guest(
+            memmap, bitmap=self.bitmap, seed=3, used=0.25, block_bytes=256 * 1024
+        )
         self.workload: list[np.ndarray] = []
         self.cleared_since_start = 0
         self.done_seen = False

@@ -26,6 +26,7 @@ import numpy.typing as npt
 
 from pagehint import _core
 from pagehint.device.protocol import (
+    BALLOON_PFN_SHIFT,
     CMD_ID_DONE,
     CMD_ID_MIN,
     CMD_ID_STOP,
@@ -43,7 +44,6 @@ from pagehint.device.protocol import (
     FREE_PAGE_QUEUE_MAX,
     OTHER_QUEUE_MAX,
     REPORTING_QUEUE_MAX,
-    BALLOON_PFN_SHIFT,
     bit,
 )
 from pagehint.device.reporting import FreePageReporting, ReportResult
@@ -92,6 +92,31 @@ class ProcessResult:
 
 
 _Queue = SplitQueue | PackedQueue
+
+
+@dataclass
+class _ProcessTotals:
+    """What one ``process()`` call did so far, over its chunks."""
+
+    elements: int = 0
+    applied: int = 0
+    ignored: int = 0
+    hints: int = 0
+    pages_hinted: int = 0
+    pages_cleared: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+    cmd_ids: list[int] = field(default_factory=list)
+    ranges: list[_U64Array] = field(default_factory=list)
+
+    def add(self, result: HintResult) -> None:
+        self.hints += result.hints
+        self.pages_hinted += result.pages_hinted
+        self.pages_cleared += result.pages_cleared
+        for reason, n in result.rejected.items():
+            self.rejected[reason] = self.rejected.get(reason, 0) + n
+
+    def ranges_array(self) -> _U64Array:
+        return np.concatenate(self.ranges) if self.ranges else np.zeros((0, 2), dtype=np.uint64)
 
 
 class FreePageHintDevice:
@@ -235,9 +260,12 @@ class FreePageHintDevice:
         ``free_page``, ``reporting`` (each only if it exists)."""
         names = ["inflate", "deflate"]
         fixed = {"inflate": 0, "deflate": 1, "stats": 2, "free_page": 3, "reporting": 4}
-        for bit, name in ((F_STATS_VQ, "stats"), (F_FREE_PAGE_HINT, "free_page"),
-                          (F_REPORTING, "reporting")):
-            if self.has(bit):
+        for feature, name in (
+            (F_STATS_VQ, "stats"),
+            (F_FREE_PAGE_HINT, "free_page"),
+            (F_REPORTING, "reporting"),
+        ):
+            if self.has(feature):
                 names.append(name)
         if self._numbering == "spec":
             return {n: fixed[n] for n in names}
@@ -269,8 +297,15 @@ class FreePageHintDevice:
         if name not in ("free_page", "reporting"):
             return
         cls: type[_Queue] = PackedQueue if self.has(F_RING_PACKED) else SplitQueue
-        queue = cls(self._mem, self._memmap, size, desc_gpa, driver_gpa, device_gpa,
-                    event_idx=self.has(F_EVENT_IDX))
+        queue = cls(
+            self._mem,
+            self._memmap,
+            size,
+            desc_gpa,
+            driver_gpa,
+            device_gpa,
+            event_idx=self.has(F_EVENT_IDX),
+        )
         if name == "free_page":
             with self._lock:
                 self._queue = queue
@@ -286,8 +321,7 @@ class FreePageHintDevice:
         """Applies later hints to ``bitmap`` (None: hints are returned unapplied)."""
         if bitmap is not None and bitmap.npages < self._memmap.npages:
             raise ValueError(
-                f"the bitmap has {bitmap.npages} pages but the memory map has "
-                f"{self._memmap.npages}"
+                f"the bitmap has {bitmap.npages} pages but the memory map has {self._memmap.npages}"
             )
         with self._lock:
             self._bitmap = bitmap
@@ -470,95 +504,95 @@ class FreePageHintDevice:
             self._state = HintState.STOP
 
     def process(self, max_elements: int = 1 << 20) -> ProcessResult:
-        """Drains the free page queue (the device's queue notification handler): cmd id
-        out-buffers drive the state machine, hint in-buffers are applied to the bound bitmap
-        only in START, every element is returned used with length 0. Takes at most
-        ``max_elements`` elements; ``more`` says whether the budget ran out first.
+        """Drains the free page queue: QEMU's virtio_ballloon_get_free_page_hints, the queue
+        notification handler. Cmd id out-buffers drive the state machine, hint in-buffers are
+        applied to the bound bitmap only in START, every element is returned used with length
+        0. Takes at most ``max_elements`` elements (rejected ones count), one lock hold per
+        chunk of at most 1024; ``more`` says whether the budget ran out first.
         ``RuntimeError`` if the free page queue is not set up."""
         if max_elements < 0:
             raise ValueError(f"max_elements must not be negative, not {max_elements}")
         queue = self._queue
         if queue is None:
             raise RuntimeError("the free page queue is not set up (negotiate, then set_queue)")
-        totals = [0, 0, 0, 0]  # hints, pages hinted, pages cleared, elements used
-        applied = ignored = 0
-        rejected: dict[str, int] = {}
-        cmd_ids: list[int] = []
-        ranges: list[_U64Array] = []
+        totals = _ProcessTotals()
         budget = max_elements
         more = budget == 0
         while budget > 0:
             with self._lock:
                 if self._error is not None or self._queue is not queue:
                     break
-                bitmap = self._bitmap if self._state is HintState.START else None
-                refused = sum(queue.rejected.values())
-                listener = self.hint_listener
-                record = self.record_ranges or listener is not None
-                drain = queue.drain_hints(bitmap, min(budget, _CHUNK), record=record)
-                results = [drain.result]
-                if drain.ranges is not None and len(drain.ranges):
-                    if self.record_ranges:
-                        ranges.append(drain.ranges)
-                    if listener is not None:
-                        listener(drain.ranges)
-                used = drain.elements
-                if bitmap is not None:
-                    applied += drain.elements
-                else:
-                    ignored += drain.elements
-                ctl = drain.control
-                if ctl is not None:
-                    if ctl.cmd_id is not None:
-                        cmd_ids.append(ctl.cmd_id)
-                    self._control(ctl)
-                    if ctl.hints and self._error is None and self._state is HintState.START \
-                            and self._bitmap is not None:
-                        hints = np.array(ctl.hints, dtype=np.uint64).reshape(-1, 2)
-                        applied_ctl = apply_hints(self._bitmap, self._memmap, hints, record=record)
-                        results.append(applied_ctl)
-                        covered = applied_ctl.ranges
-                        if covered is not None:
-                            if self.record_ranges:
-                                ranges.append(covered)
-                            if listener is not None and len(covered):
-                                listener(covered)
-                    queue.add_used([ctl.head], [0])
-                    used += 1
-                if queue.error is not None and self._error is None:
-                    self._error = f"free page queue: {queue.error}"
-                for r in results:
-                    self.pages_hinted_total += r.pages_hinted
-                    self.pages_cleared_total += r.pages_cleared
-                # Rejected elements use the budget too, so a guest cannot keep this going.
-                budget -= used + sum(queue.rejected.values()) - refused
-            for r in results:
-                totals[0] += r.hints
-                totals[1] += r.pages_hinted
-                totals[2] += r.pages_cleared
-                for k, v in r.rejected.items():
-                    rejected[k] = rejected.get(k, 0) + v
-            totals[3] += used
-            if ctl is None and not drain.limited:
+                taken, go_on = self._get_free_page_hints(queue, min(budget, _CHUNK), totals)
+            budget -= taken
+            if not go_on:
                 break
             more = budget <= 0
-        interrupt = totals[3] > 0 and queue.needs_interrupt()
         return ProcessResult(
-            elements=totals[3],
-            hint_elements_applied=applied,
-            hint_elements_ignored=ignored,
-            cmd_ids=cmd_ids,
-            hints=HintResult(totals[0], totals[1], totals[2], rejected),
+            elements=totals.elements,
+            hint_elements_applied=totals.applied,
+            hint_elements_ignored=totals.ignored,
+            cmd_ids=totals.cmd_ids,
+            hints=HintResult(
+                totals.hints, totals.pages_hinted, totals.pages_cleared, totals.rejected
+            ),
             state=self._state,
-            interrupt=interrupt,
+            interrupt=totals.elements > 0 and queue.needs_interrupt(),
             more=more,
             error=self._error,
-            ranges=(
-                (np.concatenate(ranges) if ranges else np.zeros((0, 2), dtype=np.uint64))
-                if self.record_ranges
-                else None
-            ),
+            ranges=totals.ranges_array() if self.record_ranges else None,
         )
+
+    def _get_free_page_hints(
+        self, queue: _Queue, budget: int, totals: _ProcessTotals
+    ) -> tuple[int, bool]:
+        """QEMU's get_free_page_hints over up to ``budget`` elements, under the lock: the hint
+        elements before the next cmd id element go straight into the bitmap in START (returned
+        unapplied otherwise); that cmd id element drives the state machine, and its own
+        in-buffers are applied if the state is then START. Returns the budget used (rejected
+        elements use it too, so a guest cannot keep this going) and whether more may wait."""
+        bitmap = self._bitmap if self._state is HintState.START else None
+        refused = sum(queue.rejected.values())
+        record = self.record_ranges or self.hint_listener is not None
+        drain = queue.drain_hints(bitmap, budget, record=record)
+        self._qemu_guest_free_page_hint(drain.result, totals)
+        used = drain.elements
+        if bitmap is not None:
+            totals.applied += drain.elements
+        else:
+            totals.ignored += drain.elements
+        ctl = drain.control
+        if ctl is not None:
+            if ctl.cmd_id is not None:
+                totals.cmd_ids.append(ctl.cmd_id)
+            self._control(ctl)
+            if (
+                ctl.hints
+                and self._error is None
+                and self._state is HintState.START
+                and self._bitmap is not None
+            ):
+                hints = np.array(ctl.hints, dtype=np.uint64).reshape(-1, 2)
+                applied = apply_hints(self._bitmap, self._memmap, hints, record=record)
+                self._qemu_guest_free_page_hint(applied, totals)
+            queue.add_used([ctl.head], [0])
+            used += 1
+        if queue.error is not None and self._error is None:
+            self._error = f"free page queue: {queue.error}"
+        totals.elements += used
+        return used + sum(queue.rejected.values()) - refused, ctl is not None or drain.limited
+
+    def _qemu_guest_free_page_hint(self, result: HintResult, totals: _ProcessTotals) -> None:
+        """Hints applied (under the lock): counted, their ranges recorded and handed to the
+        ``hint_listener``, where QEMU's qemu_guest_free_page_hint clears the dirty log."""
+        totals.add(result)
+        self.pages_hinted_total += result.pages_hinted
+        self.pages_cleared_total += result.pages_cleared
+        ranges = result.ranges
+        if ranges is not None and len(ranges):
+            if self.record_ranges:
+                totals.ranges.append(ranges)
+            if self.hint_listener is not None:
+                self.hint_listener(ranges)
 
     def process_reporting(self, max_elements: int = 1 << 16) -> ReportResult:
         """Drains the free page reporting queue: each in-buffer that is page aligned and
