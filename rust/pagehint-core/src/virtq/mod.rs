@@ -1,6 +1,6 @@
 //! Virtqueue readers: the device side of a virtio queue in guest memory.
 //!
-//! Everything here reads guest-written memory through [`GuestRam`](crate::GuestRam) and treats
+//! Everything here reads guest-written memory through [`GuestRam`] and treats
 //! it as hostile: every index is bounded, every length checked, every loop has a step limit,
 //! and nothing panics on any input. A fault of one element (a bad descriptor chain) is counted
 //! by reason in [`RejectCounts`], the element is returned to the driver with length 0, and
