@@ -3,6 +3,8 @@
 //! A [`DirtyBitmap`] holds one bit per guest page in the KVM dirty-log word layout; its bulk
 //! loops live in [`kernels`], compiled per instruction-set level and chosen at run time.
 
+#![warn(missing_docs)]
+
 pub mod bitmap;
 pub mod error;
 pub mod free_page;
