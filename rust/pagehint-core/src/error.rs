@@ -7,19 +7,52 @@ use std::fmt;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BitmapError {
     /// A page or page range lies (partly) outside `[0, npages)`.
-    OutOfRange { start: u64, n: u64, npages: u64 },
+    OutOfRange {
+        /// First page of the request.
+        start: u64,
+        /// Pages requested.
+        n: u64,
+        /// Pages the bitmap holds.
+        npages: u64,
+    },
     /// The bitmap cannot hold that many pages.
-    TooLarge { npages: u64, max: u64 },
+    TooLarge {
+        /// Pages asked for.
+        npages: u64,
+        /// [`MAX_PAGES`](crate::MAX_PAGES).
+        max: u64,
+    },
     /// The allocator refused the words (the machine cannot back them).
-    AllocationFailed { bytes: u64 },
+    AllocationFailed {
+        /// Bytes of words requested.
+        bytes: u64,
+    },
     /// Two arrays that go together have different lengths.
-    LengthMismatch { left: usize, right: usize },
+    LengthMismatch {
+        /// Length of the first array (`starts`).
+        left: usize,
+        /// Length of the second array (`counts`).
+        right: usize,
+    },
     /// A dirty log's page offset is not a multiple of 64 (KVM's own rule).
-    MisalignedOffset { page_offset: u64 },
+    MisalignedOffset {
+        /// Bitmap page of the log's bit 0 (a memslot's first page).
+        page_offset: u64,
+    },
     /// A dirty log sets a bit for a page past the end of the bitmap.
-    LogPastEnd { pfn: u64, npages: u64 },
+    LogPastEnd {
+        /// Bitmap page of the first offending bit.
+        pfn: u64,
+        /// Pages the bitmap holds.
+        npages: u64,
+    },
     /// A memory map has more pages than the bitmap it is applied to.
-    MapLargerThanBitmap { map_pages: u64, npages: u64 },
+    MapLargerThanBitmap {
+        /// Pages of RAM in the map.
+        map_pages: u64,
+        /// Pages the bitmap holds.
+        npages: u64,
+    },
 }
 
 impl fmt::Display for BitmapError {
@@ -63,7 +96,9 @@ pub enum SimdError {
     UnknownLevel(String),
     /// The level exists but this CPU (or architecture) lacks the instructions for it.
     Unsupported {
+        /// The level asked for ([`Level::name`](crate::Level::name)).
         level: &'static str,
+        /// The CPU feature (or architecture) it needs and this machine lacks.
         missing: &'static str,
     },
 }

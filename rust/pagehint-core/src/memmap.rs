@@ -39,15 +39,37 @@ pub enum MapError {
     /// The page size is not 4, 16 or 64 KiB.
     BadPageSize(u64),
     /// A region is empty.
-    EmptyRegion { index: usize },
+    EmptyRegion {
+        /// The region's position in the list given to [`MemoryMap::new`].
+        index: usize,
+    },
     /// A region's start or size is not a multiple of the page size.
-    Unaligned { index: usize, gpa: u64, size: u64 },
+    Unaligned {
+        /// The region's position in the list given to [`MemoryMap::new`].
+        index: usize,
+        /// Its guest-physical start.
+        gpa: u64,
+        /// Its size in bytes.
+        size: u64,
+    },
     /// A region runs past the top of the 64-bit address space.
-    Overflow { index: usize },
+    Overflow {
+        /// The region's position in the list given (or the one that takes the total RAM past
+        /// 2^64 bytes).
+        index: usize,
+    },
     /// Two regions share addresses.
-    Overlap { first: usize, second: usize },
+    Overlap {
+        /// The lower-numbered of the two regions.
+        first: usize,
+        /// The higher-numbered one.
+        second: usize,
+    },
     /// The x86 layout was asked for more RAM below 4 GiB than fits there.
-    BelowFourGig { below_4g: u64 },
+    BelowFourGig {
+        /// The requested RAM below 4 GiB: more than 4 GiB, or not page aligned.
+        below_4g: u64,
+    },
 }
 
 impl fmt::Display for MapError {

@@ -1,4 +1,5 @@
-//! Runtime CPU dispatch for the bulk loops in [`generic`].
+//! Runtime CPU dispatch for the bitmap's bulk loops (count, clear, set, merge, search), which
+//! are written once in the private `generic` module.
 //!
 //! Each level is the same source compiled under different target features; the level is chosen
 //! once (CPU detection, or `PAGEHINT_SIMD`) and cached as a table of function pointers, the way

@@ -1,6 +1,6 @@
 //! Virtqueue readers: the device side of a virtio queue in guest memory.
 //!
-//! Everything here reads guest-written memory through [`GuestRam`](crate::GuestRam) and treats
+//! Everything here reads guest-written memory through [`GuestRam`] and treats
 //! it as hostile: every index is bounded, every length checked, every loop has a step limit,
 //! and nothing panics on any input. A fault of one element (a bad descriptor chain) is counted
 //! by reason in [`RejectCounts`], the element is returned to the driver with length 0, and
@@ -142,10 +142,18 @@ impl Chain {
 pub enum ElementError {
     /// A `next` index is not below the table's entry count (the queue size, or the indirect
     /// table's length / 16). QEMU: "Desc next is %u".
-    NextOutOfRange { next: u16, limit: u32 },
+    NextOutOfRange {
+        /// The descriptor's `next` field.
+        next: u16,
+        /// Entries of the table it indexes.
+        limit: u32,
+    },
     /// More descriptors than the table holds were followed: a loop (§2.7.5.2 "loops in the
     /// descriptor chain are forbidden"; QEMU: "Looped descriptor").
-    ChainTooLong { limit: u32 },
+    ChainTooLong {
+        /// Entries of the table being walked (packed: the queue size).
+        limit: u32,
+    },
     /// A descriptor has both INDIRECT and NEXT (§2.7.5.3.1 "A driver MUST NOT set both").
     IndirectWithNext,
     /// A descriptor inside an indirect table has INDIRECT (§2.7.5.3.1 "only one table per
@@ -154,21 +162,45 @@ pub enum ElementError {
     /// An indirect table of length 0 (QEMU: "Invalid size for indirect buffer table").
     IndirectEmpty,
     /// An indirect table whose length is not a multiple of 16 (same QEMU message).
-    IndirectLenNotMultiple { len: u32 },
+    IndirectLenNotMultiple {
+        /// The table's length in bytes (the INDIRECT descriptor's `len`).
+        len: u32,
+    },
     /// An indirect table with more entries than the queue size (§2.7.5.3.1 "A driver MUST NOT
     /// create a descriptor chain longer than the Queue Size of the device").
-    IndirectTooLarge { entries: u32, size: u16 },
+    IndirectTooLarge {
+        /// Entries of the table (`len / 16`).
+        entries: u32,
+        /// The queue size.
+        size: u16,
+    },
     /// An indirect table not entirely in guest RAM (QEMU: "Cannot map indirect buffer").
-    IndirectOutsideRam { addr: u64, len: u32 },
+    IndirectOutsideRam {
+        /// Guest-physical address of the table.
+        addr: u64,
+        /// Its length in bytes.
+        len: u32,
+    },
     /// A buffer of length 0 (QEMU `virtqueue_map_desc`: "virtio: zero sized buffers are not
     /// allowed").
-    ZeroLengthBuffer { addr: u64 },
+    ZeroLengthBuffer {
+        /// The descriptor's guest-physical address.
+        addr: u64,
+    },
     /// A buffer not entirely in guest RAM: in a hole, past the end, crossing from RAM into a
     /// hole, or wrapping past 2^64 (QEMU: "virtio: bogus descriptor or out of resources").
-    BufferOutsideRam { addr: u64, len: u32 },
+    BufferOutsideRam {
+        /// The buffer's guest-physical address.
+        addr: u64,
+        /// Its length in bytes.
+        len: u32,
+    },
     /// The buffers add up to more than `u32::MAX` bytes (§2.7.5.2 "Drivers MUST NOT add a
     /// descriptor chain longer than 2^32 bytes in total"; the used length is 32-bit).
-    LengthOverflow { total: u64 },
+    LengthOverflow {
+        /// The chain's length so far, including the descriptor that broke the limit.
+        total: u64,
+    },
     /// A device-readable buffer after a device-writable one (§2.7.4.2; QEMU: "Incorrect
     /// order for descriptors").
     ReadableAfterWritable,
@@ -281,65 +313,124 @@ pub enum QueueError {
     /// Queue size 0.
     ZeroSize,
     /// Queue size above 32768 (§2.7).
-    SizeTooLarge { size: u16 },
+    SizeTooLarge {
+        /// The queue size asked for.
+        size: u16,
+    },
     /// Queue size not a power of two (§2.7 "Queue Size value is always a power of 2").
-    SizeNotPowerOfTwo { size: u16 },
+    SizeNotPowerOfTwo {
+        /// The queue size asked for.
+        size: u16,
+    },
     /// A ring's address breaks its alignment (§2.7: desc 16, avail 2, used 4).
-    Misaligned { ring: Ring, gpa: u64, align: u64 },
+    Misaligned {
+        /// Which part.
+        ring: Ring,
+        /// Its guest-physical address.
+        gpa: u64,
+        /// The alignment that part needs, in bytes.
+        align: u64,
+    },
     /// A ring is not entirely guest RAM (or an access to it failed).
-    RingOutsideRam { ring: Ring, gpa: u64, len: u64 },
+    RingOutsideRam {
+        /// Which part.
+        ring: Ring,
+        /// Its guest-physical address.
+        gpa: u64,
+        /// Its length in bytes for this queue size.
+        len: u64,
+    },
     /// The available index is more than the queue size ahead of the last one processed
     /// (QEMU `virtqueue_num_heads`: "Guest moved used index from %u to %u").
     AvailIdxJump {
+        /// The available ring's `idx` as the driver wrote it.
         avail_idx: u16,
+        /// The device's next available index to read (QEMU's `last_avail_idx`).
         last_avail: u16,
+        /// The queue size.
         size: u16,
     },
     /// The available ring names a head at or past the queue size (QEMU
     /// `virtqueue_get_head`: "Guest says index %u is available"). Returned without breaking
     /// the queue when the caller passes such a head to `add_used`.
-    HeadOutOfRange { head: u16, size: u16 },
+    HeadOutOfRange {
+        /// The head index read from the available ring (or passed to `add_used`).
+        head: u16,
+        /// The queue size.
+        size: u16,
+    },
     /// Packed ring: the last descriptor of an available list carries a buffer id at or past
     /// the queue size. It cannot be returned: a driver rejects such a used id (Linux
     /// `virtqueue_get_buf_ctx_packed`: "id %u out of range"; the example in §2.8 "Receiving
     /// Used Buffers From The Device" asserts `id < vq->size`). Also returned, without
     /// breaking the queue, when the caller passes such an id to `add_used`.
-    BufferIdOutOfRange { id: u16, size: u16 },
+    BufferIdOutOfRange {
+        /// The buffer id.
+        id: u16,
+        /// The queue size.
+        size: u16,
+    },
     /// Packed ring: an available list reuses the buffer id of an element still in flight
     /// (§2.8 "Placing Available Buffers Into The Descriptor Ring": "Get the next free buffer
     /// id value"; returning both would make the driver see one id twice, Linux: "id %u is not
     /// a head!").
-    BufferIdInUse { id: u16 },
+    BufferIdInUse {
+        /// The buffer id made available twice.
+        id: u16,
+    },
     /// Packed ring: `add_used` with a buffer id that is not in flight (caller misuse; the
     /// queue is not broken).
-    BufferIdNotInFlight { id: u16 },
+    BufferIdNotInFlight {
+        /// The buffer id passed to `add_used`.
+        id: u16,
+    },
     /// Packed ring: a descriptor after the first of a NEXT-linked list is not available in
     /// the lap it is read in (§2.8 "Next Flag: Descriptor Chaining": "The driver always makes
     /// the first descriptor in the list available after the rest of the list has been written
     /// out ... the device will never observe a partial scatter/gather list"; its flags,
     /// including AVAIL/USED, "must be set/cleared correctly in all descriptors in the list").
     /// The list cannot be delimited.
-    ChainDescNotAvailable { index: u16, wrap: bool },
+    ChainDescNotAvailable {
+        /// Ring slot of the descriptor.
+        index: u16,
+        /// The device's available wrap counter for that slot: the AVAIL bit the descriptor
+        /// should carry, with USED its inverse.
+        wrap: bool,
+    },
     /// Packed ring: taking a list would put more descriptors in flight than the ring holds:
     /// the driver made available slots the device has not used yet (QEMU
     /// `virtqueue_packed_pop`: "Virtqueue size exceeded").
     RingOverrun {
+        /// Descriptors already taken and not yet returned used.
         in_flight: u32,
+        /// Descriptors in the new list.
         list: u32,
+        /// The queue size.
         size: u16,
     },
     /// Packed ring: `set_indices` with a ring index at or past the queue size.
-    IndexOutOfRange { index: u16, size: u16 },
+    IndexOutOfRange {
+        /// The ring index given.
+        index: u16,
+        /// The queue size.
+        size: u16,
+    },
     /// Split ring: the used ring shares bytes with the descriptor table or the available
     /// ring. The device would be writing what it then reads as driver input: returning an
     /// element could publish a new available one, without end.
-    UsedRingOverlaps { ring: Ring },
+    UsedRingOverlaps {
+        /// The part the used ring overlaps.
+        ring: Ring,
+    },
     /// Split ring: `set_indices` with a used index ahead of the available one or more than a
     /// queue behind it (QEMU refuses to load such a queue: "VQ %d size 0x%x < last_avail_idx
     /// 0x%x - used_idx 0x%x").
     IndicesInconsistent {
+        /// The next available index to read, as given.
         last_avail: u16,
+        /// The next used index to write, as given.
         next_used: u16,
+        /// The queue size.
         size: u16,
     },
 }
@@ -421,23 +512,41 @@ impl std::error::Error for QueueError {}
 /// ([`PACKED_ONLY_REASONS`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct RejectCounts {
+    /// Split ring: [`QueueError::HeadOutOfRange`] (breaks the queue).
     pub head_out_of_range: u64,
+    /// [`ElementError::NextOutOfRange`].
     pub next_out_of_range: u64,
+    /// [`ElementError::ChainTooLong`].
     pub chain_too_long: u64,
+    /// [`ElementError::IndirectWithNext`].
     pub indirect_with_next: u64,
+    /// [`ElementError::NestedIndirect`].
     pub nested_indirect: u64,
+    /// [`ElementError::IndirectEmpty`].
     pub indirect_empty: u64,
+    /// [`ElementError::IndirectLenNotMultiple`].
     pub indirect_len_not_multiple: u64,
+    /// [`ElementError::IndirectTooLarge`].
     pub indirect_too_large: u64,
+    /// [`ElementError::IndirectOutsideRam`].
     pub indirect_outside_ram: u64,
+    /// [`ElementError::ZeroLengthBuffer`].
     pub zero_length_buffer: u64,
+    /// [`ElementError::BufferOutsideRam`].
     pub buffer_outside_ram: u64,
+    /// [`ElementError::LengthOverflow`].
     pub length_overflow: u64,
+    /// [`ElementError::ReadableAfterWritable`].
     pub readable_after_writable: u64,
+    /// Packed ring: [`ElementError::IndirectInChain`].
     pub indirect_in_chain: u64,
+    /// Packed ring: [`QueueError::BufferIdOutOfRange`] (breaks the queue).
     pub buffer_id_out_of_range: u64,
+    /// Packed ring: [`QueueError::BufferIdInUse`] (breaks the queue).
     pub buffer_id_in_use: u64,
+    /// Packed ring: [`QueueError::ChainDescNotAvailable`] (breaks the queue).
     pub chain_desc_not_available: u64,
+    /// Packed ring: [`QueueError::RingOverrun`] (breaks the queue).
     pub ring_overrun: u64,
 }
 
