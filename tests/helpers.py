@@ -12,6 +12,7 @@ import numpy.typing as npt
 
 from pagehint import DirtyBitmap, MemoryMap
 from pagehint.device import FreePageHintDevice
+from pagehint.kvm import GuestProgram, Vm
 from pagehint.migration import MigrationResult, Precopy, PrecopyConfig, Progress
 from pagehint.sim import (
     LinkModel,
@@ -79,3 +80,14 @@ def migrate_simulated(
     if on_start is not None:
         on_start(migration)
     return migration.run(), destination
+
+
+# -- real KVM ----------------------------------------------------------------------------------
+
+KVM_MMIO_BASE = 0xD000_0000
+"""The balloon's virtio-mmio window in the KVM tests, in the hole below 4 GiB."""
+KVM_LAYOUT = MemoryMap([(0, 64 * MIB), (4 << 30, 64 * MIB)])
+"""128 MiB: 64 MiB below the hole and 64 MiB above 4 GiB (two memslots)."""
+
+Booted = Callable[..., tuple[Vm, GuestProgram]]
+"""The ``booted`` fixture: ``booted(log_mode="classic", memmap=KVM_LAYOUT, **guest_kw)``."""

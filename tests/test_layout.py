@@ -18,6 +18,7 @@ FORBIDDEN = {
     "device": ("pagehint.sim", "pagehint.cli", "pagehint.migration"),
     "migration": ("pagehint.sim", "pagehint.cli"),
     "sim": ("pagehint.cli",),
+    "kvm": ("pagehint.sim", "pagehint.cli"),
 }
 
 

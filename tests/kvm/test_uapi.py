@@ -14,7 +14,8 @@ import pytest
 from pagehint.kvm import uapi
 
 pytestmark = pytest.mark.skipif(
-    platform.machine() != "x86_64", reason=f"the KVM uapi here is x86_64's, not {platform.machine()}"
+    platform.machine() != "x86_64",
+    reason=f"the KVM uapi here is x86_64's, not {platform.machine()}",
 )
 
 STRUCTS = {
@@ -43,11 +44,7 @@ RUN_FIELDS = {
     "RUN_INTERNAL_SUBERROR": "internal.suberror",
     "RUN_FAIL_ENTRY_REASON": "fail_entry.hardware_entry_failure_reason",
 }
-NAMES = [
-    n
-    for n in dir(uapi)
-    if n.startswith("KVM_") and n != "KVM_API_VERSION" or n == "KVMIO"
-]
+NAMES = [n for n in dir(uapi) if (n.startswith("KVM_") and n != "KVM_API_VERSION") or n == "KVMIO"]
 
 
 def c_program() -> str:
@@ -59,7 +56,7 @@ def c_program() -> str:
     ]
     for cname, cls in STRUCTS.items():
         lines.append(f'  printf("sizeof {cname} %zu\\n", sizeof(struct {cname}));')
-        for field, _ in cls._fields_:
+        for field, *_ in cls._fields_:
             lines.append(
                 f'  printf("offsetof {cname}.{field} %zu\\n", offsetof(struct {cname}, {field}));'
             )
@@ -92,10 +89,12 @@ def header_facts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, int]:
 
 
 @pytest.mark.parametrize("cname", sorted(STRUCTS))
-def test_struct_sizes_and_offsets_match_the_header(cname: str, header_facts: dict[str, int]) -> None:
+def test_struct_sizes_and_offsets_match_the_header(
+    cname: str, header_facts: dict[str, int]
+) -> None:
     cls = STRUCTS[cname]
     assert ctypes.sizeof(cls) == header_facts[f"sizeof {cname}"]
-    for field, _ in cls._fields_:
+    for field, *_ in cls._fields_:
         assert getattr(cls, field).offset == header_facts[f"offsetof {cname}.{field}"], field
 
 
