@@ -973,3 +973,21 @@ def test_balloon_sizes_are_4k_units_whatever_the_page_size(page_size: int) -> No
     assert dev.read_config(0, 4) == u32(65536) and dev.target_bytes == 256 * MIB
     dev.write_config(4, u32(1024))  # the driver reports 1024 balloon pages: 4 MiB
     assert dev.actual_bytes == 4 * MIB
+
+
+# -- 11. what the device writes into guest memory ------------------------------------------------
+
+
+def test_guest_write_names_the_used_ring_after_elements_are_returned() -> None:
+    rig = make_rig()
+    writes: list[tuple[int, int]] = []
+    rig.dev.guest_write = lambda gpa, n: writes.append((gpa, n))
+    used_ring = (rig.ring.used_gpa, 6 + 8 * rig.size)
+    rig.dev.process()
+    assert writes == []  # nothing returned, nothing written
+    rig.start()  # the cmd id element comes back used
+    assert writes == [used_ring]
+    rig.hint(8 * MIB)
+    writes.clear()
+    rig.dev.process()
+    assert writes == [used_ring]

@@ -169,6 +169,11 @@ class FreePageHintDevice:
         self._numbering = queue_numbering
         self.qemu_compat = qemu_compat
         self.notify_config = notify_config
+        self.guest_write: Callable[[int, int], None] | None = None
+        """Called with ``(gpa, nbytes)`` after the device wrote guest memory (the used side
+        of a queue it returned elements on). KVM does not log what the VMM writes, so a VMM
+        marks these pages dirty for migration here, as QEMU's ``address_space_write`` does."""
+        self._written: dict[str, tuple[int, int]] = {}
         """The config interrupt: called after every change the driver must see."""
         self._reporting = FreePageReporting(memmap, discard)
         self.record_ranges = record_ranges
@@ -306,10 +311,16 @@ class FreePageHintDevice:
             device_gpa,
             event_idx=self.has(F_EVENT_IDX),
         )
+        # What returning elements writes: the used ring (split: flags, idx, the ring and
+        # avail_event), or the descriptor ring itself (packed).
+        packed = self.has(F_RING_PACKED)
+        written = (desc_gpa, 16 * size) if packed else (device_gpa, 6 + 8 * size)
         if name == "free_page":
             with self._lock:
                 self._queue = queue
+                self._written["free_page"] = written
         else:
+            self._written["reporting"] = written
             self._reporting.set_queue(queue)
 
     @property
@@ -422,6 +433,12 @@ class FreePageHintDevice:
         """Why the device needs a reset (QEMU's virtio_error), or None."""
         return self._error
 
+    def _wrote(self, queue: str) -> None:
+        """Tells ``guest_write`` that elements were returned on ``queue``."""
+        notify, area = self.guest_write, self._written.get(queue)
+        if notify is not None and area is not None:
+            notify(*area)
+
     def _notify_config(self) -> None:
         notify = self.notify_config
         if notify is not None:
@@ -442,10 +459,13 @@ class FreePageHintDevice:
         if not self.hinting:
             return None
         with self._lock:
-            self.retired_at_start += self._retire_available()
+            retired = self._retire_available()
+            self.retired_at_start += retired
             self._cmd_id = CMD_ID_MIN if self._cmd_id >= 0xFFFF_FFFF else self._cmd_id + 1
             self._state = HintState.REQUESTED
             cmd_id = self._cmd_id
+        if retired:
+            self._wrote("free_page")
         self._notify_config()
         return cmd_id
 
@@ -527,6 +547,8 @@ class FreePageHintDevice:
             if not go_on:
                 break
             more = budget <= 0
+        if totals.elements:
+            self._wrote("free_page")
         return ProcessResult(
             elements=totals.elements,
             hint_elements_applied=totals.applied,
@@ -599,7 +621,10 @@ class FreePageHintDevice:
         inside one RAM region goes to ``discard`` (skipped while ``poison_val`` is non-zero),
         and every element is returned used with length 0. ``RuntimeError`` if the reporting
         queue is not set up."""
-        return self._reporting.process(max_elements, self.poison_val)
+        result = self._reporting.process(max_elements, self.poison_val)
+        if result.elements:
+            self._wrote("reporting")
+        return result
 
     @property
     def rejected(self) -> dict[str, int]:
