@@ -4,6 +4,7 @@ guest to a device and migrate it. Plain functions, importable from any test file
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -80,6 +81,41 @@ def migrate_simulated(
     if on_start is not None:
         on_start(migration)
     return migration.run(), destination
+
+
+# -- a packed ring's driver side ---------------------------------------------------------------
+
+WRITE, AVAIL, USED = 2, 1 << 7, 1 << 15
+"""Packed descriptor flags (virtio 1.2 §2.8.1)."""
+DESC, DRIVER_EVENT, DEVICE_EVENT = 0x1000, 0x2000, 0x2004
+MIB4 = 4 << 20
+
+
+class PackedDriver:
+    """The driver's side of a packed ring at ``DESC`` in a RAM buffer whose first region starts
+    at gpa 0: one descriptor per element, in ring order."""
+
+    def __init__(self, mem: npt.NDArray[np.uint8], size: int) -> None:
+        self.mem, self.size, self.next, self.wrap = mem, size, 0, True
+        self.ids = 0
+
+    def post(self, addr: int, length: int, writable: bool) -> int:
+        flags = (WRITE if writable else 0) | (AVAIL if self.wrap else USED)
+        bid = self.ids % self.size
+        self.ids += 1
+        at = DESC + 16 * self.next
+        self.mem[at : at + 16] = np.frombuffer(
+            struct.pack("<QIHH", addr, length, bid, flags), dtype=np.uint8
+        )
+        self.next += 1
+        if self.next == self.size:
+            self.next, self.wrap = 0, not self.wrap
+        return bid
+
+    def used_slot(self, slot: int) -> tuple[int, int, int]:
+        raw = self.mem[DESC + 16 * slot : DESC + 16 * slot + 16].tobytes()
+        _, length, bid, flags = struct.unpack("<QIHH", raw)
+        return bid, length, flags
 
 
 # -- real KVM ----------------------------------------------------------------------------------

@@ -6,41 +6,11 @@ from __future__ import annotations
 import struct
 
 import numpy as np
-import numpy.typing as npt
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import AVAIL, DESC, DEVICE_EVENT, DRIVER_EVENT, MIB4, USED, PackedDriver
 from pagehint import DirtyBitmap, MemoryMap, PackedQueue
-
-WRITE, AVAIL, USED = 2, 1 << 7, 1 << 15
-DESC, DRIVER_EVENT, DEVICE_EVENT = 0x1000, 0x2000, 0x2004
-MIB4 = 4 << 20
-
-
-class Driver:
-    """The driver's side of a packed ring: one descriptor per element, in ring order."""
-
-    def __init__(self, mem: npt.NDArray[np.uint8], size: int) -> None:
-        self.mem, self.size, self.next, self.wrap = mem, size, 0, True
-        self.ids = 0
-
-    def post(self, addr: int, length: int, writable: bool) -> int:
-        flags = (WRITE if writable else 0) | (AVAIL if self.wrap else USED)
-        bid = self.ids % self.size
-        self.ids += 1
-        at = DESC + 16 * self.next
-        self.mem[at : at + 16] = np.frombuffer(
-            struct.pack("<QIHH", addr, length, bid, flags), dtype=np.uint8
-        )
-        self.next += 1
-        if self.next == self.size:
-            self.next, self.wrap = 0, not self.wrap
-        return bid
-
-    def used_slot(self, slot: int) -> tuple[int, int, int]:
-        raw = self.mem[DESC + 16 * slot : DESC + 16 * slot + 16].tobytes()
-        _, length, bid, flags = struct.unpack("<QIHH", raw)
-        return bid, length, flags
 
 
 def test_a_free_page_round_through_a_packed_ring_with_laps() -> None:
@@ -48,7 +18,7 @@ def test_a_free_page_round_through_a_packed_ring_with_laps() -> None:
     mem = np.zeros(memmap.ram_bytes, dtype=np.uint8)
     size = 8
     q = PackedQueue(mem, memmap, size, DESC, DRIVER_EVENT, DEVICE_EVENT)
-    drv = Driver(mem, size)
+    drv = PackedDriver(mem, size)
     bm = DirtyBitmap(memmap.npages, dirty=True)
     mem[0x3000:0x3004] = np.frombuffer(struct.pack("<I", 0x80000001), dtype=np.uint8)
     drv.post(0x3000, 4, writable=False)  # the round's cmd id

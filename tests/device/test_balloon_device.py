@@ -931,9 +931,8 @@ def test_bad_arguments_are_value_errors() -> None:
 def test_packed_ring_free_page_queue() -> None:
     """With RING_PACKED negotiated the device reads the free page queue as a packed ring
     (descriptor ring, driver and device event areas): a round across a lap of an 8-slot ring."""
-    from test_packed_queue import DESC as P_DESC
-    from test_packed_queue import DEVICE_EVENT, DRIVER_EVENT
-    from test_packed_queue import Driver as PackedDriver
+    from helpers import DESC as P_DESC
+    from helpers import DEVICE_EVENT, DRIVER_EVENT, PackedDriver
 
     memmap = MemoryMap.x86(64 * MIB, below_4g=32 * MIB)
     mem = np.zeros(memmap.ram_bytes, dtype=np.uint8)
