@@ -67,8 +67,8 @@ for it), and an InterruptACK that leaves InterruptStatus zero calls ``interrupt(
 level-triggered line (``KVM_IRQ_LINE``) follows the calls exactly. A guest without an irqchip
 polls InterruptStatus instead: the bits are set whether or not ``interrupt`` is given. The
 callback runs outside the register lock, serialised with the other interrupt calls so the last
-call always matches InterruptStatus; it must not raise another interrupt from inside itself on
-another thread and wait for it.
+call always matches InterruptStatus; it must not wait for another thread that raises an
+interrupt through this transport.
 
 Threading: one register lock; a vCPU thread calls ``read``/``write`` while the migration thread
 calls ``device.start_hinting()``, whose config notification lands in this transport. Queue work
@@ -210,11 +210,12 @@ class VirtioMmioTransport:
     Registers below 0x100 are 32-bit; the config space from 0x100 takes 1, 2, 4 and 8 byte
     accesses and goes to ``device.read_config`` / ``write_config``.
 
-    Status (§2.1): writing 0 resets the transport and the device (``device.reset()``), queue
-    state included. FEATURES_OK negotiates the 64-bit DriverFeatures (two halves through
-    DriverFeaturesSel) with ``device.negotiate()`` and sticks only if the device accepts them
-    (``features_ok``) and VERSION_1 is among them; otherwise the device is reset to
-    unnegotiated and the bit reads back clear (§3.1.1 step 6).
+    Status (§2.1, the low 8 bits; bits only accumulate until the reset): writing 0 resets the
+    transport and the device (``device.reset()``), queue state included. FEATURES_OK
+    negotiates the 64-bit DriverFeatures (two halves through DriverFeaturesSel) with
+    ``device.negotiate()`` and sticks only if the device accepts them (``features_ok``) and
+    VERSION_1 is among them; otherwise the device is reset to unnegotiated and the bit reads
+    back clear (§3.1.1 step 6).
 
     Queues: which exist comes from ``device.queue_indices()``; QueueNumMax is
     ``device.queue_max()`` (0 for none); QueueReady=1 hands the ring to ``device.set_queue``
