@@ -1,7 +1,9 @@
 """The virtio-balloon device as a VMM embeds it: protocol constants (``protocol``), free page
-hinting (``free_page_hint``) and free page reporting (``reporting``)."""
+hinting (``free_page_hint``), free page reporting (``reporting``) and the virtio-mmio
+transport a guest drives it through (``mmio``)."""
 
 from pagehint.device.free_page_hint import FreePageHintDevice, HintState, ProcessResult
+from pagehint.device.mmio import VirtioMmioTransport
 from pagehint.device.protocol import (
     BALLOON_PFN_SHIFT,
     CMD_ID_DONE,
@@ -24,6 +26,13 @@ from pagehint.device.protocol import (
     FREE_PAGE_QUEUE_MAX,
     OTHER_QUEUE_MAX,
     REPORTING_QUEUE_MAX,
+    STATUS_ACKNOWLEDGE,
+    STATUS_DEVICE_NEEDS_RESET,
+    STATUS_DRIVER,
+    STATUS_DRIVER_OK,
+    STATUS_FAILED,
+    STATUS_FEATURES_OK,
+    VIRTIO_ID_BALLOON,
     bit,
 )
 from pagehint.device.reporting import FreePageReporting, ReportResult
@@ -50,10 +59,18 @@ __all__ = [
     "F_VERSION_1",
     "OTHER_QUEUE_MAX",
     "REPORTING_QUEUE_MAX",
+    "STATUS_ACKNOWLEDGE",
+    "STATUS_DEVICE_NEEDS_RESET",
+    "STATUS_DRIVER",
+    "STATUS_DRIVER_OK",
+    "STATUS_FAILED",
+    "STATUS_FEATURES_OK",
+    "VIRTIO_ID_BALLOON",
     "FreePageHintDevice",
     "FreePageReporting",
     "HintState",
     "ProcessResult",
     "ReportResult",
+    "VirtioMmioTransport",
     "bit",
 ]

@@ -294,9 +294,7 @@ class FreePageHintDevice:
         if index not in queues:
             raise ValueError(f"queue {index} does not exist (queues: {sorted(queues)})")
         name = queues[index]
-        limit = {"free_page": FREE_PAGE_QUEUE_MAX, "reporting": REPORTING_QUEUE_MAX}.get(
-            name, OTHER_QUEUE_MAX
-        )
+        limit = self.queue_max(index)
         if not 1 <= size <= limit:
             raise ValueError(f"the {name} queue takes 1 to {limit} entries, not {size}")
         if name not in ("free_page", "reporting"):
@@ -322,6 +320,29 @@ class FreePageHintDevice:
         else:
             self._written["reporting"] = written
             self._reporting.set_queue(queue)
+
+    def queue_max(self, index: int) -> int:
+        """The most entries queue ``index`` of the negotiated device takes (QEMU's sizes:
+        ``FREE_PAGE_QUEUE_MAX``, ``REPORTING_QUEUE_MAX``, ``OTHER_QUEUE_MAX``), 0 if there is
+        no such queue: what a transport shows as the queue's maximum size."""
+        queues = {i: n for n, i in self.queue_indices().items()}
+        name = queues.get(index)
+        if name is None:
+            return 0
+        return {"free_page": FREE_PAGE_QUEUE_MAX, "reporting": REPORTING_QUEUE_MAX}.get(
+            name, OTHER_QUEUE_MAX
+        )
+
+    def drop_queue(self, index: int) -> None:
+        """The driver stopped using queue ``index`` (a transport's queue-ready bit went to 0):
+        the device no longer reads or writes that ring, not even in ``start_hinting()``, until
+        ``set_queue`` gives it one again. An index the device does not read is ignored."""
+        name = {i: n for n, i in self.queue_indices().items()}.get(index)
+        if name == "free_page":
+            with self._lock:
+                self._queue = None
+        elif name == "reporting":
+            self._reporting.set_queue(None)
 
     @property
     def free_page_queue(self) -> _Queue | None:

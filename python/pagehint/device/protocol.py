@@ -43,6 +43,18 @@ REPORTING_QUEUE_MAX = 32
 OTHER_QUEUE_MAX = 128
 
 
+# Device status bits (virtio 1.2 §2.1).
+STATUS_ACKNOWLEDGE = 1
+STATUS_DRIVER = 2
+STATUS_DRIVER_OK = 4
+STATUS_FEATURES_OK = 8
+STATUS_DEVICE_NEEDS_RESET = 64
+STATUS_FAILED = 128
+
+VIRTIO_ID_BALLOON = 5
+"""The traditional memory balloon's device ID (virtio 1.2 §5)."""
+
+
 def bit(n: int) -> int:
     """The feature mask of bit ``n``."""
     return 1 << n
