@@ -354,7 +354,10 @@ class Vm:
         self._fds.clear()
         if hasattr(self, "ram"):
             del self.ram  # the numpy view holds an export of the mapping
-            self._ram_map.close()
+            try:
+                self._ram_map.close()
+            except BufferError:
+                pass  # a device model still holds RAM: the mapping goes with its last user
 
     def __enter__(self) -> Vm:
         return self

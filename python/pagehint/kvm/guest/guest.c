@@ -201,6 +201,20 @@ static void kick(void) {
     mmio_write(MMIO_QUEUE_NOTIFY, (u32)boot->free_page_queue);
 }
 
+/* Room for at least `want` more descriptors: kick, then wait for the device to use buffers
+ * (it may run on a thread of its own). Bounded: a device that never answers ends the round. */
+static int wait_for_room(u16 want) {
+    ring_reclaim();
+    if (num_free >= want) return 1;
+    kick();
+    for (u32 spin = 0; spin < 2000000; spin++) {
+        ring_reclaim();
+        if (num_free >= want) return 1;
+        __asm__ volatile("pause");
+    }
+    return 0;
+}
+
 /* -- the driver ----------------------------------------------------------------------------- */
 
 static u32 probe(void) {
@@ -288,18 +302,14 @@ static u32 hint_round(u32 id) {
     boot->cmd_id_active = id;
     boot->rounds++;
     cmd_buf[0] = id;
-    ring_reclaim();
+    if (!wait_for_room(1)) return 0;
     ring_add((u64)&cmd_buf[0], 4, 0);
     kick();
     for (;;) {
         poll_interrupts();
         if (cmd_id() != boot->cmd_id_active) break; /* the device stopped the round */
-        ring_reclaim();
-        if (num_free <= 1) {
-            kick(); /* the device takes what is queued; its used ring gives room back */
-            ring_reclaim();
-            if (num_free <= 1) break;
-        }
+        /* One entry stays free for the STOP that ends the round. */
+        if (!wait_for_room(2)) break;
         if (nfree == 0) break; /* every free block is hinted */
         u32 b = free_stack[--nfree];
         block_state[b] = HINTED;
@@ -311,9 +321,7 @@ static u32 hint_round(u32 id) {
         if (hinted % 16 == 0) kick();
     }
     cmd_buf[1] = CMD_ID_STOP;
-    ring_reclaim();
-    if (num_free == 0) { kick(); ring_reclaim(); }
-    if (num_free) ring_add((u64)&cmd_buf[1], 4, 0);
+    if (wait_for_room(1)) ring_add((u64)&cmd_buf[1], 4, 0);
     kick();
     ring_reclaim();
     return hinted;
@@ -471,6 +479,8 @@ static void init(void) {
     avail = (volatile u16 *)(boot->avail_at = alloc_state(&cursor, 6 + 2 * q));
     cursor = (cursor + 4095) & ~4095ULL;
     used = (volatile u16 *)(boot->used_at = alloc_state(&cursor, 6 + 8 * q));
+    /* The used ring has its pages to itself: only the device writes them. */
+    cursor = (cursor + 4095) & ~4095ULL;
     cmd_buf = (u32 *)(boot->cmd_id_buf_at = alloc_state(&cursor, 8));
     u64 b = 0;
     for (u32 r = 0; r < boot->nregions; r++) {
