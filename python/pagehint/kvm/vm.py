@@ -354,10 +354,9 @@ class Vm:
         self._fds.clear()
         if hasattr(self, "ram"):
             del self.ram  # the numpy view holds an export of the mapping
-            try:
+            # A device model may still hold RAM: the mapping then goes with its last user.
+            with contextlib.suppress(BufferError):
                 self._ram_map.close()
-            except BufferError:
-                pass  # a device model still holds RAM: the mapping goes with its last user
 
     def __enter__(self) -> Vm:
         return self
