@@ -509,9 +509,9 @@ fn a_self_feeding_ring_cannot_keep_the_device_busy() {
 #[test]
 fn pop_batch_takes_at_most_its_budget() {
     use pagehint_core::virtq::pop_batch;
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     for head in 0..5u16 {
         rig.desc(head, DATA + 4096 * u64::from(head), 4096, WRITE, 0);
@@ -533,9 +533,9 @@ fn pop_batch_takes_at_most_its_budget() {
 #[test]
 fn pop_batch_counts_rejected_elements_against_the_budget() {
     use pagehint_core::virtq::pop_batch;
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     rig.desc(0, DATA, 0, WRITE, 0); // zero length: rejected
     rig.desc(1, DATA, 4096, WRITE, 0);
@@ -562,9 +562,9 @@ fn pop_batch_counts_rejected_elements_against_the_budget() {
 #[test]
 fn pop_batch_keeps_chain_order_out_then_in() {
     use pagehint_core::virtq::pop_batch;
-    let rig = Rig::new(8);
+    let rig = guest::split(8);
     let ram = rig.ram();
-    let mut q = rig.queue(false);
+    let mut q = rig.queue(false).expect("queue");
     let mut chain = Chain::new();
     // Element at head 5: out 4 bytes, out 8 bytes, in 4096; element at head 2: in 4096 only.
     rig.desc(5, DATA, 4, NEXT, 6);
