@@ -2,8 +2,10 @@
 //!
 //! A [`DirtyBitmap`] holds one bit per guest page in the KVM dirty-log word layout; its bulk
 //! loops live in [`kernels`], compiled per instruction-set level and chosen at run time.
+//! [`dirty_ring`] harvests KVM's per-vCPU dirty rings into it.
 
 pub mod bitmap;
+pub mod dirty_ring;
 pub mod error;
 pub mod free_page;
 pub mod guest_memory;
@@ -17,6 +19,10 @@ pub mod virtq;
 pub mod words;
 
 pub use bitmap::{DirtyBitmap, MAX_PAGES};
+pub use dirty_ring::{
+    DirtyGfn, DirtyRing, HarvestOutcome, RingError, RingRejects, SlotPages, SlotTable,
+    harvest as harvest_dirty_ring,
+};
 pub use error::{BitmapError, SimdError};
 pub use guest_memory::{GuestRam, OutsideRam};
 pub use hints::{HintApplier, HintOutcome, HintRejects, apply_hints, apply_hints_recording};
