@@ -507,10 +507,10 @@ mod tests {
             Err(RingError::NotPowerOfTwo { entries: 6 })
         );
         assert!(DirtyRing::new(&[]).is_err());
-        let words = [0u64; 8];
-        let p = words.as_ptr().cast::<u8>();
-        // SAFETY: `words` is 64 readable bytes that outlive the ring; no ring is built from
-        // misaligned or partial input, and the successful one is only checked for length.
+        let mut words = [0u64; 8];
+        let p = words.as_mut_ptr().cast::<u8>();
+        // SAFETY: `words` is 64 writable bytes that outlive the ring and nothing else touches
+        // them; no ring is built from misaligned or partial input.
         let ok = unsafe { DirtyRing::from_raw_parts(p, 64) }.map(|r| r.len());
         assert_eq!(ok, Ok(4));
         // SAFETY: as above; the call refuses the length before building anything.
