@@ -220,7 +220,7 @@ impl<'a> DirtyRing<'a> {
     /// For all of `'a`, the `bytes` bytes at `ptr` must be valid for reads and writes, and every
     /// other access to them must be atomic or the kernel's dirty-ring protocol (no Rust `&mut`,
     /// no non-atomic writes by this process).
-    pub unsafe fn from_raw_parts(ptr: *const u8, bytes: usize) -> Result<Self, RingError> {
+    pub unsafe fn from_raw_parts(ptr: *mut u8, bytes: usize) -> Result<Self, RingError> {
         if !bytes.is_multiple_of(ENTRY_BYTES) {
             return Err(RingError::PartialEntry { bytes });
         }
@@ -236,7 +236,7 @@ impl<'a> DirtyRing<'a> {
         // guarantees the `n * 16` bytes are valid for reads and writes for `'a` and are only
         // accessed atomically elsewhere, and `DirtyGfn` is `repr(C)` atomics of the kernel's
         // layout for which every bit pattern is valid.
-        let entries = unsafe { std::slice::from_raw_parts(ptr.cast::<DirtyGfn>(), n) };
+        let entries = unsafe { std::slice::from_raw_parts(ptr.cast_const().cast::<DirtyGfn>(), n) };
         Self::new(entries)
     }
 
