@@ -11,6 +11,7 @@ world: guest, Linux driver, workloads, simulated source and link, scenarios) and
 from pagehint._core import (
     ControlElement,
     DirtyBitmap,
+    DirtyRingHarvest,
     Elements,
     HintDrain,
     HintResult,
@@ -26,6 +27,7 @@ from pagehint._core import (
 __all__ = [
     "ControlElement",
     "DirtyBitmap",
+    "DirtyRingHarvest",
     "Elements",
     "HintDrain",
     "HintResult",

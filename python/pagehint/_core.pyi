@@ -10,6 +10,7 @@ from typing_extensions import Buffer, disjoint_base
 __all__ = [
     "ControlElement",
     "DirtyBitmap",
+    "DirtyRingHarvest",
     "Elements",
     "HintDrain",
     "HintResult",
@@ -25,6 +26,7 @@ __all__ = [
 __version__: str
 
 _U64Array: TypeAlias = npt.NDArray[np.uint64]
+_Slots: TypeAlias = Sequence[tuple[int, int, int]] | npt.NDArray[np.uint64]
 
 def simd_level() -> str:
     """The kernel level in use: "avx512", "avx2", "neon" or "scalar"."""
@@ -73,6 +75,21 @@ class DirtyBitmap:
         were set."""
     def merge_log(self, log: _U64Array, page_offset: int = ...) -> int:
         """ORs a KVM-layout dirty log in at ``page_offset``; returns pages newly dirty."""
+    def harvest_dirty_ring(
+        self, ring: Buffer | npt.NDArray[np.generic], fetch_index: int, slots: _Slots
+    ) -> DirtyRingHarvest:
+        """Collects one vCPU's KVM dirty ring into the bitmap, with the GIL released.
+
+        ``ring`` is the ring's writable memory (the vCPU fd's ``mmap`` at page 64, or a
+        ``bytearray``/numpy array standing in for it): ``16 * 2**k`` bytes of ``kvm_dirty_gfn``
+        entries, 8-byte aligned. ``slots`` maps memslot ids of address space 0 to bitmap pages as
+        ``(slot_id, first_page, npages)`` rows. From ``fetch_index`` on, every DIRTY entry is
+        read (load-acquire), applied and marked RESET (store-release), up to the first entry
+        that is not (or one lap); entries of another address space, an unknown slot or an offset
+        past the slot are collected, not applied, and counted in ``rejected``. The result's
+        ``fetch_index`` is where the next harvest starts. ``TypeError``/``ValueError`` for a bad
+        buffer or table, ``IndexError`` for a slot past the bitmap; then nothing changes.
+        """
     def next_dirty(self, start: int = ...) -> int | None:
         """The first dirty page at or after ``start``, or None."""
     def take_dirty(self, max_pages: int, start: int = ...) -> _U64Array:
@@ -163,6 +180,37 @@ class HintResult:
     @property
     def ranges(self) -> _U64Array | None:
         """With ``record=True``: the ``(pfn, pages)`` ranges cleared, shape ``(N, 2)``."""
+    def __eq__(self, other: object, /) -> bool: ...
+    def __ne__(self, other: object, /) -> bool: ...
+    __hash__: ClassVar[None]  # type: ignore[assignment]
+
+@final
+class DirtyRingHarvest:
+    """What one ``DirtyBitmap.harvest_dirty_ring`` call did."""
+
+    def __new__(
+        cls,
+        entries: int,
+        pages_dirtied: int,
+        fetch_index: int,
+        rejected: dict[str, int] | None = None,
+    ) -> DirtyRingHarvest: ...
+    @property
+    def entries(self) -> int:
+        """Entries collected (marked RESET), rejected ones included."""
+    @property
+    def pages_dirtied(self) -> int:
+        """Pages that were clean and are now dirty."""
+    @property
+    def fetch_index(self) -> int:
+        """Where the next harvest of this ring starts."""
+    @property
+    def rejected(self) -> dict[str, int]:
+        """Entries collected but not applied, by reason (``unknown_slot``, ``address_space``,
+        ``offset_past_slot``)."""
+    @property
+    def rejected_total(self) -> int:
+        """Entries rejected for any reason."""
     def __eq__(self, other: object, /) -> bool: ...
     def __ne__(self, other: object, /) -> bool: ...
     __hash__: ClassVar[None]  # type: ignore[assignment]

@@ -80,7 +80,7 @@ def probe(guest: GuestProgram) -> None:
 
 
 @pytest.mark.parametrize("device_thread", [False, True], ids=["on-notify", "device-thread"])
-@pytest.mark.parametrize("log_mode", ["classic", "manual"])
+@pytest.mark.parametrize("log_mode", ["classic", "manual", "ring"])
 def test_the_device_clears_exactly_the_blocks_the_guest_hinted(
     booted: Booted, log_mode: str, device_thread: bool
 ) -> None:
@@ -141,7 +141,7 @@ def test_the_shrinker_takes_hinted_blocks_back_and_writes_them(booted: Booted) -
         assert guest.selfcheck().ok  # the taken blocks hold what the guest wrote since
 
 
-@pytest.mark.parametrize("log_mode", ["classic", "manual"])
+@pytest.mark.parametrize("log_mode", ["classic", "manual", "ring"])
 def test_the_log_has_the_guests_writes_and_the_devices_and_needs_the_vmm_for_the_latter(
     booted: Booted, log_mode: str
 ) -> None:

@@ -108,7 +108,8 @@ class Vm:
         *,
         log_mode: VmLogMode = "classic",
         vcpus: int = 1,
-        ring_entries: int = 4096,
+        ring_entries: int = 65536,
+        reap_interval: float = 0.01,
     ) -> None:
         if memmap.page_size != 4096:
             raise ValueError(f"x86 KVM guests have 4 KiB pages, not {memmap.page_size}")
@@ -137,6 +138,9 @@ class Vm:
         self._vmm_dirty = _core.DirtyBitmap(self.npages)
         self._ring_log = _core.DirtyBitmap(self.npages)
         self._harvest_lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+        self._reaper_stop = threading.Event()
+        self.reap_interval = reap_interval
         self.mark_device_writes = True
         """Whether ``mark_dirty`` records the VMM's writes (off only to show they matter)."""
         self._last_log: dict[int, _U64Array] = {}
@@ -174,6 +178,13 @@ class Vm:
         run_size = fcntl.ioctl(kvm, uapi.KVM_GET_VCPU_MMAP_SIZE)
         for index in range(nvcpus):
             self.vcpus.append(Vcpu(self, index, run_size))
+        if self.log_mode == "ring":
+            # A reaper, as QEMU's kvm_dirty_ring_reaper_thread: this KVM logs every guest store,
+            # so a ring fills in a fraction of a second, and its full exit can come too late.
+            self._reaper = threading.Thread(
+                target=self._reap, name="dirty-ring-reaper", daemon=True
+            )
+            self._reaper.start()
 
     def check_extension(self, cap: int) -> int:
         """KVM_CHECK_EXTENSION on the VM (answers may depend on the VM type)."""
@@ -326,16 +337,42 @@ class Vm:
             cleared += int(np.unpackbits(bits.view(np.uint8)).sum())
         return cleared
 
+    def _reap(self) -> None:
+        while not self._reaper_stop.wait(self.reap_interval):
+            try:
+                self.harvest()
+            except OSError as e:
+                self.reaper_error = f"dirty ring reaper: {e}"
+                return
+
+    reaper_error: str | None = None
+    """Why the ring reaper stopped, if it did."""
+
     def harvest(self) -> int:
         """Ring mode: collects every vCPU's dirty ring into the log and resets the rings
-        (KVM_RESET_DIRTY_RINGS). Returns the entries harvested. Safe from any thread."""
+        (KVM_RESET_DIRTY_RINGS). Returns the entries harvested. If a ring may have lost
+        entries, every page is reported dirty by the next ``get_dirty_log`` (a migration
+        then sends more, never less). Safe from any thread."""
         if self.log_mode != "ring":
             return 0
         with self._harvest_lock:
             n = 0
+            overrun = False
             for v in self.vcpus:
-                n += v.harvest_ring(self._ring_log)
-            _ioctl(self.fd, uapi.KVM_RESET_DIRTY_RINGS)
+                got, lost = v.harvest_ring(self._ring_log)
+                n += got
+                overrun |= lost
+            if overrun:
+                self._ring_log.set_all()
+            reset = _ioctl(self.fd, uapi.KVM_RESET_DIRTY_RINGS)
+            # After an overrun KVM's index may be laps ahead of what one reset can walk: mark
+            # the rings collected again and reset until a reset no longer walks a whole lap.
+            for _ in range(1024):
+                if not overrun or reset < self.ring_entries:
+                    break
+                for v in self.vcpus:
+                    v.mark_ring_collected()
+                reset = _ioctl(self.fd, uapi.KVM_RESET_DIRTY_RINGS)
             return n
 
     # -- life -------------------------------------------------------------------------------------
@@ -345,6 +382,9 @@ class Vm:
         if self._closed:
             return
         self._closed = True
+        self._reaper_stop.set()
+        if self._reaper is not None:
+            self._reaper.join(5)
         for v in self.vcpus:
             v.stop()
         for v in self.vcpus:
@@ -390,6 +430,9 @@ class Vcpu:
         self._run = mmap.mmap(self.fd, run_size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         self._ring: mmap.mmap | None = None
         self._ring_fetch = 0
+        self.ring_overflows = 0
+        self._full_without_entries = 0
+        """Harvests after which entries may have been lost (every page was then reported)."""
         if vm.log_mode == "ring":
             self._ring = mmap.mmap(
                 self.fd,
@@ -563,7 +606,16 @@ class Vcpu:
             self.halted = True
             return False
         if reason == uapi.KVM_EXIT_DIRTY_RING_FULL:
-            self.vm.harvest()
+            if self.vm.harvest() == 0:
+                self._full_without_entries += 1
+                if self._full_without_entries >= 10_000:
+                    self.error = (
+                        f"vCPU {self.index}: the dirty ring stays full after harvest "
+                        "and reset (a larger ring_entries may help)"
+                    )
+                    return False
+            else:
+                self._full_without_entries = 0
             return True
         if reason == uapi.KVM_EXIT_INTR:
             return True
@@ -584,20 +636,51 @@ class Vcpu:
 
     # -- the dirty ring ---------------------------------------------------------------------------
 
-    def harvest_ring(self, log: _core.DirtyBitmap) -> int:
-        """Collects this vCPU's dirty ring entries into ``log`` (ring mode); the entries are
-        marked for KVM_RESET_DIRTY_RINGS. Returns how many."""
+    def harvest_ring(self, log: _core.DirtyBitmap) -> tuple[int, bool]:
+        """Collects this vCPU's dirty ring into ``log`` (ring mode), marking the entries for
+        KVM_RESET_DIRTY_RINGS. Returns the entries collected and whether the ring may have
+        lost entries: a whole lap collected at once (KVM wrote past a full ring: this
+        software-assisted KVM logs every guest store, not every page, and its soft-full exit
+        can come too late), or dirty entries away from where the ring was expected to go on.
+        The caller must then treat every page as dirty."""
         ring = self._ring
         if ring is None:
-            return 0
-        result = _core.harvest_dirty_ring(  # type: ignore[attr-defined]  # lands with the harvest
-            log,
-            ring,
-            self._ring_fetch,
-            [(s.slot, s.first_page, s.npages) for s in self.vm.slots],
-        )
+            return 0, False
+        slots = [(s.slot, s.first_page, s.npages) for s in self.vm.slots]
+        result = log.harvest_dirty_ring(ring, self._ring_fetch, slots)
         self._ring_fetch = result.fetch_index
-        return int(result.entries)
+        entries = int(result.entries)
+        lost = entries >= self.vm.ring_entries
+        # Dirty entries away from where the walk stopped mean the ring goes on elsewhere: find
+        # the start of their run (the one whose predecessor is not dirty) and go on there.
+        flags = np.frombuffer(ring, dtype=np.uint32)[0::4]
+        pending = (flags & (uapi.KVM_DIRTY_GFN_F_DIRTY | uapi.KVM_DIRTY_GFN_F_RESET)) == (
+            uapi.KVM_DIRTY_GFN_F_DIRTY
+        )
+        starts = np.flatnonzero(pending & ~np.roll(pending, 1))
+        size = self.vm.ring_entries
+        # A run starting right where the walk stopped is the vCPU pushing meanwhile: normal.
+        if len(starts) and not (len(starts) == 1 and int(starts[0]) == self._ring_fetch % size):
+            lost = True
+            result = log.harvest_dirty_ring(ring, int(starts[0]), slots)
+            self._ring_fetch = result.fetch_index
+            entries += int(result.entries)
+        if lost:
+            # KVM's reset walks from its reset index while entries are marked collected, and an
+            # overwritten ring leaves unmarked entries in its way (the ring would stay full for
+            # good). Mark them all: the pages are reported dirty anyway, and re-protecting a
+            # page again costs at most one more fault.
+            flags |= uapi.KVM_DIRTY_GFN_F_RESET
+            self.ring_overflows += 1
+        del flags, pending  # views of the mapping
+        return entries, lost
+
+    def mark_ring_collected(self) -> None:
+        """Marks every entry of the ring collected (only after an overrun: see harvest)."""
+        if self._ring is not None:
+            flags = np.frombuffer(self._ring, dtype=np.uint32)[0::4]
+            flags |= uapi.KVM_DIRTY_GFN_F_RESET
+            del flags
 
     def close(self) -> None:
         self.stop()

@@ -23,6 +23,9 @@
 //!   guest memory as hostile: every index bounded, every descriptor copied once and then
 //!   checked, loops limited; a bad element is counted and returned to the driver, a bad queue
 //!   stops with a [`QueueError`].
+//! - [`dirty_ring`]: harvesting KVM's per-vCPU dirty rings (`KVM_CAP_DIRTY_LOG_RING`) into the
+//!   bitmap, with the acquire/release protocol of `kvm_dirty_gfn` entries; a bad entry is
+//!   counted and still collected, so the ring always drains.
 //! - [`free_page`]: the free page queue drain, [`free_page::drain_hints`]: hint elements go
 //!   from the ring straight into the bitmap, stopping at the first cmd id element so the
 //!   device model's state machine (QEMU's `get_free_page_hints`) sees it in order.
@@ -103,6 +106,7 @@
 #![warn(missing_docs)]
 
 pub mod bitmap;
+pub mod dirty_ring;
 pub mod error;
 pub mod free_page;
 pub mod guest_memory;
@@ -116,6 +120,10 @@ pub mod virtq;
 pub mod words;
 
 pub use bitmap::{DirtyBitmap, MAX_PAGES};
+pub use dirty_ring::{
+    DirtyGfn, DirtyRing, HarvestOutcome, RingError, RingRejects, SlotPages, SlotTable,
+    harvest as harvest_dirty_ring,
+};
 pub use error::{BitmapError, SimdError};
 pub use guest_memory::{GuestRam, OutsideRam};
 pub use hints::{HintApplier, HintOutcome, HintRejects, apply_hints, apply_hints_recording};

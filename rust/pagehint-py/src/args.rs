@@ -2,7 +2,7 @@
 //! 1-D C-contiguous `uint64` numpy arrays. Every refusal is a `TypeError`, `ValueError` or
 //! `IndexError` naming the argument.
 
-use numpy::{PyArray1, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
+use numpy::{PyArray1, PyArray2, PyArrayMethods, PyReadonlyArray1, PyUntypedArrayMethods};
 use pyo3::exceptions::{PyIndexError, PyOverflowError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
@@ -73,4 +73,75 @@ pub fn u64_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonl
     array
         .try_readonly()
         .map_err(|e| PyValueError::new_err(format!("{name} cannot be borrowed: {e}")))
+}
+
+/// A KVM memslot id (the low 16 bits of a dirty ring entry's `slot`). Outside `[0, 65535]` is a
+/// `ValueError`.
+#[derive(Debug, Clone, Copy)]
+pub struct SlotId(pub u16);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for SlotId {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let v = integer(&obj)?;
+        u16::try_from(v)
+            .map(Self)
+            .map_err(|_| PyValueError::new_err(format!("slot id {v} is not in [0, 65535]")))
+    }
+}
+
+/// A dirty ring's fetch index: KVM's free-running `u32`. Outside `[0, 2**32)` is a `ValueError`.
+#[derive(Debug, Clone, Copy)]
+pub struct FetchIndex(pub u32);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for FetchIndex {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        let v = integer(&obj)?;
+        u32::try_from(v)
+            .map(Self)
+            .map_err(|_| PyValueError::new_err(format!("fetch_index {v} is not in [0, 2**32)")))
+    }
+}
+
+/// `(slot_id, first_page, npages)` rows: a `uint64` array of shape `(N, 3)`, or any sequence of
+/// 3-tuples of ints.
+pub fn slot_rows(obj: &Bound<'_, PyAny>) -> PyResult<Vec<(u16, u64, u64)>> {
+    if let Ok(array) = obj.cast::<PyArray2<u64>>() {
+        if array.shape()[1] != 3 {
+            return Err(PyValueError::new_err(format!(
+                "slots must have shape (N, 3), not {:?}",
+                array.shape()
+            )));
+        }
+        let ro = array
+            .try_readonly()
+            .map_err(|e| PyValueError::new_err(format!("slots cannot be borrowed: {e}")))?;
+        return ro
+            .as_array()
+            .rows()
+            .into_iter()
+            .map(|r| {
+                let id = u16::try_from(r[0]).map_err(|_| {
+                    PyValueError::new_err(format!("slot id {} is not in [0, 65535]", r[0]))
+                })?;
+                Ok((id, r[1], r[2]))
+            })
+            .collect();
+    }
+    let items: Vec<Bound<'_, PyAny>> = obj.extract().map_err(|_| {
+        PyTypeError::new_err(
+            "slots must be a sequence of (slot_id, first_page, npages) or a uint64 array of \
+             shape (N, 3)",
+        )
+    })?;
+    items
+        .iter()
+        .map(|item| {
+            let (s, f, n) = item.extract::<(SlotId, Pfn, Pages)>()?;
+            Ok((s.0, f.0, n.0))
+        })
+        .collect()
 }

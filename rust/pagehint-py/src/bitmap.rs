@@ -10,15 +10,18 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockE
 
 use numpy::PyArray1;
 use numpy::ndarray::ArrayView1;
-use pagehint_core::{BitmapError, DirtyBitmap, advise_huge_pages};
+use pagehint_core::{BitmapError, DirtyBitmap, DirtyRing, SlotTable, advise_huge_pages};
 
 /// From how many pages on `take_dirty` sizes its result exactly before taking.
 const LARGE_TAKE: usize = 1 << 20;
+use pyo3::buffer::PyUntypedBuffer;
+use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::PyTuple;
 
-use crate::args::{self, Pages, Pfn};
-use crate::errors::bitmap_err;
+use crate::args::{self, FetchIndex, Pages, Pfn};
+use crate::errors::{bitmap_err, ring_err};
+use crate::results::PyDirtyRingHarvest;
 
 /// A `DirtyBitmap` batch over `(starts, counts)`: `set_ranges` or `clear_ranges`.
 type RangesOp = fn(&mut DirtyBitmap, &[u64], &[u64]) -> Result<u64, BitmapError>;
@@ -276,6 +279,53 @@ impl PyDirtyBitmap {
         let log = self.unaliased(log.as_slice()?);
         self.heavy_write(py, |bm| bm.merge_log(&log, page_offset))
             .map_err(bitmap_err)
+    }
+
+    /// Collects one vCPU's KVM dirty ring into the bitmap, with the GIL released.
+    ///
+    /// `ring` is the ring's memory, writable (the `mmap` of the vCPU fd at page 64, or a
+    /// `bytearray` / numpy array standing in for it): `16 * 2**k` bytes of `kvm_dirty_gfn`
+    /// entries, 8-byte aligned. `slots` maps memslot ids of address space 0 to bitmap pages:
+    /// `(slot_id, first_page, npages)` rows. From `fetch_index` on, every entry whose flags are
+    /// DIRTY is read (load-acquire), applied and marked RESET (store-release), up to the first
+    /// entry that is not (or one lap); entries of another address space, an unknown slot or an
+    /// offset past the slot are collected but not applied, and counted in `rejected`. The
+    /// result's `fetch_index` is where the next harvest starts. `TypeError`/`ValueError` for a
+    /// bad buffer or table, `IndexError` for a slot past the bitmap; then nothing changes.
+    fn harvest_dirty_ring(
+        &self,
+        py: Python<'_>,
+        ring: &Bound<'_, PyAny>,
+        fetch_index: FetchIndex,
+        slots: &Bound<'_, PyAny>,
+    ) -> PyResult<PyDirtyRingHarvest> {
+        let slots = SlotTable::new(&args::slot_rows(slots)?).map_err(ring_err)?;
+        let buf = PyUntypedBuffer::get(ring)
+            .map_err(|e| PyTypeError::new_err(format!("ring must be a writable buffer: {e}")))?;
+        if buf.readonly() {
+            return Err(PyTypeError::new_err(
+                "ring must be writable (collected entries are marked RESET)",
+            ));
+        }
+        if !buf.is_c_contiguous() {
+            return Err(PyValueError::new_err("ring must be contiguous"));
+        }
+        // SAFETY: the export pins `len_bytes` writable bytes at `buf_ptr` until `buf` drops,
+        // after the harvest returns. Every access the ring makes is atomic; the kernel (or
+        // another thread) writing the ring concurrently follows the dirty-ring protocol or is
+        // a race on values the harvester validates, not on memory safety. The bitmap's own
+        // words are never this buffer: their only export, `words()`, is read-only.
+        let ring =
+            unsafe { DirtyRing::from_raw_parts(buf.buf_ptr().cast::<u8>(), buf.len_bytes()) }
+                .map_err(ring_err)?;
+        let fetch_index = fetch_index.0;
+        let out = self
+            .heavy_write(py, |bm| {
+                pagehint_core::harvest_dirty_ring(bm, ring, fetch_index, &slots)
+            })
+            .map_err(ring_err)?;
+        drop(buf);
+        Ok(PyDirtyRingHarvest::from(&out))
     }
 
     /// The first dirty page at or after `start`, or None.

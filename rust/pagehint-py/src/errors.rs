@@ -1,6 +1,6 @@
 //! The one place where core errors become Python exceptions.
 
-use pagehint_core::{BitmapError, MapError, QueueError, SimdError};
+use pagehint_core::{BitmapError, MapError, QueueError, RingError, SimdError};
 use pyo3::PyErr;
 use pyo3::exceptions::{PyIndexError, PyMemoryError, PyValueError};
 
@@ -49,4 +49,16 @@ pub fn not_ram_err(gpa: u64) -> PyErr {
 /// A page past the memory map's last (`MemoryMap.gpa_of`): `IndexError`.
 pub fn past_map_err(pfn: u64, npages: u64) -> PyErr {
     PyIndexError::new_err(format!("page {pfn} is past the map's {npages} pages"))
+}
+
+/// A dirty ring or slot table refused by the core: a slot whose pages are not inside the bitmap
+/// is an `IndexError`, a malformed ring or table a `ValueError`.
+pub fn ring_err(e: RingError) -> PyErr {
+    match e {
+        RingError::SlotPastBitmap { .. } => PyIndexError::new_err(e.to_string()),
+        RingError::PartialEntry { .. }
+        | RingError::Misaligned { .. }
+        | RingError::NotPowerOfTwo { .. }
+        | RingError::DuplicateSlot { .. } => PyValueError::new_err(e.to_string()),
+    }
 }

@@ -35,6 +35,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<results::PyHintDrain>()?;
     m.add_class::<results::PyControlElement>()?;
     m.add_class::<results::PyElements>()?;
+    m.add_class::<results::PyDirtyRingHarvest>()?;
     m.add_class::<virtq::PySplitQueue>()?;
     m.add_class::<virtq::PyPackedQueue>()?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;

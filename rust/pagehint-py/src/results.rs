@@ -1,12 +1,12 @@
-//! What queue drains, pops and `apply_hints` return: frozen value classes built once from the
+//! What queue drains, pops, `apply_hints` and dirty ring harvests return: frozen value classes built once from the
 //! core's results. Columns are numpy arrays (no Python object per element or per range); the
 //! small parts (counts, a control element) are plain attributes.
 
 use numpy::ndarray::ArrayView1;
 use numpy::{PyArray1, PyArray2, PyArrayMethods, PyUntypedArrayMethods};
-use pagehint_core::HintOutcome;
 use pagehint_core::free_page::ControlElement;
 use pagehint_core::virtq::PoppedElements;
+use pagehint_core::{HarvestOutcome, HintOutcome};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 
@@ -474,5 +474,117 @@ impl PyElements {
             self.desc_len.bind(py).repr()?,
             self.desc_writable.bind(py).repr()?,
         ))
+    }
+}
+
+/// What one `DirtyBitmap.harvest_dirty_ring` call did.
+///
+/// `entries` counts the ring entries collected (marked RESET), rejected ones included: what the
+/// VMM's `KVM_RESET_DIRTY_RINGS` resets for this ring. `pages_dirtied` counts pages that were
+/// clean and are now dirty. `rejected` counts entries collected but not applied, by reason
+/// (`unknown_slot`, `address_space`, `offset_past_slot`). `fetch_index` is where the next
+/// harvest of this ring starts.
+#[derive(Debug)]
+#[pyclass(name = "DirtyRingHarvest", module = "pagehint._core", frozen)]
+pub struct PyDirtyRingHarvest {
+    /// Entries collected, rejected ones included.
+    #[pyo3(get)]
+    entries: u64,
+    /// Pages that were clean and are now dirty.
+    #[pyo3(get)]
+    pages_dirtied: u64,
+    /// Where the next harvest of this ring starts.
+    #[pyo3(get)]
+    fetch_index: u32,
+    rejected: Vec<(String, u64)>,
+}
+
+impl From<&HarvestOutcome> for PyDirtyRingHarvest {
+    fn from(out: &HarvestOutcome) -> Self {
+        Self {
+            entries: out.entries,
+            pages_dirtied: out.pages_dirtied,
+            fetch_index: out.fetch_index,
+            rejected: out
+                .rejected
+                .by_reason()
+                .iter()
+                .map(|&(k, n)| (k.to_owned(), n))
+                .collect(),
+        }
+    }
+}
+
+impl PyDirtyRingHarvest {
+    fn rejected_count(&self, reason: &str) -> Option<u64> {
+        self.rejected
+            .iter()
+            .find_map(|(k, n)| (k == reason).then_some(*n))
+    }
+}
+
+#[pymethods]
+impl PyDirtyRingHarvest {
+    #[new]
+    #[pyo3(signature = (entries, pages_dirtied, fetch_index, rejected = None))]
+    fn new(
+        entries: u64,
+        pages_dirtied: u64,
+        fetch_index: u32,
+        rejected: Option<&Bound<'_, PyDict>>,
+    ) -> PyResult<Self> {
+        let rejected = match rejected {
+            None => Vec::new(),
+            Some(d) => d
+                .iter()
+                .map(|(k, v)| Ok((k.extract::<String>()?, v.extract::<u64>()?)))
+                .collect::<PyResult<_>>()?,
+        };
+        Ok(Self {
+            entries,
+            pages_dirtied,
+            fetch_index,
+            rejected,
+        })
+    }
+
+    /// Rejected entries by reason (a new dict each time).
+    #[getter]
+    fn rejected<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        for (k, n) in &self.rejected {
+            d.set_item(k, n)?;
+        }
+        Ok(d)
+    }
+
+    /// Entries rejected for any reason.
+    #[getter]
+    fn rejected_total(&self) -> u128 {
+        self.rejected.iter().map(|&(_, n)| u128::from(n)).sum()
+    }
+
+    fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
+        Ok(format!(
+            "DirtyRingHarvest(entries={}, pages_dirtied={}, fetch_index={}, rejected={})",
+            self.entries,
+            self.pages_dirtied,
+            self.fetch_index,
+            self.rejected(py)?.repr()?
+        ))
+    }
+
+    /// Equal counts and index, and equal `rejected` (as dicts: order does not matter).
+    fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
+        other.cast::<Self>().is_ok_and(|o| {
+            let o = o.get();
+            (self.entries, self.pages_dirtied, self.fetch_index)
+                == (o.entries, o.pages_dirtied, o.fetch_index)
+                && self.rejected.len() == o.rejected.len()
+                && self
+                    .rejected
+                    .iter()
+                    .all(|(k, n)| o.rejected_count(k) == Some(*n))
+        })
     }
 }
