@@ -27,12 +27,15 @@ def booted() -> Iterator[Booted]:
     made: list[Vm] = []
 
     def make(
-        log_mode: VmLogMode = "classic", memmap: MemoryMap = KVM_LAYOUT, **guest_kw: Any
+        log_mode: VmLogMode = "classic",
+        memmap: MemoryMap = KVM_LAYOUT,
+        vcpus: int = 1,
+        **guest_kw: Any,
     ) -> tuple[Vm, GuestProgram]:
         if shutil.which("gcc") is None or shutil.which("objcopy") is None:
             pytest.skip("building the test guest needs gcc and objcopy")
         try:
-            vm = Vm(memmap, log_mode=log_mode)
+            vm = Vm(memmap, log_mode=log_mode, vcpus=vcpus)
         except KvmUnavailable as e:
             pytest.skip(str(e))
         made.append(vm)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from pagehint.kvm import build
+from pagehint.kvm import build, guest_program
 from pagehint.kvm.guest_program import BOOT_INFO_GPA, BOOT_MAGIC, BootInfo
 
 pytestmark = pytest.mark.skipif(
@@ -47,6 +47,10 @@ def test_boot_info_matches_the_c_header(tmp_path: Path) -> None:
         '  printf("sizeof %zu\\n", sizeof(struct boot_info));',
         '  printf("const_gpa %llu\\n", BOOT_INFO_GPA);',
         '  printf("const_magic %llu\\n", BOOT_MAGIC);',
+        '  printf("const_ap_entry %llu\\n", (unsigned long long)AP_ENTRY_OFFSET);',
+        '  printf("const_ap_area %llu\\n", AP_AREA_GPA);',
+        '  printf("const_ap_pages %llu\\n", (unsigned long long)AP_PAGES);',
+        '  printf("const_ap_stack %llu\\n", AP_STACK_TOP);',
     ]
     for field, *_ in BootInfo._fields_:
         lines.append(f'  printf("{field} %zu\\n", offsetof(struct boot_info, {field}));')
@@ -58,5 +62,9 @@ def test_boot_info_matches_the_c_header(tmp_path: Path) -> None:
     facts = dict(line.split() for line in out.stdout.splitlines())
     assert int(facts["sizeof"]) == ctypes.sizeof(BootInfo)
     assert int(facts["const_gpa"]) == BOOT_INFO_GPA and int(facts["const_magic"]) == BOOT_MAGIC
+    assert int(facts["const_ap_entry"]) == guest_program.AP_ENTRY_OFFSET
+    assert int(facts["const_ap_area"]) == guest_program.AP_AREA_GPA
+    assert int(facts["const_ap_pages"]) == guest_program.AP_PAGES
+    assert int(facts["const_ap_stack"]) == guest_program.AP_STACK_TOP
     for field, *_ in BootInfo._fields_:
         assert getattr(BootInfo, field).offset == int(facts[field]), field

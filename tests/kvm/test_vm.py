@@ -11,7 +11,7 @@ import pytest
 from helpers import KVM_LAYOUT as LAYOUT
 from helpers import Booted
 from pagehint import DirtyBitmap
-from pagehint.kvm.guest_program import USED
+from pagehint.kvm.guest_program import AP_AREA_GPA, AP_PAGES, USED
 from pagehint.kvm.vm import Vm
 
 PAGES_PER_BLOCK = 1024
@@ -154,3 +154,32 @@ def test_the_ring_reaper_keeps_up_with_a_guest_that_logs_every_store(booted: Boo
     assert block_pages(vm, gpas[state == USED][1:]) <= got  # every written block
     assert len(got) < vm.npages  # and not "everything": no overrun made it report all
     assert guest.vcpu.ring_overflows == 0 and vm.reaper_error is None
+
+
+@pytest.mark.parametrize("log_mode", ["classic", "manual", "ring"])
+def test_two_vcpus_write_at_once_and_the_log_has_both(booted: Booted, log_mode: str) -> None:
+    vm, guest = booted(log_mode, vcpus=2)
+    guest.start_ap()
+    guest.ping(0)
+    vm.get_dirty_log()
+    vm.clear_dirty_log(0, vm.npages)
+    guest.ap_write(AP_PAGES * 50, round_=7, wait=False)  # the second vCPU writes meanwhile
+    guest.alloc_write(4)
+    assert guest.ap_wait() == AP_PAGES * 50
+    got = pages_of(vm.get_dirty_log())
+    ap_first = vm.memmap.pfn_of(AP_AREA_GPA)
+    assert set(range(ap_first, ap_first + AP_PAGES)) <= got
+    gpas, state, _ = guest.blocks()
+    assert block_pages(vm, gpas[state == USED][1:]) <= got
+    stamped = np.frombuffer(
+        vm.ram, dtype=np.uint64, count=AP_PAGES * 512, offset=vm.ram_offset(AP_AREA_GPA)
+    )[::512]
+    assert (stamped == 7).all()
+    for vcpu in vm.vcpus:  # both pause with their I/O completed, and go on
+        vcpu.pause()
+    for vcpu in vm.vcpus:
+        vcpu.resume()
+    guest.ap_write(AP_PAGES, round_=8)
+    assert guest.ping(1) == 2
+    guest.ap_halt()
+    assert vm.vcpus[1].halted and vm.vcpus[0].error is None

@@ -30,6 +30,13 @@ STATE_BASE = 0x200000
 """The guest keeps its state (allocator, page versions, the free page ring) from here."""
 
 PORT_CMD, PORT_ARG, PORT_RESULT, PORT_PANIC = 0x510, 0x511, 0x512, 0x513
+PORT_AP, PORT_AP_DONE = 0x514, 0x515
+AP_ENTRY_OFFSET = 16
+"""The second vCPU's entry point, from the image's start (``guest.c``'s ``_start``)."""
+AP_AREA_GPA = 0x180000
+AP_PAGES = 64
+AP_STACK_TOP = 0x98000
+_AP_NOTHING = 0xFFFFFFFF
 CMD_NOP, CMD_ALLOC_WRITE, CMD_FREE, CMD_WRITE_PAGES, CMD_POLL = 0, 1, 2, 3, 4
 CMD_SHRINK, CMD_SELFCHECK, CMD_PROBE, CMD_HALT, CMD_PING = 5, 6, 7, 8, 9
 
@@ -138,11 +145,16 @@ class GuestProgram:
         self._args: deque[int] = deque()
         self._lock = threading.Lock()
         self.panic: int | None = None
+        self._ap_work: queue.Queue[tuple[int, int]] = queue.Queue()
+        self._ap_args: deque[int] = deque()
+        self._ap_done: queue.Queue[int] = queue.Queue()
         for port, handler in (
             (PORT_CMD, self._on_cmd),
             (PORT_ARG, self._on_arg),
             (PORT_RESULT, self._on_result),
             (PORT_PANIC, self._on_panic),
+            (PORT_AP, self._on_ap),
+            (PORT_AP_DONE, self._on_ap_done),
         ):
             vm.add_io(port, handler)
         enter_long_mode(self.vcpu, entry=LOAD_GPA, stack_top=STACK_TOP)
@@ -175,6 +187,60 @@ class GuestProgram:
             self.panic = int.from_bytes(data, "little")
             self._results.put(None)
         return None
+
+    def _on_ap(self, port: int, data: bytes | None, size: int) -> bytes | None:
+        if data is not None:
+            return None
+        if self._ap_args:
+            value = self._ap_args.popleft()
+        else:
+            try:
+                npages, round_ = self._ap_work.get(timeout=0.05)
+            except queue.Empty:
+                npages, round_ = _AP_NOTHING, 0
+            if npages not in (0, _AP_NOTHING):
+                self._ap_args.append(round_)
+            value = npages
+        return value.to_bytes(4, "little")[:size]
+
+    def _on_ap_done(self, port: int, data: bytes | None, size: int) -> bytes | None:
+        if data is not None:
+            self._ap_done.put(int.from_bytes(data, "little"))
+        return None
+
+    # -- the second vCPU ------------------------------------------------------------------------
+
+    def start_ap(self) -> None:
+        """Starts the VM's second vCPU in the guest's second entry point: it writes pages of
+        its own area (``AP_AREA_GPA``, ``AP_PAGES``) when asked (``ap_write``)."""
+        if len(self.vm.vcpus) < 2:
+            raise ValueError("the VM has one vCPU; make it with vcpus=2")
+        ap = self.vm.vcpus[1]
+        enter_long_mode(ap, entry=LOAD_GPA + AP_ENTRY_OFFSET, stack_top=AP_STACK_TOP)
+        ap.start()
+
+    def ap_write(self, npages: int, round_: int, *, wait: bool = True) -> None:
+        """The second vCPU writes ``npages`` pages of its area (round-robin), each stamped
+        with ``round_``; with ``wait``, returns once it has."""
+        if not 1 <= npages < _AP_NOTHING:
+            raise ValueError(f"npages must be positive, not {npages}")
+        self._ap_work.put((npages, round_ & 0xFFFFFFFF))
+        if wait:
+            self.ap_wait()
+
+    def ap_wait(self) -> int:
+        """Waits for the second vCPU's current request; returns the pages it wrote."""
+        try:
+            return self._ap_done.get(timeout=self.timeout)
+        except queue.Empty:
+            ap = self.vm.vcpus[1]
+            why = f"; {ap.error}" if ap.error else ""
+            raise GuestError(f"the second vCPU did not answer in {self.timeout} s{why}") from None
+
+    def ap_halt(self) -> None:
+        """The second vCPU halts; its thread ends."""
+        self._ap_work.put((0, 0))
+        self.vm.vcpus[1].join(self.timeout)
 
     # -- commands -----------------------------------------------------------------------------
 

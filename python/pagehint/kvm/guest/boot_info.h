@@ -7,6 +7,10 @@
 #define BOOT_INFO_GPA 0xB000ULL
 #define BOOT_MAGIC 0x3154534555474850ULL /* "PHGUEST1" */
 #define MAX_REGIONS 4
+#define AP_ENTRY_OFFSET 16        /* the second vCPU's entry, from the image's start */
+#define AP_AREA_GPA 0x180000ULL   /* the pages the second vCPU writes, in the kernel's RAM */
+#define AP_PAGES 64
+#define AP_STACK_TOP 0x98000ULL
 
 struct boot_info {
     u64 magic;

@@ -30,6 +30,8 @@ enum { FREE = 0, USED = 1, HINTED = 2 };
 
 /* Port I/O with the VMM. */
 enum { PORT_CMD = 0x510, PORT_ARG = 0x511, PORT_RESULT = 0x512, PORT_PANIC = 0x513 };
+enum { PORT_AP = 0x514, PORT_AP_DONE = 0x515 };
+#define AP_NOTHING 0xFFFFFFFFU
 enum {
     CMD_NOP = 0,
     CMD_ALLOC_WRITE = 1, /* n: allocate n blocks and write every page; -> blocks allocated */
@@ -521,6 +523,28 @@ void main(void) {
     }
 }
 
+/* -- the second vCPU ------------------------------------------------------------------------ */
+
+/* It writes pages of its own area on request: n pages, each stamped with a round number, so
+ * two vCPUs dirty memory at once (and each fills its own dirty ring). */
+void ap_main(void) {
+    for (;;) {
+        u32 n = inl(PORT_AP);
+        if (n == AP_NOTHING) continue;
+        if (n == 0) for (;;) __asm__ volatile("hlt");
+        u32 round = inl(PORT_AP);
+        for (u32 i = 0; i < n; i++) {
+            volatile u64 *p = (volatile u64 *)(AP_AREA_GPA + (i % AP_PAGES) * PAGE);
+            p[0] = round;
+        }
+        outl(PORT_AP_DONE, n);
+    }
+}
+
+/* Entry points: the first vCPU at the image's start, the second 16 bytes in. */
 __attribute__((section(".text.entry"), naked, noreturn)) void _start(void) {
-    __asm__ volatile("call main\n1: hlt\njmp 1b");
+    __asm__ volatile(
+        "call main\n1: hlt\njmp 1b\n"
+        ".balign 16\n"
+        "call ap_main\n2: hlt\njmp 2b\n");
 }
