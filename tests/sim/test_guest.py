@@ -654,7 +654,17 @@ def test_manual_get_does_not_clear_and_clear_needs_alignment() -> None:
 
 def test_bad_log_mode() -> None:
     with pytest.raises(ValueError):
-        DirtyLog(64, "ring")  # type: ignore[arg-type]
+        DirtyLog(64, "pml")  # type: ignore[arg-type]
+
+
+def test_ring_mode_reports_as_classic_does_and_has_nothing_to_clear() -> None:
+    ring, classic = DirtyLog(128, "ring"), DirtyLog(128, "classic")
+    for log in (ring, classic):
+        log.record(u64([3, 70]), u64([2, 1]))
+    assert ring.get().tolist() == classic.get().tolist() == words_of({3, 4, 70}, 128)
+    assert ring.count() == 0  # harvesting resets the ring: the next write is logged again
+    with pytest.raises(ValueError, match="manual"):
+        ring.clear(0, 64)
 
 
 def test_manual_clear_after_rewrite_loses_the_write() -> None:

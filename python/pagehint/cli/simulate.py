@@ -67,7 +67,7 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--bandwidth", help="link speed, e.g. 10Gbit or 1.25GB (bytes/s)")
     p.add_argument("--downtime", help="maximum downtime, e.g. 300ms")
-    p.add_argument("--log-mode", choices=["classic", "manual"], help="KVM dirty log mode")
+    p.add_argument("--log-mode", choices=["classic", "manual", "ring"], help="KVM dirty log mode")
     p.add_argument("--strategy", choices=["safe", "qemu"], help="hinting strategy")
     p.add_argument("--seed", type=int, help="guest seed")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")

@@ -38,7 +38,7 @@ AP_PAGES = 64
 AP_STACK_TOP = 0x98000
 _AP_NOTHING = 0xFFFFFFFF
 CMD_NOP, CMD_ALLOC_WRITE, CMD_FREE, CMD_WRITE_PAGES, CMD_POLL = 0, 1, 2, 3, 4
-CMD_SHRINK, CMD_SELFCHECK, CMD_PROBE, CMD_HALT, CMD_PING = 5, 6, 7, 8, 9
+CMD_SHRINK, CMD_SELFCHECK, CMD_PROBE, CMD_HALT, CMD_PING, CMD_WRITE_AT = 5, 6, 7, 8, 9, 10
 
 FREE, USED, HINTED = 0, 1, 2
 """Block states of the guest's allocator."""
@@ -293,6 +293,13 @@ class GuestProgram:
     def write_pages(self, npages: int, seed: int) -> int:
         """Rewrites ``npages`` pseudo-random pages of the used blocks."""
         return self.command(CMD_WRITE_PAGES, npages, seed)[0]
+
+    def write_at(self, gpa: int, npages: int) -> int:
+        """Writes ``npages`` pages from ``gpa`` (page aligned, RAM, outside the kernel's first
+        ``kernel_bytes``): the pages a dirty-log test names."""
+        if gpa % 4096 or npages < 0:
+            raise ValueError("write_at takes a page-aligned gpa and a page count")
+        return self.command(CMD_WRITE_AT, gpa >> 12, npages)[0]
 
     def poll(self) -> int:
         """Handles a pending config change (a hinting round); returns the blocks hinted."""

@@ -42,7 +42,7 @@ from pagehint.device import FreePageHintDevice
 from pagehint.migration.link import Link
 from pagehint.migration.result import MigrationResult, Progress, RoundStats, Status
 
-LogMode = Literal["classic", "manual"]
+LogMode = Literal["classic", "manual", "ring"]
 Strategy = Literal["safe", "qemu"]
 
 _I64Array = npt.NDArray[np.int64]
@@ -59,7 +59,8 @@ class MigrationSource(Protocol):
 
     @property
     def log_mode(self) -> LogMode:
-        """``classic`` (getting the log clears it) or ``manual`` (KVM_CLEAR_DIRTY_LOG)."""
+        """``classic`` (getting the log clears it), ``manual`` (KVM_CLEAR_DIRTY_LOG), or
+        ``ring`` (harvesting the dirty rings resets them: for the loop, as ``classic``)."""
 
     @property
     def device(self) -> FreePageHintDevice | None:

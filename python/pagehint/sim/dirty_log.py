@@ -23,12 +23,13 @@ class DirtyLog:
     separately, until ``clear()`` of their 64-page chunk clears and write-protects them.
     ``clear()`` clears what the last ``get()`` reported in the range (the bitmap QEMU passes
     to KVM_CLEAR_DIRTY_LOG): a page first written after that ``get()`` stays dirty, a reported
-    page written again since loses that write from the log.
+    page written again since loses that write from the log. ``ring`` (KVM_CAP_DIRTY_LOG_RING):
+    per-vCPU rings harvested and reset; as a set of pages per sync, what ``classic`` reports.
     """
 
-    def __init__(self, npages: int, mode: Literal["classic", "manual"] = "classic") -> None:
-        if mode not in ("classic", "manual"):
-            raise ValueError(f"mode must be 'classic' or 'manual', not {mode!r}")
+    def __init__(self, npages: int, mode: Literal["classic", "manual", "ring"] = "classic") -> None:
+        if mode not in ("classic", "manual", "ring"):
+            raise ValueError(f"mode must be 'classic', 'manual' or 'ring', not {mode!r}")
         self.mode = mode
         self.npages = npages
         self._bits = _core.DirtyBitmap(npages)
@@ -41,7 +42,7 @@ class DirtyLog:
     def get(self) -> _U64Array:
         """The dirty log as ``uint64`` words (KVM_GET_DIRTY_LOG)."""
         words = self._bits.words().copy()
-        if self.mode == "classic":
+        if self.mode != "manual":
             self._bits.clear_all()
         else:
             self._reported.clear_all()

@@ -72,7 +72,7 @@ class SimulatedGuest:
         used: float = 0.1,
         init_on_alloc: bool = True,
         poison: int | None = None,
-        log_mode: Literal["classic", "manual"] = "classic",
+        log_mode: Literal["classic", "manual", "ring"] = "classic",
         block_bytes: int | None = None,
         ram: npt.NDArray[np.uint8] | None = None,
     ) -> None:

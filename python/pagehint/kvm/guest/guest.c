@@ -43,6 +43,7 @@ enum {
     CMD_PROBE = 7,       /* probe the virtio-mmio device; -> status register */
     CMD_HALT = 8,
     CMD_PING = 9,        /* n: -> n + 1 */
+    CMD_WRITE_AT = 10,   /* gpa >> 12, n: write n pages from there (one region); -> n */
 };
 
 /* virtio-mmio registers (virtio 1.2 §4.2.2). */
@@ -410,6 +411,15 @@ static u32 write_pages(u32 n, u32 seed) {
     return n;
 }
 
+/* The VMM names the pages (dirty-log tests): each must be RAM, outside the kernel. */
+static u32 write_at(u64 gpa, u32 n) {
+    for (u32 i = 0; i < n; i++, gpa += PAGE) {
+        if (gpa < boot->kernel_bytes) panic(0xbad6);
+        write_page(gpa, page_index(gpa), ++version_seq);
+    }
+    return n;
+}
+
 /* Every page of every used block holds what was last written there. */
 static u32 selfcheck_pages(void) {
     u32 bad = 0;
@@ -517,6 +527,7 @@ void main(void) {
         case CMD_PROBE: r = probe(); break;
         case CMD_HALT: for (;;) __asm__ volatile("hlt");
         case CMD_PING: r = inl(PORT_ARG) + 1; break;
+        case CMD_WRITE_AT: { u64 gpa = (u64)inl(PORT_ARG) << 12; r = write_at(gpa, inl(PORT_ARG)); break; }
         default: panic(0xbad5);
         }
         outl(PORT_RESULT, r);
