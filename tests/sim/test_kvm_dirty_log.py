@@ -1,7 +1,8 @@
 """The simulated KVM dirty log (``pagehint.sim.DirtyLog``) against the real one.
 
-A tiny KVM harness in pure Python (ioctl, ctypes, mmap): one VM with one 1 MiB memory slot
-logging dirty pages, one real-mode vCPU whose only code is ``mov [bx], al; hlt``. Each test
+A tiny KVM harness in pure Python (ioctl, ctypes, mmap; the structs and numbers of
+``pagehint.kvm.uapi``, which tests/kvm/test_uapi.py checks against ``<linux/kvm.h>``): one
+VM with one 1 MiB memory slot logging dirty pages, one real-mode vCPU whose only code is ``mov [bx], al; hlt``. Each test
 plays the same guest writes, ``KVM_GET_DIRTY_LOG`` and ``KVM_CLEAR_DIRTY_LOG`` calls on the
 real VM and on ``DirtyLog`` and asserts that both report the same pages, and the pages
 expected: classic mode (get clears), and manual-protect mode
@@ -15,7 +16,6 @@ opened, its API version is not 12 or it lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.
 
 from __future__ import annotations
 
-import ctypes
 import fcntl
 import mmap
 import os
@@ -28,158 +28,39 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from pagehint.kvm.uapi import (
+    KVM_API_VERSION,
+    KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
+    KVM_CHECK_EXTENSION,
+    KVM_CLEAR_DIRTY_LOG,
+    KVM_CREATE_VCPU,
+    KVM_CREATE_VM,
+    KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE,
+    KVM_ENABLE_CAP,
+    KVM_EXIT_HLT,
+    KVM_GET_API_VERSION,
+    KVM_GET_DIRTY_LOG,
+    KVM_GET_REGS,
+    KVM_GET_SREGS,
+    KVM_GET_VCPU_MMAP_SIZE,
+    KVM_MEM_LOG_DIRTY_PAGES,
+    KVM_RUN,
+    KVM_SET_REGS,
+    KVM_SET_SREGS,
+    KVM_SET_USER_MEMORY_REGION,
+    RUN_EXIT_REASON,
+    KvmClearDirtyLog,
+    KvmDirtyLog,
+    KvmEnableCap,
+    KvmRegs,
+    KvmSregs,
+    KvmUserspaceMemoryRegion,
+)
 from pagehint.sim import DirtyLog
 
 U64Array = npt.NDArray[np.uint64]
 
-# -- ioctl numbers (include/uapi/asm-generic/ioctl.h, include/uapi/linux/kvm.h) ----------------
-
-_IOC_NONE, _IOC_WRITE, _IOC_READ = 0, 1, 2
-KVMIO = 0xAE
-
-
-def _ioc(direction: int, nr: int, size: int) -> int:
-    return direction << 30 | size << 16 | KVMIO << 8 | nr
-
-
-def _io(nr: int) -> int:
-    return _ioc(_IOC_NONE, nr, 0)
-
-
-def _ior(nr: int, struct_type: type[ctypes.Structure]) -> int:
-    return _ioc(_IOC_READ, nr, ctypes.sizeof(struct_type))
-
-
-def _iow(nr: int, struct_type: type[ctypes.Structure]) -> int:
-    return _ioc(_IOC_WRITE, nr, ctypes.sizeof(struct_type))
-
-
-def _iowr(nr: int, struct_type: type[ctypes.Structure]) -> int:
-    return _ioc(_IOC_READ | _IOC_WRITE, nr, ctypes.sizeof(struct_type))
-
-
-class KvmUserspaceMemoryRegion(ctypes.Structure):
-    _fields_ = [
-        ("slot", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("guest_phys_addr", ctypes.c_uint64),
-        ("memory_size", ctypes.c_uint64),
-        ("userspace_addr", ctypes.c_uint64),
-    ]
-
-
-class KvmDirtyLog(ctypes.Structure):
-    _fields_ = [
-        ("slot", ctypes.c_uint32),
-        ("padding1", ctypes.c_uint32),
-        ("dirty_bitmap", ctypes.c_uint64),  # a union with void *: a user address
-    ]
-
-
-class KvmClearDirtyLog(ctypes.Structure):
-    _fields_ = [
-        ("slot", ctypes.c_uint32),
-        ("num_pages", ctypes.c_uint32),
-        ("first_page", ctypes.c_uint64),
-        ("dirty_bitmap", ctypes.c_uint64),  # a union with void *: a user address
-    ]
-
-
-class KvmEnableCap(ctypes.Structure):
-    _fields_ = [
-        ("cap", ctypes.c_uint32),
-        ("flags", ctypes.c_uint32),
-        ("args", ctypes.c_uint64 * 4),
-        ("pad", ctypes.c_uint8 * 64),
-    ]
-
-
-class KvmRegs(ctypes.Structure):  # arch/x86/include/uapi/asm/kvm.h
-    _fields_ = [
-        (name, ctypes.c_uint64)
-        for name in (
-            "rax",
-            "rbx",
-            "rcx",
-            "rdx",
-            "rsi",
-            "rdi",
-            "rsp",
-            "rbp",
-            "r8",
-            "r9",
-            "r10",
-            "r11",
-            "r12",
-            "r13",
-            "r14",
-            "r15",
-            "rip",
-            "rflags",
-        )
-    ]
-
-
-class KvmSegment(ctypes.Structure):
-    _fields_ = [
-        ("base", ctypes.c_uint64),
-        ("limit", ctypes.c_uint32),
-        ("selector", ctypes.c_uint16),
-        ("type", ctypes.c_uint8),
-        ("present", ctypes.c_uint8),
-        ("dpl", ctypes.c_uint8),
-        ("db", ctypes.c_uint8),
-        ("s", ctypes.c_uint8),
-        ("l", ctypes.c_uint8),
-        ("g", ctypes.c_uint8),
-        ("avl", ctypes.c_uint8),
-        ("unusable", ctypes.c_uint8),
-        ("padding", ctypes.c_uint8),
-    ]
-
-
-class KvmDtable(ctypes.Structure):
-    _fields_ = [
-        ("base", ctypes.c_uint64),
-        ("limit", ctypes.c_uint16),
-        ("padding", ctypes.c_uint16 * 3),
-    ]
-
-
-class KvmSregs(ctypes.Structure):
-    _fields_ = [
-        *[(name, KvmSegment) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")],
-        ("gdt", KvmDtable),
-        ("idt", KvmDtable),
-        *[
-            (name, ctypes.c_uint64)
-            for name in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")
-        ],
-        ("interrupt_bitmap", ctypes.c_uint64 * 4),  # (KVM_NR_INTERRUPTS + 63) / 64
-    ]
-
-
-KVM_GET_API_VERSION = _io(0x00)
-KVM_CREATE_VM = _io(0x01)
-KVM_CHECK_EXTENSION = _io(0x03)
-KVM_GET_VCPU_MMAP_SIZE = _io(0x04)
-KVM_CREATE_VCPU = _io(0x41)
-KVM_GET_DIRTY_LOG = _iow(0x42, KvmDirtyLog)
-KVM_SET_USER_MEMORY_REGION = _iow(0x46, KvmUserspaceMemoryRegion)
-KVM_RUN = _io(0x80)
-KVM_GET_REGS = _ior(0x81, KvmRegs)
-KVM_SET_REGS = _iow(0x82, KvmRegs)
-KVM_GET_SREGS = _ior(0x83, KvmSregs)
-KVM_SET_SREGS = _iow(0x84, KvmSregs)
-KVM_ENABLE_CAP = _iow(0xA3, KvmEnableCap)
-KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, KvmClearDirtyLog)
-
-KVM_API_VERSION = 12
-KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 = 168
-KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE = 1 << 0
-KVM_MEM_LOG_DIRTY_PAGES = 1 << 0
-KVM_EXIT_HLT = 5
-KVM_RUN_EXIT_REASON_OFFSET = 8  # struct kvm_run: u8 request_interrupt_window, ..., u32 exit_reason
+KVM_RUN_EXIT_REASON_OFFSET = RUN_EXIT_REASON
 
 # The harness's guest.
 PAGE = 4096
@@ -194,22 +75,6 @@ CODE_PFN = CODE_GPA // PAGE
 A = 70
 B = 100
 CHUNK = 64
-
-
-def _check_struct_sizes() -> None:
-    """The uapi sizes (an ioctl number carries its struct's size)."""
-    sizes = {
-        KvmUserspaceMemoryRegion: 32,
-        KvmDirtyLog: 16,
-        KvmClearDirtyLog: 24,
-        KvmEnableCap: 104,
-        KvmRegs: 144,
-        KvmSegment: 24,
-        KvmDtable: 16,
-        KvmSregs: 312,
-    }
-    for cls, size in sizes.items():
-        assert ctypes.sizeof(cls) == size, (cls.__name__, ctypes.sizeof(cls), size)
 
 
 class KvmVm:
@@ -380,7 +245,6 @@ def manual() -> Iterator[Both]:
 def test_struct_sizes_match_the_uapi() -> None:
     if platform.machine() != "x86_64":
         pytest.skip(f"the sizes are x86_64's; host is {platform.machine()}")
-    _check_struct_sizes()
     assert KVM_GET_DIRTY_LOG == 0x4010AE42
     assert KVM_CLEAR_DIRTY_LOG == 0xC018AEC0
     assert KVM_SET_USER_MEMORY_REGION == 0x4020AE46
