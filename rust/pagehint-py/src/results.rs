@@ -18,6 +18,20 @@ pub fn ranges_array(py: Python<'_>, ranges: Vec<(u64, u64)>) -> PyResult<Py<PyAr
 }
 
 /// Whether two optional arrays are both absent or hold equal shapes and values.
+/// Counts by reason as a new Python dict (what `rejected` getters return).
+fn rejected_dict<'py>(py: Python<'py>, counts: &[(String, u64)]) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    for (reason, n) in counts {
+        d.set_item(reason, n)?;
+    }
+    Ok(d)
+}
+
+/// The sum of counts by reason (cannot overflow: at most a few u64 summed in u128).
+fn rejected_total(counts: &[(String, u64)]) -> u128 {
+    counts.iter().map(|&(_, n)| u128::from(n)).sum()
+}
+
 fn same_ranges(
     py: Python<'_>,
     a: Option<&Py<PyArray2<u64>>>,
@@ -113,17 +127,13 @@ impl PyHintResult {
     /// Rejected hints by reason (a new dict each time).
     #[getter]
     fn rejected<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        for (k, n) in &self.rejected {
-            d.set_item(k, n)?;
-        }
-        Ok(d)
+        rejected_dict(py, &self.rejected)
     }
 
     /// Hints rejected for any reason.
     #[getter]
     fn rejected_total(&self) -> u128 {
-        self.rejected.iter().map(|&(_, n)| u128::from(n)).sum()
+        rejected_total(&self.rejected)
     }
 
     /// With `record=True`: the `(pfn, pages)` ranges cleared, shape `(N, 2)`; else None.
@@ -551,17 +561,13 @@ impl PyDirtyRingHarvest {
     /// Rejected entries by reason (a new dict each time).
     #[getter]
     fn rejected<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let d = PyDict::new(py);
-        for (k, n) in &self.rejected {
-            d.set_item(k, n)?;
-        }
-        Ok(d)
+        rejected_dict(py, &self.rejected)
     }
 
     /// Entries rejected for any reason.
     #[getter]
     fn rejected_total(&self) -> u128 {
-        self.rejected.iter().map(|&(_, n)| u128::from(n)).sum()
+        rejected_total(&self.rejected)
     }
 
     fn __repr__(&self, py: Python<'_>) -> PyResult<String> {
