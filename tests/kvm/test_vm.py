@@ -4,6 +4,8 @@ reporting exactly what the guest wrote, plus what the VMM wrote itself."""
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import numpy.typing as npt
 import pytest
@@ -183,3 +185,18 @@ def test_two_vcpus_write_at_once_and_the_log_has_both(booted: Booted, log_mode: 
     assert guest.ping(1) == 2
     guest.ap_halt()
     assert vm.vcpus[1].halted and vm.vcpus[0].error is None
+
+
+def test_pause_interrupts_a_guest_that_makes_no_exits(booted: Booted) -> None:
+    vm, guest = booted()
+    guest.ping(0)
+    guest._commands.put((1, (24,)))  # alloc_write(24): about half a second without one exit
+    time.sleep(0.05)
+    guest.vcpu.pause()  # a signal takes KVM_RUN out of the guest's loop
+    # Paused inside the loop: its result (an OUT exit at the end) has not come yet.
+    assert guest._results.empty()
+    rip = guest.vcpu.get_regs().rip
+    guest.vcpu.resume()
+    assert guest._results.get(timeout=60) == 24  # the command finishes after the resume
+    assert guest.selfcheck().ok
+    assert 0x100000 <= rip < 0x200000
