@@ -188,7 +188,7 @@ def test_two_vcpus_write_at_once_and_the_log_has_both(booted: Booted, log_mode: 
 
 
 def test_pause_interrupts_a_guest_that_makes_no_exits(booted: Booted) -> None:
-    vm, guest = booted()
+    _, guest = booted()
     guest.ping(0)
     guest._commands.put((1, (24,)))  # alloc_write(24): about half a second without one exit
     time.sleep(0.05)

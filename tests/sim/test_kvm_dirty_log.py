@@ -2,8 +2,8 @@
 
 A tiny KVM harness in pure Python (ioctl, ctypes, mmap; the structs and numbers of
 ``pagehint.kvm.uapi``, which tests/kvm/test_uapi.py checks against ``<linux/kvm.h>``): one
-VM with one 1 MiB memory slot logging dirty pages, one real-mode vCPU whose only code is ``mov [bx], al; hlt``. Each test
-plays the same guest writes, ``KVM_GET_DIRTY_LOG`` and ``KVM_CLEAR_DIRTY_LOG`` calls on the
+VM with one 1 MiB memory slot logging dirty pages, one real-mode vCPU whose only code is
+``mov [bx], al; hlt``. Each test plays the same guest writes, ``KVM_GET_DIRTY_LOG`` and ``KVM_CLEAR_DIRTY_LOG`` calls on the
 real VM and on ``DirtyLog`` and asserts that both report the same pages, and the pages
 expected: classic mode (get clears), and manual-protect mode
 (KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) with QEMU's late clear losing a write made after the
