@@ -1,14 +1,14 @@
 """The simulated KVM dirty log (``pagehint.sim.DirtyLog``) against the real one.
 
 A tiny KVM harness in pure Python (ioctl, ctypes, mmap; the structs and numbers of
-``pagehint.kvm.uapi``, which tests/kvm/test_uapi.py checks against ``<linux/kvm.h>``): one
-VM with one 1 MiB memory slot logging dirty pages, one real-mode vCPU whose only code is
-``mov [bx], al; hlt``. Each test plays the same guest writes, ``KVM_GET_DIRTY_LOG`` and ``KVM_CLEAR_DIRTY_LOG`` calls on the
-real VM and on ``DirtyLog`` and asserts that both report the same pages, and the pages
-expected: classic mode (get clears), and manual-protect mode
-(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) with QEMU's late clear losing a write made after the
-sync, the clear right after the sync keeping it, and a clear of a chunk leaving a page first
-written after the get dirty. This is what DESIGN.md section 5 says of real KVM.
+``pagehint.kvm.uapi``, which tests/kvm/test_uapi.py checks against ``<linux/kvm.h>``): one VM
+with one 1 MiB memory slot logging dirty pages, one real-mode vCPU whose only code is ``mov
+[bx], al; hlt``. Each test plays the same guest writes, ``KVM_GET_DIRTY_LOG`` and
+``KVM_CLEAR_DIRTY_LOG`` calls on the real VM and on ``DirtyLog`` and asserts that both report
+the same pages, and the pages expected: classic mode (get clears), and manual-protect mode
+(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) with QEMU's late clear losing a write made after the sync,
+the clear right after the sync keeping it, and a clear of a chunk leaving a page first written
+after the get dirty. This is what DESIGN.md section 5 says of real KVM.
 
 The tests skip, saying what is missing, when the host is not x86_64, /dev/kvm cannot be
 opened, its API version is not 12 or it lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2.
