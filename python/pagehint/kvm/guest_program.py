@@ -30,7 +30,7 @@ STATE_BASE = 0x200000
 """The guest keeps its state (allocator, page versions, the free page ring) from here."""
 
 PORT_CMD, PORT_ARG, PORT_RESULT, PORT_PANIC = 0x510, 0x511, 0x512, 0x513
-PORT_AP, PORT_AP_DONE = 0x514, 0x515
+PORT_AP, PORT_AP_DONE, PORT_RUN = 0x514, 0x515, 0x516
 AP_ENTRY_OFFSET = 16
 """The second vCPU's entry point, from the image's start (``guest.c``'s ``_start``)."""
 AP_AREA_GPA = 0x180000
@@ -39,6 +39,7 @@ AP_STACK_TOP = 0x98000
 _AP_NOTHING = 0xFFFFFFFF
 CMD_NOP, CMD_ALLOC_WRITE, CMD_FREE, CMD_WRITE_PAGES, CMD_POLL = 0, 1, 2, 3, 4
 CMD_SHRINK, CMD_SELFCHECK, CMD_PROBE, CMD_HALT, CMD_PING, CMD_WRITE_AT = 5, 6, 7, 8, 9, 10
+CMD_RUN = 11
 
 FREE, USED, HINTED = 0, 1, 2
 """Block states of the guest's allocator."""
@@ -100,7 +101,8 @@ class SelfCheck:
 class GuestProgram:
     """The test guest on ``vm`` (its first vCPU), with its virtio-mmio device expected at
     ``mmio_base``. The kernel keeps the first ``kernel_bytes`` of RAM (code at 1 MiB, stack,
-    state); the rest is its 4 MiB block allocator's."""
+    state); the rest is its 4 MiB block allocator's. ``load=False`` only attaches the command
+    ports, for a VM whose RAM and vCPU state arrive from a migration."""
 
     def __init__(
         self,
@@ -111,6 +113,7 @@ class GuestProgram:
         block_bytes: int = 4 << 20,
         kernel_bytes: int = 4 << 20,
         timeout: float = 120.0,
+        load: bool = True,
     ) -> None:
         regions = sorted(vm.memmap.regions)
         if len(regions) > MAX_REGIONS:
@@ -122,6 +125,16 @@ class GuestProgram:
         self.vm = vm
         self.vcpu = vm.vcpus[0]
         self.timeout = timeout
+        self._go_on = threading.Event()
+        self._checkpoint = threading.Event()
+        self._at_checkpoint = threading.Event()
+        self._register_ports()
+        if load:
+            self._load(mmio_base, queue_size, block_bytes, kernel_bytes)
+
+    def _load(self, mmio_base: int, queue_size: int, block_bytes: int, kernel_bytes: int) -> None:
+        vm = self.vm
+        regions = sorted(vm.memmap.regions)
         image = build_guest()
         if LOAD_GPA + len(image) > STATE_BASE:
             raise ValueError("the guest image runs into its state")
@@ -140,6 +153,10 @@ class GuestProgram:
         for i, (gpa, size) in enumerate(regions):
             info.region_gpa[i], info.region_size[i] = gpa, size
         vm.write(BOOT_INFO_GPA, bytes(info))
+        enter_long_mode(self.vcpu, entry=LOAD_GPA, stack_top=STACK_TOP)
+
+    def _register_ports(self) -> None:
+        vm = self.vm
         self._commands: queue.Queue[tuple[int, tuple[int, ...]]] = queue.Queue()
         self._results: queue.Queue[int | None] = queue.Queue()
         self._args: deque[int] = deque()
@@ -155,9 +172,9 @@ class GuestProgram:
             (PORT_PANIC, self._on_panic),
             (PORT_AP, self._on_ap),
             (PORT_AP_DONE, self._on_ap_done),
+            (PORT_RUN, self._on_run),
         ):
             vm.add_io(port, handler)
-        enter_long_mode(self.vcpu, entry=LOAD_GPA, stack_top=STACK_TOP)
 
     # -- the port protocol (vCPU thread) ------------------------------------------------------
 
@@ -208,6 +225,47 @@ class GuestProgram:
             self._ap_done.put(int.from_bytes(data, "little"))
         return None
 
+    def _on_run(self, port: int, data: bytes | None, size: int) -> bytes | None:
+        if data is not None:
+            return None
+        if self._checkpoint.is_set():
+            # Pause here: the IN completes with 0 while the vCPU parks, so whoever resumes
+            # this state (a destination) sees the run end at its next step.
+            self._checkpoint.clear()
+            self.vcpu.request_pause()
+            self._at_checkpoint.set()
+            return (0).to_bytes(4, "little")[:size]
+        go_on = self._go_on.is_set()
+        return (1 if go_on else 0).to_bytes(4, "little")[:size]
+
+    # -- running by itself -----------------------------------------------------------------------
+
+    def run(self, pages_per_step: int, seed: int = 0) -> None:
+        """The guest runs by itself (``CMD_RUN``): it rewrites ``pages_per_step`` pages of its
+        used blocks, takes the balloon's config changes (hinting rounds), and asks to go on,
+        step after step, until ``stop_run`` or a ``pause_at_checkpoint``."""
+        self._go_on.set()
+        self._commands.put((CMD_RUN, (pages_per_step, seed)))
+
+    def stop_run(self) -> int:
+        """Ends a ``run`` at its next step; returns the steps it ran."""
+        self._go_on.clear()
+        return self.collect()
+
+    def pause_at_checkpoint(self, timeout: float = 30.0) -> None:
+        """Pauses the running guest between two steps (its checkpoint IN completed with 0, so
+        a copy of this state resumed elsewhere ends its run at once and can be checked)."""
+        self._at_checkpoint.clear()
+        self._checkpoint.set()
+        if not self._at_checkpoint.wait(timeout):
+            raise GuestError(self._why(f"no checkpoint within {timeout} s"))
+        self.vcpu.wait_paused(timeout)
+
+    def collect(self, results: int = 1) -> int:
+        """The result of a command already running (``run``, or one resumed on a
+        destination)."""
+        return self._collect(results)[0]
+
     # -- the second vCPU ------------------------------------------------------------------------
 
     def start_ap(self) -> None:
@@ -252,18 +310,20 @@ class GuestProgram:
         """Runs one command and returns its results (``GuestError`` if the guest cannot)."""
         with self._lock:
             self._commands.put((cmd, args))
-            out: list[int] = []
-            while len(out) < results:
-                try:
-                    value = self._results.get(timeout=self.timeout)
-                except queue.Empty:
-                    raise GuestError(
-                        self._why(f"no answer to command {cmd} in {self.timeout} s")
-                    ) from None
-                if value is None:
-                    raise GuestError(self._why("the guest panicked"))
-                out.append(value)
-            return out
+            return self._collect(results, cmd)
+
+    def _collect(self, results: int, cmd: int | None = None) -> list[int]:
+        out: list[int] = []
+        while len(out) < results:
+            try:
+                value = self._results.get(timeout=self.timeout)
+            except queue.Empty:
+                what = "a running command" if cmd is None else f"command {cmd}"
+                raise GuestError(self._why(f"no answer to {what} in {self.timeout} s")) from None
+            if value is None:
+                raise GuestError(self._why("the guest panicked"))
+            out.append(value)
+        return out
 
     def _why(self, what: str) -> str:
         facts = [what]

@@ -492,17 +492,26 @@ class Vcpu:
             with contextlib.suppress(ProcessLookupError):
                 signal.pthread_kill(thread.ident, signal.SIGUSR1)
 
-    def pause(self, timeout: float = 10.0) -> None:
-        """Stops the vCPU at its next exit, with the exit's pending I/O completed (a KVM_RUN
-        with immediate_exit), so its registers can be saved. Returns once it is parked."""
+    def request_pause(self) -> None:
+        """Asks the vCPU to stop at its next exit and returns at once (an exit handler on the
+        vCPU's own thread may call this); ``wait_paused`` waits for it."""
         if not self.running:
             return
         self._resume.clear()
         self._parked.clear()
         self._pause.set()
         self._interrupt()
+
+    def wait_paused(self, timeout: float = 10.0) -> None:
+        """Waits until a requested pause has parked the vCPU (``TimeoutError`` if not)."""
         if not self._parked.wait(timeout) and self.running:
             raise TimeoutError(f"vCPU {self.index} did not pause within {timeout} s")
+
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stops the vCPU at its next exit, with the exit's pending I/O completed (a KVM_RUN
+        with immediate_exit), so its registers can be saved. Returns once it is parked."""
+        self.request_pause()
+        self.wait_paused(timeout)
 
     def resume(self) -> None:
         """Lets a paused vCPU run again."""

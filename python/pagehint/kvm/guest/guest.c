@@ -30,7 +30,7 @@ enum { FREE = 0, USED = 1, HINTED = 2 };
 
 /* Port I/O with the VMM. */
 enum { PORT_CMD = 0x510, PORT_ARG = 0x511, PORT_RESULT = 0x512, PORT_PANIC = 0x513 };
-enum { PORT_AP = 0x514, PORT_AP_DONE = 0x515 };
+enum { PORT_AP = 0x514, PORT_AP_DONE = 0x515, PORT_RUN = 0x516 };
 #define AP_NOTHING 0xFFFFFFFFU
 enum {
     CMD_NOP = 0,
@@ -44,6 +44,8 @@ enum {
     CMD_HALT = 8,
     CMD_PING = 9,        /* n: -> n + 1 */
     CMD_WRITE_AT = 10,   /* gpa >> 12, n: write n pages from there (one region); -> n */
+    CMD_RUN = 11,        /* n, seed: run by itself: rewrite n pages, poll the balloon, ask the
+                            VMM (port 0x516) whether to go on; -> the steps run */
 };
 
 /* virtio-mmio registers (virtio 1.2 §4.2.2). */
@@ -420,6 +422,19 @@ static u32 write_at(u64 gpa, u32 n) {
     return n;
 }
 
+/* The guest's life while it migrates: work, the balloon's rounds, and a checkpoint (an IN
+ * the VMM answers) between steps, where the VMM may also pause it and the answer the guest
+ * gets after its resume (on a destination, say) decides whether it goes on. */
+static u32 run(u32 pages_per_step, u32 seed) {
+    u32 steps = 0;
+    while (inl(PORT_RUN)) {
+        write_pages(pages_per_step, seed + steps);
+        poll_device();
+        steps++;
+    }
+    return steps;
+}
+
 /* Every page of every used block holds what was last written there. */
 static u32 selfcheck_pages(void) {
     u32 bad = 0;
@@ -527,6 +542,7 @@ void main(void) {
         case CMD_PROBE: r = probe(); break;
         case CMD_HALT: for (;;) __asm__ volatile("hlt");
         case CMD_PING: r = inl(PORT_ARG) + 1; break;
+        case CMD_RUN: { u32 n = inl(PORT_ARG); r = run(n, inl(PORT_ARG)); break; }
         case CMD_WRITE_AT: { u64 gpa = (u64)inl(PORT_ARG) << 12; r = write_at(gpa, inl(PORT_ARG)); break; }
         default: panic(0xbad5);
         }
