@@ -825,21 +825,28 @@ class FreePageHintDevice:
             raise ValueError(
                 f"{what}: the negotiated features have no {name} queue at index {ring.index}"
             )
+        indices: tuple[int, bool, int, bool] | tuple[int, int]
+        if packed:
+            indices = (
+                _state.integer(q, "next_avail", what, _state.U16),
+                _state.boolean(q, "avail_wrap", what),
+                _state.integer(q, "next_used", what, _state.U16),
+                _state.boolean(q, "used_wrap", what),
+            )
+        else:
+            indices = (
+                _state.integer(q, "last_avail", what, _state.U16),
+                _state.integer(q, "next_used", what, _state.U16),
+            )
         try:
             _, queue = self._make_queue(ring, loaded.negotiated)
             assert queue is not None  # the free page and reporting queues have readers
             if isinstance(queue, PackedQueue):
-                queue.set_indices(
-                    _state.integer(q, "next_avail", what, _state.U16),
-                    _state.boolean(q, "avail_wrap", what),
-                    _state.integer(q, "next_used", what, _state.U16),
-                    _state.boolean(q, "used_wrap", what),
-                )
+                assert len(indices) == 4
+                queue.set_indices(*indices)
             else:
-                queue.set_indices(
-                    _state.integer(q, "last_avail", what, _state.U16),
-                    _state.integer(q, "next_used", what, _state.U16),
-                )
+                assert len(indices) == 2
+                queue.set_indices(*indices)
         except ValueError as e:
             raise ValueError(f"{what}: {e}") from None
         loaded.queues[str(name)] = (ring, queue)
