@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pagehint import _core
+from pagehint.device import _state
 from pagehint.device.protocol import (
     BALLOON_PFN_SHIFT,
     CMD_ID_DONE,
@@ -92,6 +93,26 @@ class ProcessResult:
 
 
 _Queue = SplitQueue | PackedQueue
+
+_QUEUE_MAX = {"free_page": FREE_PAGE_QUEUE_MAX, "reporting": REPORTING_QUEUE_MAX}
+
+
+@dataclass(frozen=True)
+class _Ring:
+    """Where the driver put one queue: its index, size and the three areas' guest addresses
+    (split: descriptor table, available ring, used ring; packed: descriptor ring, driver and
+    device event areas)."""
+
+    index: int
+    size: int
+    desc: int
+    driver: int
+    device: int
+
+    def written(self, packed: bool) -> tuple[int, int]:
+        """What returning elements writes: the used ring (split: flags, idx, the ring and
+        avail_event), or the descriptor ring itself (packed)."""
+        return (self.desc, 16 * self.size) if packed else (self.device, 6 + 8 * self.size)
 
 
 @dataclass
@@ -173,8 +194,8 @@ class FreePageHintDevice:
         """Called with ``(gpa, nbytes)`` after the device wrote guest memory (the used side
         of a queue it returned elements on). KVM does not log what the VMM writes, so a VMM
         marks these pages dirty for migration here, as QEMU's ``address_space_write`` does."""
-        self._written: dict[str, tuple[int, int]] = {}
-        """The config interrupt: called after every change the driver must see."""
+        self._rings: dict[str, _Ring] = {}
+        """The free page and reporting queues' rings, by name, as set up."""
         self._reporting = FreePageReporting(memmap, discard)
         self.record_ranges = record_ranges
         """Whether ``process()`` reports the page ranges it cleared (``ProcessResult.ranges``)."""
@@ -263,6 +284,10 @@ class FreePageHintDevice:
     def queue_indices(self) -> dict[str, int]:
         """The negotiated device's queues by name: ``inflate``, ``deflate``, ``stats``,
         ``free_page``, ``reporting`` (each only if it exists)."""
+        return self._queue_indices_for(self._negotiated)
+
+    def _queue_indices_for(self, negotiated: int) -> dict[str, int]:
+        """``queue_indices`` for the feature set ``negotiated``."""
         names = ["inflate", "deflate"]
         fixed = {"inflate": 0, "deflate": 1, "stats": 2, "free_page": 3, "reporting": 4}
         for feature, name in (
@@ -270,7 +295,7 @@ class FreePageHintDevice:
             (F_FREE_PAGE_HINT, "free_page"),
             (F_REPORTING, "reporting"),
         ):
-            if self.has(feature):
+            if negotiated >> feature & 1:
                 names.append(name)
         if self._numbering == "spec":
             return {n: fixed[n] for n in names}
@@ -290,36 +315,43 @@ class FreePageHintDevice:
         read by this model; the others are accepted and left to the VMM. ``ValueError`` for
         an index the negotiated device does not have, a size above the queue's maximum, or a
         ring the reader refuses."""
-        queues = {i: n for n, i in self.queue_indices().items()}
-        if index not in queues:
-            raise ValueError(f"queue {index} does not exist (queues: {sorted(queues)})")
-        name = queues[index]
-        limit = self.queue_max(index)
-        if not 1 <= size <= limit:
-            raise ValueError(f"the {name} queue takes 1 to {limit} entries, not {size}")
-        if name not in ("free_page", "reporting"):
+        ring = _Ring(index, size, desc_gpa, driver_gpa, device_gpa)
+        name, queue = self._make_queue(ring, self._negotiated)
+        if queue is None:
             return
-        cls: type[_Queue] = PackedQueue if self.has(F_RING_PACKED) else SplitQueue
-        queue = cls(
-            self._mem,
-            self._memmap,
-            size,
-            desc_gpa,
-            driver_gpa,
-            device_gpa,
-            event_idx=self.has(F_EVENT_IDX),
-        )
-        # What returning elements writes: the used ring (split: flags, idx, the ring and
-        # avail_event), or the descriptor ring itself (packed).
-        packed = self.has(F_RING_PACKED)
-        written = (desc_gpa, 16 * size) if packed else (device_gpa, 6 + 8 * size)
         if name == "free_page":
             with self._lock:
                 self._queue = queue
-                self._written["free_page"] = written
+                self._rings["free_page"] = ring
         else:
-            self._written["reporting"] = written
+            self._rings["reporting"] = ring
             self._reporting.set_queue(queue)
+
+    def _make_queue(self, ring: _Ring, negotiated: int) -> tuple[str, _Queue | None]:
+        """The reader of ``ring`` for a device that negotiated ``negotiated``: the queue's
+        name and its reader (None for a queue the VMM serves); ``ValueError`` as
+        ``set_queue``."""
+        queues = {i: n for n, i in self._queue_indices_for(negotiated).items()}
+        if ring.index not in queues:
+            raise ValueError(f"queue {ring.index} does not exist (queues: {sorted(queues)})")
+        name = queues[ring.index]
+        limit = _QUEUE_MAX.get(name, OTHER_QUEUE_MAX)
+        if not 1 <= ring.size <= limit:
+            raise ValueError(f"the {name} queue takes 1 to {limit} entries, not {ring.size}")
+        if name not in ("free_page", "reporting"):
+            return name, None
+        packed = negotiated >> F_RING_PACKED & 1
+        cls: type[_Queue] = PackedQueue if packed else SplitQueue
+        queue = cls(
+            self._mem,
+            self._memmap,
+            ring.size,
+            ring.desc,
+            ring.driver,
+            ring.device,
+            event_idx=bool(negotiated >> F_EVENT_IDX & 1),
+        )
+        return name, queue
 
     def queue_max(self, index: int) -> int:
         """The most entries queue ``index`` of the negotiated device takes (QEMU's sizes:
@@ -329,9 +361,7 @@ class FreePageHintDevice:
         name = queues.get(index)
         if name is None:
             return 0
-        return {"free_page": FREE_PAGE_QUEUE_MAX, "reporting": REPORTING_QUEUE_MAX}.get(
-            name, OTHER_QUEUE_MAX
-        )
+        return _QUEUE_MAX.get(name, OTHER_QUEUE_MAX)
 
     def drop_queue(self, index: int) -> None:
         """The driver stopped using queue ``index`` (a transport's queue-ready bit went to 0):
@@ -456,9 +486,9 @@ class FreePageHintDevice:
 
     def _wrote(self, queue: str) -> None:
         """Tells ``guest_write`` that elements were returned on ``queue``."""
-        notify, area = self.guest_write, self._written.get(queue)
-        if notify is not None and area is not None:
-            notify(*area)
+        notify, ring = self.guest_write, self._rings.get(queue)
+        if notify is not None and ring is not None:
+            notify(*ring.written(self.has(F_RING_PACKED)))
 
     def _notify_config(self) -> None:
         notify = self.notify_config
@@ -651,3 +681,238 @@ class FreePageHintDevice:
     def rejected(self) -> dict[str, int]:
         """Free page queue elements rejected so far, by reason (see ``SplitQueue``)."""
         return {} if self._queue is None else self._queue.rejected
+
+    # -- migration ---------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The device's state for live migration, as QEMU's vmstate saves a virtio device: a
+        dict of ints, strs, bools, lists and None (``json.dumps`` takes it as it is).
+
+        Call it while the device is quiescent (the guest's vCPUs stopped, no ``process()``
+        or ``process_reporting()`` running and none to come): the queue indices saved are
+        where the readers stopped, and an element popped but not yet returned would be lost.
+        The device lock is held while the state is read. Saved: the offered and negotiated
+        features, ``features_ok``, the hint state, the cmd id counter, ``num_pages``,
+        ``actual``, ``poison_val``, ``error``, ``config_faults``, ``retired_at_start``, the
+        page totals, and each set-up free page or reporting queue (``name``, ``index``,
+        ``size``, the ``desc``/``driver``/``device`` addresses and its indices: split
+        ``last_avail``, ``next_used``; packed ``next_avail``, ``avail_wrap``, ``next_used``,
+        ``used_wrap``). Not saved: a queue reader's ``rejected`` counts and a broken reader's
+        error (the device's ``error`` is saved), and what the VMM wires up (the bitmap, the
+        callbacks, the constructor's options)."""
+        with self._lock:
+            queues: list[object] = []
+            for name, queue in (("free_page", self._queue), ("reporting", self._reporting.queue)):
+                ring = self._rings.get(name)
+                if queue is None or ring is None:
+                    continue
+                saved: dict[str, object] = {
+                    "name": name,
+                    "index": ring.index,
+                    "size": ring.size,
+                    "desc": ring.desc,
+                    "driver": ring.driver,
+                    "device": ring.device,
+                }
+                if isinstance(queue, PackedQueue):
+                    (avail, avail_wrap), (used, used_wrap) = queue.next_avail, queue.next_used
+                    saved |= {
+                        "next_avail": avail,
+                        "avail_wrap": avail_wrap,
+                        "next_used": used,
+                        "used_wrap": used_wrap,
+                    }
+                else:
+                    saved |= {"last_avail": queue.last_avail, "next_used": queue.next_used}
+                queues.append(saved)
+            return {
+                "version": _state.STATE_VERSION,
+                "features": self.features,
+                "negotiated": self._negotiated,
+                "features_ok": self._features_ok,
+                "state": self._state.value,
+                "cmd_id": self._cmd_id,
+                "num_pages": self.num_pages,
+                "actual": self.actual,
+                "poison_val": self.poison_val,
+                "error": self._error,
+                "config_faults": self.config_faults,
+                "retired_at_start": self.retired_at_start,
+                "pages_hinted_total": self.pages_hinted_total,
+                "pages_cleared_total": self.pages_cleared_total,
+                "queues": queues,
+            }
+
+    def restore_state(self, state: object) -> None:
+        """Takes a state ``save_state`` returned (on the source), on a device built over the
+        destination's RAM buffer and memory map with the same constructor arguments: the
+        queue readers are made afresh from the saved rings and continue at the saved indices
+        (the reader checks them, as QEMU's ``virtio_load`` does: a split ring's used index
+        may not be ahead of the available one or more than a queue behind it, a packed
+        ring's positions must be below its size).
+
+        Call it while the device is quiescent (no ``process()`` running, the guest not
+        running yet); the device lock is held while the state is replaced. Everything is
+        checked first: ``ValueError`` (the device unchanged) for a key missing or unknown, a
+        value of the wrong type or out of range, offered features other than this device's,
+        negotiated features it does not offer, a queue the negotiated features do not have
+        or in the wrong ring layout, or indices the reader refuses. No config interrupt is
+        raised: the driver saw the config before the migration."""
+        loaded = self._check_state(state)
+        self._load_state(loaded)
+
+    def _check_state(self, state: object) -> _SavedState:
+        """``state`` checked and its queue readers made, changing nothing (``ValueError``)."""
+        what = "device state"
+        d = _state.fields(state, what, _DEVICE_KEYS)
+        features = _state.integer(d, "features", what)
+        if features != self.features:
+            raise ValueError(
+                f"{what}: the source offered features {features:#x}, this device offers "
+                f"{self.features:#x} (build it with the same arguments)"
+            )
+        negotiated = _state.integer(d, "negotiated", what)
+        if negotiated & ~self.features:
+            raise ValueError(
+                f"{what}: negotiated features {negotiated & ~self.features:#x} are not offered"
+            )
+        raw_state = d["state"]
+        try:
+            hint_state = HintState(raw_state)
+        except ValueError:
+            raise ValueError(f"{what}.state must be a HintState value, not {raw_state!r}") from None
+        if hint_state is not HintState.STOP and not negotiated >> F_FREE_PAGE_HINT & 1:
+            raise ValueError(f"{what}: state {hint_state.value} without FREE_PAGE_HINT")
+        poison_val = _state.integer(d, "poison_val", what, _state.U32)
+        if poison_val and not negotiated >> F_PAGE_POISON & 1:
+            raise ValueError(f"{what}: poison_val {poison_val} without PAGE_POISON negotiated")
+        error = d["error"]
+        if error is not None and not isinstance(error, str):
+            raise ValueError(f"{what}.error must be a str or None, not {type(error).__name__}")
+        loaded = _SavedState(
+            negotiated=negotiated,
+            features_ok=_state.boolean(d, "features_ok", what),
+            state=hint_state,
+            cmd_id=_state.integer(d, "cmd_id", what, _state.U32, CMD_ID_MIN),
+            num_pages=_state.integer(d, "num_pages", what, _state.U32),
+            actual=_state.integer(d, "actual", what, _state.U32),
+            poison_val=poison_val,
+            error=error,
+            config_faults=_state.integer(d, "config_faults", what),
+            retired_at_start=_state.integer(d, "retired_at_start", what),
+            pages_hinted_total=_state.integer(d, "pages_hinted_total", what),
+            pages_cleared_total=_state.integer(d, "pages_cleared_total", what),
+        )
+        for i, raw in enumerate(_state.listing(d, "queues", what)):
+            self._check_queue(raw, f"{what}.queues[{i}]", loaded)
+        return loaded
+
+    def _check_queue(self, raw: object, what: str, loaded: _SavedState) -> None:
+        """One saved queue: its reader made at its indices, into ``loaded.queues``."""
+        packed = bool(loaded.negotiated >> F_RING_PACKED & 1)
+        q = _state.fields(raw, what, _PACKED_QUEUE_KEYS if packed else _SPLIT_QUEUE_KEYS)
+        name = q["name"]
+        if name not in ("free_page", "reporting") or name in loaded.queues:
+            raise ValueError(f"{what}.name must be a new 'free_page' or 'reporting', not {name!r}")
+        ring = _Ring(
+            _state.integer(q, "index", what, _state.U16),
+            _state.integer(q, "size", what, _state.U16),
+            _state.integer(q, "desc", what),
+            _state.integer(q, "driver", what),
+            _state.integer(q, "device", what),
+        )
+        if loaded.negotiated_index(self, str(name)) != ring.index:
+            raise ValueError(
+                f"{what}: the negotiated features have no {name} queue at index {ring.index}"
+            )
+        indices: tuple[int, bool, int, bool] | tuple[int, int]
+        if packed:
+            indices = (
+                _state.integer(q, "next_avail", what, _state.U16),
+                _state.boolean(q, "avail_wrap", what),
+                _state.integer(q, "next_used", what, _state.U16),
+                _state.boolean(q, "used_wrap", what),
+            )
+        else:
+            indices = (
+                _state.integer(q, "last_avail", what, _state.U16),
+                _state.integer(q, "next_used", what, _state.U16),
+            )
+        try:
+            _, queue = self._make_queue(ring, loaded.negotiated)
+            assert queue is not None  # the free page and reporting queues have readers
+            if isinstance(queue, PackedQueue):
+                assert len(indices) == 4
+                queue.set_indices(*indices)
+            else:
+                assert len(indices) == 2
+                queue.set_indices(*indices)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+        loaded.queues[str(name)] = (ring, queue)
+
+    def _load_state(self, loaded: _SavedState) -> None:
+        """Replaces the device's state with a checked one, under the lock."""
+        with self._lock:
+            self._negotiated = loaded.negotiated
+            self._features_ok = loaded.features_ok
+            self._state = loaded.state
+            self._cmd_id = loaded.cmd_id
+            self.num_pages = loaded.num_pages
+            self.actual = loaded.actual
+            self.poison_val = loaded.poison_val
+            self._error = loaded.error
+            self.config_faults = loaded.config_faults
+            self.retired_at_start = loaded.retired_at_start
+            self.pages_hinted_total = loaded.pages_hinted_total
+            self.pages_cleared_total = loaded.pages_cleared_total
+            self._rings = {name: ring for name, (ring, _) in loaded.queues.items()}
+            free_page = loaded.queues.get("free_page")
+            reporting = loaded.queues.get("reporting")
+            self._queue = None if free_page is None else free_page[1]
+            self._reporting.set_queue(None if reporting is None else reporting[1])
+
+
+_DEVICE_KEYS = (
+    "version",
+    "features",
+    "negotiated",
+    "features_ok",
+    "state",
+    "cmd_id",
+    "num_pages",
+    "actual",
+    "poison_val",
+    "error",
+    "config_faults",
+    "retired_at_start",
+    "pages_hinted_total",
+    "pages_cleared_total",
+    "queues",
+)
+_RING_KEYS = ("name", "index", "size", "desc", "driver", "device")
+_SPLIT_QUEUE_KEYS = (*_RING_KEYS, "last_avail", "next_used")
+_PACKED_QUEUE_KEYS = (*_RING_KEYS, "next_avail", "avail_wrap", "next_used", "used_wrap")
+
+
+@dataclass
+class _SavedState:
+    """A device state that passed ``restore_state``'s checks, with its queue readers made."""
+
+    negotiated: int
+    features_ok: bool
+    state: HintState
+    cmd_id: int
+    num_pages: int
+    actual: int
+    poison_val: int
+    error: str | None
+    config_faults: int
+    retired_at_start: int
+    pages_hinted_total: int
+    pages_cleared_total: int
+    queues: dict[str, tuple[_Ring, _Queue]] = field(default_factory=dict)
+
+    def negotiated_index(self, device: FreePageHintDevice, name: str) -> int | None:
+        """Queue ``name``'s index on ``device`` with these negotiated features."""
+        return device._queue_indices_for(self.negotiated).get(name)

@@ -81,9 +81,10 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from pagehint.device.free_page_hint import FreePageHintDevice, ProcessResult
+from pagehint.device import _state
+from pagehint.device.free_page_hint import FreePageHintDevice, ProcessResult, _SavedState
 from pagehint.device.protocol import (
     F_RING_PACKED,
     F_VERSION_1,
@@ -735,3 +736,216 @@ class VirtioMmioTransport:
     def _write_config(self, offset: int, data: bytes) -> None:
         if self._config_access(offset, len(data)):
             self.device.write_config(offset, data)
+
+    # -- migration ---------------------------------------------------------------------------
+
+    def save_state(self) -> dict[str, object]:
+        """The transport's registers and, under ``device``, the device's ``save_state()``:
+        one dict of ints, strs, bools, lists and None for live migration (QEMU's
+        virtio-mmio vmstate with the virtio device's).
+
+        Call it while the guest's vCPUs are stopped and no queue work runs (the device must
+        be quiescent, see ``FreePageHintDevice.save_state``). Saved: Status, the device and
+        driver feature selects, DriverFeatures (both halves, and whether bits above 63 were
+        written), QueueSel, SHMSel, each queue's Num, Desc, Driver, Device and Ready,
+        InterruptStatus, ConfigGeneration, the notifications held before DRIVER_OK
+        (``deferred``) or waiting for ``process_pending()`` (``pending``), and ``faults``."""
+        with self._lock:
+            queues: list[object] = [
+                {
+                    "index": index,
+                    "num": q.num,
+                    "desc": q.desc,
+                    "driver": q.driver,
+                    "device": q.device,
+                    "ready": q.ready,
+                }
+                for index, q in sorted(self._queues.items())
+            ]
+            return {
+                "version": _state.STATE_VERSION,
+                "status": self._status,
+                "device_features_sel": self._device_features_sel,
+                "driver_features_sel": self._driver_features_sel,
+                "driver_features": list(self._driver_features),
+                "driver_features_high": self._driver_features_high,
+                "queue_sel": self._queue_sel,
+                "shm_sel": self._shm_sel,
+                "queues": queues,
+                "interrupt_status": self._isr,
+                "config_generation": self._generation,
+                "pending": sorted(self._pending),
+                "deferred": sorted(self._deferred),
+                "faults": dict(sorted(self._faults.items())),
+                "device": self.device.save_state(),
+            }
+
+    def restore_state(self, state: object) -> None:
+        """Takes a state ``save_state`` returned on the source, on a transport (and device)
+        built on the destination with the same arguments: the device's state first (its
+        queue readers made from the saved rings at the saved indices; no ``negotiate`` or
+        ``set_queue``, which would start the rings over), then the registers.
+
+        Call it before the guest runs and with no queue work running. Everything is checked
+        before anything changes: ``ValueError`` (transport and device unchanged) for a
+        malformed state, the device's refusals (see ``FreePageHintDevice.restore_state``), or
+        registers that disagree with the device state (FEATURES_OK without the features
+        negotiated, a ready queue the negotiated device does not have or whose ring differs
+        from the device's, a device queue that is not ready, a held notification for a queue
+        that is not ready). The interrupt line is set to match the restored InterruptStatus:
+        ``interrupt(True)`` if it is non-zero, ``interrupt(False)`` if it is zero and the line
+        was up. Pending notifications set ``notified``."""
+        what = "transport state"
+        d = _state.fields(state, what, _TRANSPORT_KEYS)
+        loaded = self.device._check_state(d["device"])
+        regs = self._check_registers(d, what, loaded)
+        with self._irq_lock:
+            with self._lock:
+                was_up = self._line
+                self.device._load_state(loaded)
+                self._status = regs.status
+                self._device_features_sel = regs.device_features_sel
+                self._driver_features_sel = regs.driver_features_sel
+                self._driver_features = list(regs.driver_features)
+                self._driver_features_high = regs.driver_features_high
+                self._queue_sel = regs.queue_sel
+                self._shm_sel = regs.shm_sel
+                self._queues = regs.queues
+                self._isr = regs.isr
+                self._line = regs.isr != 0
+                self._generation = regs.generation
+                self._pending = set(regs.pending)
+                self._deferred = set(regs.deferred)
+                self._faults = dict(regs.faults)
+                self._epoch += 1
+                if self._pending:
+                    self.notified.set()
+                else:
+                    self.notified.clear()
+                level = self._line
+            if self.interrupt is not None and (level or was_up):
+                self.interrupt(level)
+
+    def _check_registers(self, d: dict[str, object], what: str, loaded: _SavedState) -> _Registers:
+        """The register part of a saved state, checked against the checked device state."""
+        status = _state.integer(d, "status", what, _STATUS_BITS)
+        halves = _state.listing(d, "driver_features", what)
+        if len(halves) != 2:
+            raise ValueError(f"{what}.driver_features must be two u32 halves, not {halves!r}")
+        pair = {"lo": halves[0], "hi": halves[1]}
+        lo = _state.integer(pair, "lo", f"{what}.driver_features", _U32)
+        hi = _state.integer(pair, "hi", f"{what}.driver_features", _U32)
+        regs = _Registers(
+            status=status,
+            device_features_sel=_state.integer(d, "device_features_sel", what, _U32),
+            driver_features_sel=_state.integer(d, "driver_features_sel", what, _U32),
+            driver_features=(lo, hi),
+            driver_features_high=_state.boolean(d, "driver_features_high", what),
+            queue_sel=_state.integer(d, "queue_sel", what, _U32),
+            shm_sel=_state.integer(d, "shm_sel", what, _U32),
+            isr=_state.integer(d, "interrupt_status", what, INT_USED_BUFFER | INT_CONFIG_CHANGE),
+            generation=_state.integer(d, "config_generation", what),
+        )
+        features_ok = bool(status & STATUS_FEATURES_OK)
+        features = lo | hi << 32
+        if features_ok and not (
+            loaded.features_ok
+            and loaded.negotiated == features
+            and features >> F_VERSION_1 & 1
+            and not regs.driver_features_high
+        ):
+            raise ValueError(
+                f"{what}: FEATURES_OK is set but the device did not accept DriverFeatures "
+                f"{features:#x} (negotiated {loaded.negotiated:#x})"
+            )
+        if not features_ok and (loaded.negotiated or loaded.queues):
+            raise ValueError(f"{what}: the device negotiated features without FEATURES_OK")
+        names = {i: n for n, i in self.device._queue_indices_for(loaded.negotiated).items()}
+        for i, raw in enumerate(_state.listing(d, "queues", what)):
+            at = f"{what}.queues[{i}]"
+            q = _state.fields(raw, at, ("index", "num", "desc", "driver", "device", "ready"))
+            index = _state.integer(q, "index", at, _U32)
+            if index not in names or index in regs.queues:
+                raise ValueError(f"{at}: queue {index} does not exist or is saved twice")
+            regs.queues[index] = _Queue(
+                _state.integer(q, "num", at, _U32),
+                _state.integer(q, "desc", at),
+                _state.integer(q, "driver", at),
+                _state.integer(q, "device", at),
+                _state.boolean(q, "ready", at),
+            )
+        for name, (ring, _) in loaded.queues.items():
+            queue = regs.queues.get(ring.index)
+            if queue is None or not queue.ready:
+                raise ValueError(f"{what}: the device reads the {name} queue, which is not ready")
+            if (queue.num, queue.desc, queue.driver, queue.device) != (
+                ring.size,
+                ring.desc,
+                ring.driver,
+                ring.device,
+            ):
+                raise ValueError(f"{what}: the {name} queue's registers differ from its ring")
+        for index, queue in regs.queues.items():
+            if queue.ready and not features_ok:
+                raise ValueError(f"{what}: queue {index} is ready without FEATURES_OK")
+            read_by_device = names[index] in ("free_page", "reporting")
+            if queue.ready and read_by_device and names[index] not in loaded.queues:
+                raise ValueError(f"{what}: queue {index} is ready but the device has no ring")
+        ours = {loaded.negotiated_index(self.device, n) for n in ("free_page", "reporting")}
+        for key in ("pending", "deferred"):
+            held = []
+            for j, raw_index in enumerate(_state.listing(d, key, what)):
+                index = _state.integer({"i": raw_index}, "i", f"{what}.{key}[{j}]", _U32)
+                queue = regs.queues.get(index)
+                if index not in ours or queue is None or not queue.ready or index in held:
+                    raise ValueError(f"{what}.{key}: {index} is not a ready queue of the device")
+                held.append(index)
+            setattr(regs, key, held)
+        if regs.deferred and status & STATUS_DRIVER_OK:
+            raise ValueError(f"{what}: notifications held before DRIVER_OK with DRIVER_OK set")
+        faults = d["faults"]
+        if not isinstance(faults, dict):
+            raise ValueError(f"{what}.faults must be a dict, not {type(faults).__name__}")
+        for reason in faults:
+            if not isinstance(reason, str):
+                raise ValueError(f"{what}.faults has a key that is not a str: {reason!r}")
+            regs.faults[reason] = _state.integer(faults, reason, f"{what}.faults")
+        return regs
+
+
+_TRANSPORT_KEYS = (
+    "version",
+    "status",
+    "device_features_sel",
+    "driver_features_sel",
+    "driver_features",
+    "driver_features_high",
+    "queue_sel",
+    "shm_sel",
+    "queues",
+    "interrupt_status",
+    "config_generation",
+    "pending",
+    "deferred",
+    "faults",
+    "device",
+)
+
+
+@dataclass
+class _Registers:
+    """The registers of a saved transport state that passed ``restore_state``'s checks."""
+
+    status: int
+    device_features_sel: int
+    driver_features_sel: int
+    driver_features: tuple[int, int]
+    driver_features_high: bool
+    queue_sel: int
+    shm_sel: int
+    isr: int
+    generation: int
+    queues: dict[int, _Queue] = field(default_factory=dict)
+    pending: list[int] = field(default_factory=list)
+    deferred: list[int] = field(default_factory=list)
+    faults: dict[str, int] = field(default_factory=dict)

@@ -56,6 +56,11 @@ class FreePageReporting:
         with self._lock:
             self._queue = queue
 
+    @property
+    def queue(self) -> SplitQueue | PackedQueue | None:
+        """The reporting queue's reader, once set up."""
+        return self._queue
+
     def process(self, max_elements: int, poison_val: int) -> ReportResult:
         """Drains up to ``max_elements`` elements; ``RuntimeError`` without a queue."""
         if max_elements < 0:
