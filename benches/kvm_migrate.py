@@ -39,7 +39,7 @@ def migrate(mode: VmLogMode, hints: bool) -> tuple[MigrationResult, int]:
         guest.alloc_write(50)
         guest.free(40)
         guest.run(pages_per_step=32, seed=1)
-        source = KvmSource(vm, guest, device)
+        source = KvmSource(vm, guest, transport)
         destination = KvmDestination(MEMMAP, mmio_base=MMIO_BASE)
         try:
             link = WallClockLink(512 * MIB)

@@ -4,8 +4,10 @@ vCPU thread while the loop syncs, hints and sends.
 
 This first cut keeps the destination in the same process and pauses the guest at its run
 loop's checkpoint: the vCPU parks with its checkpoint IN completed (so its registers can be
-copied), and the resumed copy ends its run at once and can check itself. The device's state
-does not move yet: the destination's guest does not touch the balloon again.
+copied), and the resumed copy ends its run at once and can check itself. The balloon moves
+with it: the transport's registers and the device's state (hinting state, cmd id, queue
+indices) are saved on the source after the pause and restored on the destination, so the
+copy takes the DONE the migration sent and frees its hinted blocks, and can hint again.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pagehint import _core
-from pagehint.device import FreePageHintDevice
+from pagehint.device import FreePageHintDevice, VirtioMmioTransport
 from pagehint.kvm.guest_program import GuestProgram
 from pagehint.kvm.vm import Vm, VmLogMode
 
@@ -25,12 +27,16 @@ PAGE = 4096
 
 
 class KvmSource:
-    """``guest`` on ``vm`` (with its balloon ``device``, if any) as a ``MigrationSource``."""
+    """``guest`` on ``vm`` as a ``MigrationSource``, with its balloon behind ``transport`` (if
+    it has one)."""
 
-    def __init__(self, vm: Vm, guest: GuestProgram, device: FreePageHintDevice | None) -> None:
+    def __init__(
+        self, vm: Vm, guest: GuestProgram, transport: VirtioMmioTransport | None = None
+    ) -> None:
         self.vm = vm
         self.guest = guest
-        self._device = device
+        self.transport = transport
+        self._device = None if transport is None else transport.device
         self.paused = False
 
     @property
@@ -78,14 +84,24 @@ class KvmDestination:
         self.mmio_base = mmio_base
         self.pages_received = 0
         self.guest: GuestProgram | None = None
+        self.transport: VirtioMmioTransport | None = None
+        """The balloon restored here by ``resume`` (its ``device`` applies hints)."""
 
     def receive(self, pfns: _I64Array, payload: npt.NDArray[Any]) -> None:
         self.vm.ram.reshape(-1, PAGE)[pfns] = payload
         self.pages_received += len(pfns)
 
     def resume(self, source: KvmSource) -> GuestProgram:
-        """Copies the paused source vCPU's registers and starts the guest here."""
+        """Copies the paused source's vCPU registers and balloon state, and starts the guest
+        here."""
         src, dst = source.vm.vcpus[0], self.vm.vcpus[0]
+        if source.transport is not None:
+            device = FreePageHintDevice(self.vm.ram, self.vm.memmap)
+            device.guest_write = self.vm.mark_dirty
+            transport = VirtioMmioTransport(device)
+            transport.restore_state(source.transport.save_state())
+            self.vm.add_mmio(self.mmio_base, transport.size, transport)
+            self.transport = transport
         dst.set_sregs(src.get_sregs())
         dst.set_regs(src.get_regs())
         guest = GuestProgram(
