@@ -12,7 +12,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pagehint import DirtyBitmap, MemoryMap
-from pagehint.device import FreePageHintDevice
+from pagehint.device import FreePageHintDevice, HintState, VirtioMmioTransport
 from pagehint.kvm import GuestProgram, Vm
 from pagehint.migration import MigrationResult, Precopy, PrecopyConfig, Progress
 from pagehint.sim import (
@@ -81,6 +81,25 @@ def migrate_simulated(
     if on_start is not None:
         on_start(migration)
     return migration.run(), destination
+
+
+# -- a driver's side of the virtio-mmio transport -------------------------------------------------
+
+
+def r32(t: VirtioMmioTransport, offset: int) -> int:
+    """A 32-bit register read, as a guest's ``readl``."""
+    return int.from_bytes(t.read(offset, 4), "little")
+
+
+def w32(t: VirtioMmioTransport, offset: int, value: int) -> None:
+    """A 32-bit register write, as a guest's ``writel``."""
+    t.write(offset, value.to_bytes(4, "little"))
+
+
+def state(dev: FreePageHintDevice) -> HintState:
+    """The device's hinting state, read through a call so mypy does not keep an earlier
+    narrowing of the property."""
+    return dev.state
 
 
 # -- a packed ring's driver side ---------------------------------------------------------------

@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from helpers import PackedDriver
+from helpers import PackedDriver, r32, state, w32
 from pagehint import DirtyBitmap, MemoryMap
 from pagehint.device import (
     CMD_ID_STOP,
@@ -47,14 +47,6 @@ BRING_UP = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
 
 Ram = npt.NDArray[np.uint8]
 State = dict[str, object]
-
-
-def r32(t: VirtioMmioTransport, offset: int) -> int:
-    return int.from_bytes(t.read(offset, 4), "little")
-
-
-def w32(t: VirtioMmioTransport, offset: int, value: int) -> None:
-    t.write(offset, value.to_bytes(4, "little"))
 
 
 @dataclass
@@ -110,11 +102,6 @@ def read_cmd_id(side: Side) -> int:
     """The driver's config interrupt: acknowledge, then read the cmd id."""
     w32(side.t, M.INTERRUPT_ACK, r32(side.t, M.INTERRUPT_STATUS))
     return int.from_bytes(side.t.read(M.CONFIG + CONFIG_FREE_PAGE_HINT_CMD_ID, 4), "little")
-
-
-def state(dev: FreePageHintDevice) -> HintState:
-    """Read through a call, so mypy does not keep earlier narrowings of the property."""
-    return dev.state
 
 
 def kick(side: Side) -> None:

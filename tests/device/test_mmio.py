@@ -17,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import r32, state, w32
 from pagehint import DirtyBitmap, MemoryMap
 from pagehint.device import (
     CONFIG_FREE_PAGE_HINT_CMD_ID,
@@ -55,14 +56,6 @@ Ram = npt.NDArray[np.uint8]
 U64Array = npt.NDArray[np.uint64]
 
 BRING_UP = STATUS_ACKNOWLEDGE | STATUS_DRIVER | STATUS_FEATURES_OK
-
-
-def r32(t: VirtioMmioTransport, offset: int) -> int:
-    return int.from_bytes(t.read(offset, 4), "little")
-
-
-def w32(t: VirtioMmioTransport, offset: int, value: int) -> None:
-    t.write(offset, value.to_bytes(4, "little"))
 
 
 @dataclass
@@ -116,11 +109,6 @@ def make_rig(
         dev, base=0xD000_0000, process_on_notify=process_on_notify, interrupt=levels.append
     )
     return Rig(memmap, mem, bm, dev, t, levels, rig_notes, discards)
-
-
-def state(dev: FreePageHintDevice) -> HintState:
-    """Read through a call, so mypy does not keep earlier narrowings of the property."""
-    return dev.state
 
 
 def offered(t: VirtioMmioTransport) -> int:
