@@ -26,6 +26,7 @@ from typing import Any
 import pytest
 
 from pagehint.cli import main
+from pagehint.cli import report as cli_report
 from pagehint.cli import simulate as cli_simulate
 from pagehint.migration import MigrationResult
 from pagehint.sim import (
@@ -276,7 +277,7 @@ def test_list_names_every_shipped_scenario(
 def test_no_progress_line_when_not_a_terminal(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(cli_simulate, "SHOW_PROGRESS_AFTER", 0.0)
+    monkeypatch.setattr(cli_report, "SHOW_PROGRESS_AFTER", 0.0)
     status, out, err = simulate(capsys, "--memory", "1G")
     assert (status, err) == (0, "")
     assert "round" not in out and "simulated" not in out
@@ -287,7 +288,7 @@ def test_progress_line_on_a_terminal(
 ) -> None:
     """On a terminal (forced) a long run shows its round and dirty MiB on stderr; --no-progress
     and --json silence it."""
-    monkeypatch.setattr(cli_simulate, "SHOW_PROGRESS_AFTER", 0.0)
+    monkeypatch.setattr(cli_report, "SHOW_PROGRESS_AFTER", 0.0)
     monkeypatch.setenv("FORCE_COLOR", "1")
     status, out, err = simulate(capsys, "--memory", "1G")
     assert status == 0

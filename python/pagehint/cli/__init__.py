@@ -1,5 +1,6 @@
 """The ``pagehint`` command line: ``pagehint info`` (``info``), ``pagehint simulate``
-(``simulate``, with ``plot``)."""
+(``simulate``), ``pagehint migrate-kvm`` (``migrate_kvm``); ``report`` and ``plot`` serve
+both migration commands."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pagehint.cli import info, simulate
+from pagehint.cli import info, migrate_kvm, simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +21,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     info.add_parser(sub)
     simulate.add_parser(sub)
+    migrate_kvm.add_parser(sub)
     return parser
 
 

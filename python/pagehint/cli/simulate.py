@@ -5,23 +5,15 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-import time
 from dataclasses import replace
 from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import (
-    BarColumn,
-    SpinnerColumn,
-    TaskProgressColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
-from rich.progress import Progress as Bar
 from rich.table import Table
 
-from pagehint.migration import MigrationResult, Progress
+from pagehint.cli.report import comparison_table, run_both
+from pagehint.migration import MigrationResult
 from pagehint.sim.scenario import (
     WORKLOADS,
     Scenario,
@@ -34,9 +26,6 @@ from pagehint.sim.scenario import (
     run_scenario,
     shipped_scenarios,
 )
-
-SHOW_PROGRESS_AFTER = 0.3
-"""Seconds of wall time before a progress line appears (short runs stay quiet)."""
 
 
 def add_parser(sub: Any) -> None:
@@ -133,46 +122,6 @@ def _fail(msg: str) -> int:
     return 2
 
 
-def _mib(n: int) -> str:
-    return f"{n / (1 << 20):,.1f}"
-
-
-ROWS: list[tuple[str, str, Any]] = [
-    ("total time (ms)", "total-time", lambda v: f"{v:,.0f}"),
-    ("downtime (ms)", "downtime", lambda v: f"{v:,.1f}"),
-    ("setup time (ms)", "setup-time", lambda v: f"{v:,.1f}"),
-    ("transferred (MiB)", "ram.transferred", _mib),
-    ("normal pages", "ram.normal", lambda v: f"{v:,}"),
-    ("zero pages (duplicate)", "ram.duplicate", lambda v: f"{v:,}"),
-    ("dirty syncs", "ram.dirty-sync-count", lambda v: f"{v}"),
-    ("pages hinted", "pages-hinted", lambda v: f"{v:,}"),
-    ("pages skipped by hints", "pages-skipped", lambda v: f"{v:,}"),
-    ("lost pages", "lost-pages", lambda v: "n/a" if v is None else f"{v:,}"),
-]
-
-
-def _get(d: dict[str, Any], key: str) -> Any:
-    for part in key.split("."):
-        d = d[part]
-    return d
-
-
-def _table(s: Scenario, off: MigrationResult, on: MigrationResult) -> Table:
-    table = Table(title=escape(f"scenario {s.name}: {s.description}" if s.description else s.name))
-    table.add_column("")
-    table.add_column("hints off", justify="right")
-    table.add_column("hints on", justify="right")
-    table.add_column("change", justify="right")
-    a, b = off.to_dict(), on.to_dict()
-    for label, key, fmt in ROWS:
-        va, vb = _get(a, key), _get(b, key)
-        change = ""
-        if key in ("total-time", "downtime", "ram.transferred") and va:
-            change = f"{-reduction(va, vb) * 100:+.0f}%"
-        table.add_row(label, fmt(va), fmt(vb), change)
-    return table
-
-
 def _published(s: Scenario, off: MigrationResult, on: MigrationResult) -> Table | None:
     p = s.published
     if "total_time_off_ms" not in p or "total_time_on_ms" not in p:
@@ -216,46 +165,18 @@ def run(args: argparse.Namespace) -> int:
         except ImportError as e:
             return _fail(f"--plot needs matplotlib ({e}); pip install 'pagehint[plot]'")
     show = not args.no_progress and not args.json and err.is_terminal
-    results: dict[str, MigrationResult] = {}
-    with Bar(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        BarColumn(),
-        TaskProgressColumn(),
-        TimeElapsedColumn(),
-        console=err,
-        transient=True,
-        disable=not show,
-        auto_refresh=False,
-    ) as bar:
-        for label, hints in (("hints off", False), ("hints on", True)):
-            task = bar.add_task(label, total=None, visible=False)
-            t0 = time.perf_counter()
-
-            def progress(p: Progress, task: Any = task, t0: float = t0, label: str = label) -> None:
-                if time.perf_counter() - t0 < SHOW_PROGRESS_AFTER:
-                    return
-                # The bar is the current round: its dirty pages sent or skipped by hints.
-                bar.update(
-                    task,
-                    visible=True,
-                    total=max(p.round_dirty, 1),
-                    completed=max(p.round_dirty - p.remaining, 0),
-                    description=(
-                        f"{label}: round {p.round}, {_mib(p.remaining * s.page_size)} MiB dirty, "
-                        f"{p.time:.1f} s simulated"
-                    ),
-                )
-                bar.refresh()
-
-            try:
-                results[label] = run_scenario(s, hints=hints, progress=progress if show else None)
-            except ValueError as e:
-                # Building the guest found the scenario impossible (memory, layout, used,
-                # seed...); failures during the migration itself are a result, not raised.
-                return _fail(f"scenario {s.name}: {e}")
-            bar.remove_task(task)
-    off, on = results["hints off"], results["hints on"]
+    try:
+        off, on = run_both(
+            lambda hints, progress: run_scenario(s, hints=hints, progress=progress),
+            show=show,
+            console=err,
+            page_size=s.page_size,
+            clock="simulated",
+        )
+    except ValueError as e:
+        # Building the guest found the scenario impossible (memory, layout, used, seed...);
+        # failures during the migration itself are a result, not raised.
+        return _fail(f"scenario {s.name}: {e}")
     failed = [r for r in (off, on) if r.status != "completed"]
     lost = sum(r.lost_pages or 0 for r in (off, on))
     if args.json:
@@ -277,7 +198,8 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     else:
-        console.print(_table(s, off, on))
+        title = f"scenario {s.name}: {s.description}" if s.description else s.name
+        console.print(comparison_table(title, off, on))
         pub = _published(s, off, on)
         if pub is not None:
             console.print(pub)

@@ -125,6 +125,7 @@ class GuestProgram:
         self.vm = vm
         self.vcpu = vm.vcpus[0]
         self.timeout = timeout
+        self.block_bytes = block_bytes
         self._go_on = threading.Event()
         self._checkpoint = threading.Event()
         self._at_checkpoint = threading.Event()

@@ -19,7 +19,7 @@ import numpy.typing as npt
 
 from pagehint import _core
 from pagehint.device import FreePageHintDevice, VirtioMmioTransport
-from pagehint.kvm.guest_program import GuestProgram
+from pagehint.kvm.guest_program import HINTED, GuestProgram
 from pagehint.kvm.vm import Vm, VmLogMode
 
 _I64Array = npt.NDArray[np.int64]
@@ -68,6 +68,18 @@ class KvmSource:
         if self.paused:
             self.vm.vcpus[0].resume()
             self.paused = False
+
+    def lost_pages(self, destination: KvmDestination) -> int:
+        """The oracle, once the source is paused and before the copy runs: pages whose
+        content differs on ``destination`` and that no hint excuses (only a page of a block the
+        guest holds hinted may differ: it was hinted after its last write)."""
+        differ = (self.vm.ram.reshape(-1, PAGE) != destination.vm.ram.reshape(-1, PAGE)).any(axis=1)
+        gpas, state, _ = self.guest.blocks()
+        per_block = self.guest.block_bytes // PAGE
+        for gpa in gpas[state == HINTED].tolist():
+            first = self.vm.memmap.pfn_of(gpa)
+            differ[first : first + per_block] = False
+        return int(np.count_nonzero(differ))
 
     def read_pages(self, pfns: _I64Array) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
         pages = self.vm.ram.reshape(-1, PAGE)[pfns]
