@@ -416,10 +416,6 @@ def _install_kick_handler() -> bool:
     return True
 
 
-class VcpuError(RuntimeError):
-    """A vCPU stopped on an exit it cannot go on from (shutdown, internal error, ...)."""
-
-
 class Vcpu:
     """One vCPU: its fd, its ``kvm_run`` mapping, its dirty ring (ring mode) and its thread."""
 
@@ -705,7 +701,6 @@ __all__ = [
     "MemorySlot",
     "MmioDevice",
     "Vcpu",
-    "VcpuError",
     "Vm",
     "VmLogMode",
 ]

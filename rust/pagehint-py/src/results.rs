@@ -18,6 +18,18 @@ pub fn ranges_array(py: Python<'_>, ranges: Vec<(u64, u64)>) -> PyResult<Py<PyAr
 }
 
 /// Whether two optional arrays are both absent or hold equal shapes and values.
+/// Counts by reason from a Python dict (the constructors' `rejected` argument).
+fn rejected_counts(rejected: Option<&Bound<'_, PyDict>>) -> PyResult<Vec<(String, u64)>> {
+    rejected.map_or_else(
+        || Ok(Vec::new()),
+        |d| {
+            d.iter()
+                .map(|(k, v)| Ok((k.extract::<String>()?, v.extract::<u64>()?)))
+                .collect()
+        },
+    )
+}
+
 /// Counts by reason as a new Python dict (what `rejected` getters return).
 fn rejected_dict<'py>(py: Python<'py>, counts: &[(String, u64)]) -> PyResult<Bound<'py, PyDict>> {
     let d = PyDict::new(py);
@@ -108,13 +120,7 @@ impl PyHintResult {
         rejected: Option<&Bound<'_, PyDict>>,
         ranges: Option<Bound<'_, PyArray2<u64>>>,
     ) -> PyResult<Self> {
-        let rejected = match rejected {
-            None => Vec::new(),
-            Some(d) => d
-                .iter()
-                .map(|(k, v)| Ok((k.extract::<String>()?, v.extract::<u64>()?)))
-                .collect::<PyResult<_>>()?,
-        };
+        let rejected = rejected_counts(rejected)?;
         Ok(Self {
             hints,
             pages_hinted,
@@ -543,13 +549,7 @@ impl PyDirtyRingHarvest {
         fetch_index: u32,
         rejected: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
-        let rejected = match rejected {
-            None => Vec::new(),
-            Some(d) => d
-                .iter()
-                .map(|(k, v)| Ok((k.extract::<String>()?, v.extract::<u64>()?)))
-                .collect::<PyResult<_>>()?,
-        };
+        let rejected = rejected_counts(rejected)?;
         Ok(Self {
             entries,
             pages_dirtied,
