@@ -25,6 +25,7 @@ from typing import Any
 
 import pytest
 
+from helpers import PAGE
 from pagehint.cli import main
 from pagehint.cli import report as cli_report
 from pagehint.cli import simulate as cli_simulate
@@ -41,7 +42,6 @@ from pagehint.sim import (
 )
 
 GiB = 1 << 30
-PAGE = 4096
 HEADER = 8  # QEMU's page header (PrecopyConfig.page_header_bytes)
 ZERO_PAGE_BYTES = HEADER + 1  # a header and QEMU's fill byte
 ROUND_KEYS = {

@@ -9,10 +9,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import pagehint
+from helpers import GIB
 from pagehint import DirtyBitmap, MemoryMap, apply_hints
 
 U64Array = npt.NDArray[np.uint64]
-GIB = 1 << 30
 
 
 def hint_array(pairs: list[tuple[int, int]]) -> U64Array:

@@ -13,10 +13,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from helpers import GIB
 from pagehint import DirtyBitmap, MemoryMap, SplitQueue, apply_hints
 
 DUMPS = Path(__file__).parent.parent / "data" / "ring-dumps"
-GIB = 1 << 30
 
 
 def load(name: str) -> tuple[dict[str, Any], MemoryMap, np.ndarray[Any, np.dtype[np.uint8]]]:

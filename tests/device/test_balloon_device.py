@@ -14,6 +14,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from helpers import MIB, PAGE
 from pagehint import DirtyBitmap, MemoryMap
 from pagehint.device import (
     CMD_ID_DONE,
@@ -32,8 +33,6 @@ from pagehint.device import (
 )
 from pagehint.sim.driver_ring import DriverSplitRing, ram_view
 
-MIB = 1 << 20
-PAGE = 4096
 BLOCK = 4 * MIB  # Linux's hint size on x86-64 (MAX_PAGE_ORDER blocks)
 BLOCK_PAGES = BLOCK // PAGE
 # Free page ring, reporting ring and cmd id buffers at low gpas; hints go from 1 MiB up.

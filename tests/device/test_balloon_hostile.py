@@ -9,11 +9,11 @@ import numpy as np
 from hypothesis import event, given, settings
 from hypothesis import strategies as st
 
+from helpers import PAGE
 from pagehint import DirtyBitmap, MemoryMap
 from pagehint.device import FreePageHintDevice, HintState
 from pagehint.sim.driver_ring import DESC_DTYPE, VIRTQ_DESC_F_WRITE, ram_view
 
-PAGE = 4096
 # RAM [0, 1 MiB) and [2 MiB, 3 MiB): a hole between, nothing after.
 MEMMAP = MemoryMap([(0, 1 << 20), (2 << 20, 1 << 20)])
 SIZE = 8

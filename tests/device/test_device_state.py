@@ -16,7 +16,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
-from helpers import PackedDriver, r32, state, w32
+from helpers import MIB, PAGE, PackedDriver, r32, state, w32
 from pagehint import DirtyBitmap, MemoryMap
 from pagehint.device import (
     CMD_ID_STOP,
@@ -35,8 +35,6 @@ from pagehint.device import (
 from pagehint.device import mmio as M
 from pagehint.sim.driver_ring import DriverSplitRing, ram_view
 
-MIB = 1 << 20
-PAGE = 4096
 BLOCK = 4 * MIB
 BLOCK_PAGES = BLOCK // PAGE
 DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000  # split free page ring, 256 entries

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from helpers import r32, state, w32
+from helpers import MIB, PAGE, r32, state, w32
 from pagehint import DirtyBitmap, MemoryMap
 from pagehint.device import (
     CONFIG_FREE_PAGE_HINT_CMD_ID,
@@ -43,8 +43,6 @@ from pagehint.device import (
 from pagehint.device import mmio as M
 from pagehint.sim.driver_ring import DriverSplitRing, ram_view
 
-MIB = 1 << 20
-PAGE = 4096
 BLOCK = 4 * MIB
 BLOCK_PAGES = BLOCK // PAGE
 DESC, AVAIL, USED = 0x1000, 0x2000, 0x3000  # free page ring, 256 entries

@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 
+from helpers import PAGE
 from pagehint.kvm.uapi import (
     KVM_API_VERSION,
     KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
@@ -63,7 +64,6 @@ U64Array = npt.NDArray[np.uint64]
 KVM_RUN_EXIT_REASON_OFFSET = RUN_EXIT_REASON
 
 # The harness's guest.
-PAGE = 4096
 SLOT = 0
 RAM_BYTES = 1 << 20
 NPAGES = RAM_BYTES // PAGE  # 256: four 64-page chunks
