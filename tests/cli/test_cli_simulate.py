@@ -42,7 +42,7 @@ from pagehint.sim import (
 )
 
 GiB = 1 << 30
-HEADER = 8  # QEMU's page header (PrecopyConfig.page_header_bytes)
+HEADER = 8  # QEMU's page header (WireFormat.page_header_bytes)
 ZERO_PAGE_BYTES = HEADER + 1  # a header and QEMU's fill byte
 ROUND_KEYS = {
     "round",

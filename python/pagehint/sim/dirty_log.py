@@ -1,5 +1,5 @@
 """A simulated KVM dirty log (``KVM_GET_DIRTY_LOG`` / ``KVM_CLEAR_DIRTY_LOG``), in classic or
-manual-protect mode, over a guest's pages. tests/test_kvm_dirty_log.py checks it against
+manual-protect mode, over a guest's pages. tests/sim/test_kvm_dirty_log.py checks it against
 /dev/kvm."""
 
 from __future__ import annotations
