@@ -45,9 +45,14 @@ def test_json_gives_both_runs_and_the_guests_verdict(
     off, on = d["hints-off"], d["hints-on"]
     for r in (off, on):
         assert r["status"] == "completed" and r["lost-pages"] == 0
-        assert r["guest-check"] == {"bad-pages": 0, "bad-state": 0, "ok": True}
+        check = r["guest-check"]
+        assert (check["bad-pages"], check["bad-state"], check["ok"]) == (0, 0, True)
+        assert check["rehinted-blocks"] > 0  # the balloon works on the destination
         assert r["guest-steps"] > 0 and r["ram"]["remaining"] == 0
+        # The destination received the whole stream: the pages, state and end.
+        assert r["destination"]["stream-bytes"] > r["ram"]["transferred"]
     assert not off["free-page-hinting"] and on["free-page-hinting"]
+    assert (off["guest-check"]["hint-state"], on["guest-check"]["hint-state"]) == ("stop", "done")
     assert on["pages-skipped"] > 0 and off["pages-skipped"] == 0
     assert on["ram"]["transferred"] < off["ram"]["transferred"]
     assert d["reduction"]["transferred"] == pytest.approx(

@@ -28,6 +28,8 @@ STRUCTS = {
     "kvm_dtable": uapi.KvmDtable,
     "kvm_sregs": uapi.KvmSregs,
     "kvm_dirty_gfn": uapi.KvmDirtyGfn,
+    "kvm_fpu": uapi.KvmFpu,
+    "kvm_vcpu_events": uapi.KvmVcpuEvents,
 }
 RUN_FIELDS = {
     "RUN_IMMEDIATE_EXIT": "immediate_exit",

@@ -175,7 +175,12 @@ class ArrayDestination:
     def __init__(self, npages: int) -> None:
         self.contents = np.zeros(npages, dtype=np.uint32)
 
-    def receive(self, pfns: npt.NDArray[np.int64], payload: npt.NDArray[Any]) -> None:
+    def receive(
+        self,
+        pfns: npt.NDArray[np.int64],
+        payload: npt.NDArray[Any],
+        zero: npt.NDArray[np.bool_],
+    ) -> None:
         self.contents[pfns] = payload
 
 

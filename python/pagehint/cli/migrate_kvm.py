@@ -3,9 +3,10 @@ off and on, side by side, with the guest's own verdict on its copy.
 
 Each run boots the guest on a VM (RAM in two memslots around a hole), lets it write blocks and
 free some (stale data in free memory), starts it running by itself (rewriting pages, taking
-hinting rounds through virtio-mmio), migrates it with ``Precopy`` over a paced wall-clock link
-to a second VM, checks the copy with the oracle (a page may differ only if its block was
-hinted), resumes the copy and runs its self-check.
+hinting rounds through virtio-mmio), and migrates it with ``Precopy`` over a paced wall-clock
+link to a second VM in another process (``pagehint.kvm.destination``, fed by the migration
+stream over a Unix socket). The source's oracle compares page digests (a page may differ only
+if its block was hinted); the destination resumes the copy, which checks itself.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from rich.console import Console
@@ -22,17 +23,19 @@ from pagehint import MemoryMap
 from pagehint.cli.report import comparison_table, run_both
 from pagehint.device import FreePageHintDevice, VirtioMmioTransport
 from pagehint.kvm import (
+    DestinationFailed,
+    DestinationProcess,
+    DestinationReport,
     GuestError,
     GuestProgram,
-    KvmDestination,
     KvmSource,
     KvmUnavailable,
-    SelfCheck,
     Vm,
     VmLogMode,
 )
 from pagehint.kvm.build import GuestBuildError
 from pagehint.migration import MigrationResult, Precopy, PrecopyConfig, WallClockLink
+from pagehint.migration.stream import STREAM_WIRE
 from pagehint.sim import parse_rate, parse_seconds, parse_size, reduction
 
 MMIO_BASE = 0xD000_0000
@@ -46,9 +49,19 @@ class KvmRun:
     """One migration and what the guest said of its copy."""
 
     result: MigrationResult
-    check: SelfCheck
+    report: DestinationReport | None
+    """The destination's report (None if the migration did not complete)."""
     steps: int
-    """Steps the guest ran by itself, on the source and then its copy."""
+    """Steps of the guest's run: finished on the destination, or on the source after a
+    failed migration."""
+
+    @property
+    def ok(self) -> bool:
+        return (
+            self.result.status == "completed"
+            and not self.result.lost_pages
+            and (self.report is not None and self.report.ok)
+        )
 
 
 def add_parser(sub: Any) -> None:
@@ -95,6 +108,7 @@ def add_parser(sub: Any) -> None:
         default=32,
         help="pages the running guest rewrites per step (default 32)",
     )
+    p.add_argument("--seed", type=int, default=1, help="the guest's page-writing seed (default 1)")
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--plot", metavar="PNG", help="plot per-round figures (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress line")
@@ -121,8 +135,8 @@ def migrate_once(
     hints: bool,
     progress: Any = None,
 ) -> KvmRun:
-    """One live migration of a fresh guest (``KvmUnavailable``/``GuestBuildError`` if the
-    machine cannot, ``GuestError`` if the guest stops answering)."""
+    """One live migration of a fresh guest to a destination process (``KvmUnavailable`` /
+    ``GuestBuildError`` if the machine cannot, ``GuestError`` if the guest stops answering)."""
     mode: VmLogMode = args.log_mode
     with Vm(memmap, log_mode=mode) as vm:
         guest = GuestProgram(vm, mmio_base=MMIO_BASE)
@@ -134,10 +148,9 @@ def migrate_once(
         guest.probe()
         guest.alloc_write(args.write_blocks)
         guest.free(args.free_blocks)
-        guest.run(pages_per_step=args.pages_per_step, seed=1)
-        source = KvmSource(vm, guest, transport)
-        destination = KvmDestination(memmap, mmio_base=MMIO_BASE)
-        try:
+        with DestinationProcess(memmap, mmio_base=MMIO_BASE) as destination:
+            guest.run(pages_per_step=args.pages_per_step, seed=args.seed)
+            source = KvmSource(vm, guest, transport)
             # Small batches: on the wall clock a batch is taken from the bitmap at once, and a
             # hint can only skip pages not taken yet (QEMU sends page by page).
             config = PrecopyConfig(
@@ -146,22 +159,18 @@ def migrate_once(
                 strategy=args.strategy,
                 batch_pages=WALL_CLOCK_BATCH_PAGES,
             )
-            migration = Precopy(
-                source,
-                destination,
-                WallClockLink(args.bandwidth_bps),
-                config,
-                progress=progress,
-                lost_pages=lambda: source.lost_pages(destination),
-            )
-            result = migration.run()
+            link = WallClockLink(args.bandwidth_bps, wire=STREAM_WIRE)
+            result = Precopy(source, destination, link, config, progress=progress).run()
             if result.status != "completed":
-                return KvmRun(result, SelfCheck(0, 0), guest.stop_run())
-            copy = destination.resume(source)
-            steps = copy.collect()
-            return KvmRun(result, copy.selfcheck(), steps)
-        finally:
-            destination.close()
+                return KvmRun(result, None, guest.stop_run())
+            try:
+                moved = destination.switchover(source)
+            except DestinationFailed as e:
+                return KvmRun(replace(result, status="failed", error=str(e)), None, 0)
+            # The downtime a user sees: from the pause to the guest running on the
+            # destination (RAM, state and resume).
+            result = replace(result, lost_pages=moved.lost_pages, downtime=moved.downtime)
+            return KvmRun(result, moved.report, moved.report.steps)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -199,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     failed = [r for r in (off, on) if r.result.status != "completed"]
     lost = sum(r.result.lost_pages or 0 for r in (off, on))
-    bad = [r for r in (off, on) if not r.check.ok]
+    bad = [r for r in (off, on) if r.report is not None and not r.report.ok]
     description = (
         f"{memmap.ram_bytes >> 20} MiB guest on /dev/kvm, {args.log_mode} log, "
         f"{args.strategy} strategy, {args.write_blocks} blocks written, "
@@ -209,11 +218,27 @@ def run(args: argparse.Namespace) -> int:
 
         def entry(r: KvmRun) -> dict[str, Any]:
             d = r.result.to_dict()
-            d["guest-check"] = {
-                "bad-pages": r.check.bad_pages,
-                "bad-state": r.check.bad_state,
-                "ok": r.check.ok,
-            }
+            rep = r.report
+            d["guest-check"] = (
+                None
+                if rep is None
+                else {
+                    "bad-pages": rep.bad_pages,
+                    "bad-state": rep.bad_state,
+                    "ok": rep.ok,
+                    "hint-state": rep.hint_state,
+                    "rehinted-blocks": rep.rehinted,
+                }
+            )
+            d["destination"] = (
+                None
+                if rep is None
+                else {
+                    "pages-received": rep.pages_received,
+                    "stream-bytes": rep.bytes_received,
+                    "resume-time": round(rep.resume_seconds * 1000, 3),
+                }
+            )
             d["guest-steps"] = r.steps
             return d
 
@@ -233,9 +258,21 @@ def run(args: argparse.Namespace) -> int:
             )
         )
     else:
+
+        def fact(r: KvmRun, what: str) -> str:
+            rep = r.report
+            if rep is None:
+                return "-"
+            if what == "bad_pages":
+                return f"{rep.bad_pages:,}"
+            if what == "bad_state":
+                return f"{rep.bad_state:,}"
+            return f"{rep.bytes_received / 2**20:,.1f} MiB"
+
         verdict = [
-            ("guest's check: bad pages", f"{off.check.bad_pages:,}", f"{on.check.bad_pages:,}"),
-            ("guest's check: bad state", f"{off.check.bad_state:,}", f"{on.check.bad_state:,}"),
+            ("guest's check: bad pages", fact(off, "bad_pages"), fact(on, "bad_pages")),
+            ("guest's check: bad state", fact(off, "bad_state"), fact(on, "bad_state")),
+            ("stream received", fact(off, "stream"), fact(on, "stream")),
         ]
         console.print(comparison_table(description, off.result, on.result, verdict))
         for r in failed:
@@ -245,7 +282,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{lost} pages lost: the destination differs where no hint excuses it", markup=False
             )
         for r in bad:
-            err.print(f"the guest's copy failed its check: {r.check}", markup=False)
+            err.print(f"the guest's copy failed its check: {r.report}", markup=False)
     if args.plot:
         plot_rounds("migrate-kvm", off.result, on.result, args.plot)
         if not args.json:

@@ -127,8 +127,6 @@ class GuestProgram:
         self.timeout = timeout
         self.block_bytes = block_bytes
         self._go_on = threading.Event()
-        self._checkpoint = threading.Event()
-        self._at_checkpoint = threading.Event()
         self._register_ports()
         if load:
             self._load(mmio_base, queue_size, block_bytes, kernel_bytes)
@@ -229,22 +227,15 @@ class GuestProgram:
     def _on_run(self, port: int, data: bytes | None, size: int) -> bytes | None:
         if data is not None:
             return None
-        if self._checkpoint.is_set():
-            # Pause here: the IN completes with 0 while the vCPU parks, so whoever resumes
-            # this state (a destination) sees the run end at its next step.
-            self._checkpoint.clear()
-            self.vcpu.request_pause()
-            self._at_checkpoint.set()
-            return (0).to_bytes(4, "little")[:size]
-        go_on = self._go_on.is_set()
-        return (1 if go_on else 0).to_bytes(4, "little")[:size]
+        return (1 if self._go_on.is_set() else 0).to_bytes(4, "little")[:size]
 
     # -- running by itself -----------------------------------------------------------------------
 
     def run(self, pages_per_step: int, seed: int = 0) -> None:
         """The guest runs by itself (``CMD_RUN``): it rewrites ``pages_per_step`` pages of its
         used blocks, takes the balloon's config changes (hinting rounds), and asks to go on,
-        step after step, until ``stop_run`` or a ``pause_at_checkpoint``."""
+        step after step, until ``stop_run``. A copy of the guest resumed elsewhere ends its run at
+        its next step (the destination's VMM answers "stop")."""
         self._go_on.set()
         self._commands.put((CMD_RUN, (pages_per_step, seed)))
 
@@ -252,15 +243,6 @@ class GuestProgram:
         """Ends a ``run`` at its next step; returns the steps it ran."""
         self._go_on.clear()
         return self.collect()
-
-    def pause_at_checkpoint(self, timeout: float = 30.0) -> None:
-        """Pauses the running guest between two steps (its checkpoint IN completed with 0, so
-        a copy of this state resumed elsewhere ends its run at once and can be checked)."""
-        self._at_checkpoint.clear()
-        self._checkpoint.set()
-        if not self._at_checkpoint.wait(timeout):
-            raise GuestError(self._why(f"no checkpoint within {timeout} s"))
-        self.vcpu.wait_paused(timeout)
 
     def collect(self, results: int = 1) -> int:
         """The result of a command already running (``run``, or one resumed on a

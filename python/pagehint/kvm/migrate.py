@@ -1,17 +1,23 @@
-"""The KVM guest as a migration source, and a second VM as its destination, for ``Precopy``
-on the wall clock (``pagehint.migration.WallClockLink``): the guest runs by itself in its
-vCPU thread while the loop syncs, hints and sends.
+"""The KVM guest as a migration source, and the destination as a second process fed over a
+socket, for ``Precopy`` on the wall clock (``pagehint.migration.WallClockLink``): the guest
+runs by itself in its vCPU thread while the loop syncs, hints and sends.
 
-This first cut keeps the destination in the same process and pauses the guest at its run
-loop's checkpoint: the vCPU parks with its checkpoint IN completed (so its registers can be
-copied), and the resumed copy ends its run at once and can check itself. The balloon moves
-with it: the transport's registers and the device's state (hinting state, cmd id, queue
-indices) are saved on the source after the pause and restored on the destination, so the
-copy takes the DONE the migration sent and frees its hinted blocks, and can hint again.
+``KvmSource.pause`` stops the vCPUs wherever they are (pending I/O completed first), as a VMM's
+stop-and-copy does. ``DestinationProcess`` starts ``python -m pagehint.kvm.destination`` on one
+end of a Unix socket pair and is the loop's ``MigrationDestination``: each batch of pages is
+one PAGES record of the stream (``pagehint.migration.stream``), so what ``Precopy`` counts as
+``ram.transferred`` is what went over the socket. ``switchover`` then sends the paused guest's
+vCPU and balloon state and END; the destination resumes the guest, which checks itself.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,11 +25,25 @@ import numpy.typing as npt
 
 from pagehint import _core
 from pagehint.device import FreePageHintDevice, VirtioMmioTransport
+from pagehint.kvm.destination import DestinationReport
 from pagehint.kvm.guest_program import HINTED, GuestProgram
 from pagehint.kvm.vm import Vm, VmLogMode
+from pagehint.migration.stream import (
+    VERSION,
+    Kind,
+    StreamError,
+    StreamReader,
+    StreamWriter,
+    connected_pair,
+    page_digests,
+)
 
 _I64Array = npt.NDArray[np.int64]
 PAGE = 4096
+
+
+class DestinationFailed(RuntimeError):
+    """The destination process refused the stream, died, or closed the connection."""
 
 
 class KvmSource:
@@ -37,7 +57,8 @@ class KvmSource:
         self.guest = guest
         self.transport = transport
         self._device = None if transport is None else transport.device
-        self.paused = False
+        self.paused_at: float | None = None
+        """``time.monotonic()`` when stop-and-copy paused the vCPUs (None while running)."""
 
     @property
     def memmap(self) -> _core.MemoryMap:
@@ -58,22 +79,34 @@ class KvmSource:
         return self.vm.clear_dirty_log(first_page, num_pages)
 
     def pause(self) -> None:
-        """Stop-and-copy: the guest parks at its next checkpoint (its I/O completed)."""
-        self.guest.pause_at_checkpoint()
-        self.paused = True
+        """Stop-and-copy: every vCPU stops at its next instruction boundary (a signal
+        interrupts one that makes no exits), its last exit's I/O completed."""
+        self.vm.pause()
+        self.paused_at = time.monotonic()
 
     def resume(self) -> None:
-        """After a cancel or failure: the guest runs again (its run ends at the next step,
-        the checkpoint having answered 'stop')."""
-        if self.paused:
-            self.vm.vcpus[0].resume()
-            self.paused = False
+        """After a cancel or failure: the guest runs on here."""
+        if self.paused_at is not None:
+            self.vm.resume()
+            self.paused_at = None
 
-    def lost_pages(self, destination: KvmDestination) -> int:
-        """The oracle, once the source is paused and before the copy runs: pages whose
-        content differs on ``destination`` and that no hint excuses (only a page of a block the
-        guest holds hinted may differ: it was hinted after its last write)."""
-        differ = (self.vm.ram.reshape(-1, PAGE) != destination.vm.ram.reshape(-1, PAGE)).any(axis=1)
+    def save_state(self) -> dict[str, Any]:
+        """The paused guest's state for the STATE record: each vCPU's, and the balloon's
+        (virtio-mmio registers with the device's hinting state and queue indices)."""
+        if self.paused_at is None:
+            raise RuntimeError("save_state needs the guest paused")
+        return {
+            "vcpus": [v.save_state().to_dict() for v in self.vm.vcpus],
+            "transport": None if self.transport is None else self.transport.save_state(),
+        }
+
+    def lost_pages(self, destination_digests: npt.NDArray[np.uint64]) -> int:
+        """The oracle, with the source paused: pages whose digest differs on the destination
+        and that no hint excuses (only a page of a block the guest holds hinted may differ:
+        it was hinted after its last write)."""
+        if len(destination_digests) != self.vm.npages:
+            raise ValueError(f"{len(destination_digests)} digests for {self.vm.npages} pages")
+        differ = page_digests(np.asarray(self.vm.ram), PAGE) != destination_digests
         gpas, state, _ = self.guest.blocks()
         per_block = self.guest.block_bytes // PAGE
         for gpa in gpas[state == HINTED].tolist():
@@ -87,41 +120,155 @@ class KvmSource:
         return pages, zero
 
 
-class KvmDestination:
-    """A second VM on the same memory map receiving the pages; ``resume`` starts the guest
-    there from the source's paused vCPU state."""
+@dataclass(frozen=True)
+class Switchover:
+    """How the guest moved: the oracle's count, the destination's report, and the downtime
+    from the source's pause to the guest running on the destination (the verification's
+    digesting excluded)."""
 
-    def __init__(self, memmap: _core.MemoryMap, *, mmio_base: int) -> None:
-        self.vm = Vm(memmap)
-        self.mmio_base = mmio_base
-        self.pages_received = 0
-        self.guest: GuestProgram | None = None
-        self.transport: VirtioMmioTransport | None = None
-        """The balloon restored here by ``resume`` (its ``device`` applies hints)."""
+    lost_pages: int
+    report: DestinationReport
+    downtime: float
 
-    def receive(self, pfns: _I64Array, payload: npt.NDArray[Any]) -> None:
-        self.vm.ram.reshape(-1, PAGE)[pfns] = payload
-        self.pages_received += len(pfns)
 
-    def resume(self, source: KvmSource) -> GuestProgram:
-        """Copies the paused source's vCPU registers and balloon state, and starts the guest
-        here."""
-        src, dst = source.vm.vcpus[0], self.vm.vcpus[0]
-        if source.transport is not None:
-            device = FreePageHintDevice(self.vm.ram, self.vm.memmap)
-            device.guest_write = self.vm.mark_dirty
-            transport = VirtioMmioTransport(device)
-            transport.restore_state(source.transport.save_state())
-            self.vm.add_mmio(self.mmio_base, transport.size, transport)
-            self.transport = transport
-        dst.set_sregs(src.get_sregs())
-        dst.set_regs(src.get_regs())
-        guest = GuestProgram(
-            self.vm, mmio_base=self.mmio_base, load=False, timeout=source.guest.timeout
+class DestinationProcess:
+    """The destination VM in a second process, as ``Precopy``'s ``MigrationDestination``.
+
+    Starting it sends HELLO (the memory map, the vCPU count and where the balloon's
+    virtio-mmio window is); ``receive`` sends each batch as a PAGES record; ``switchover``
+    finishes a completed migration; ``close`` ends the process (``kill`` ends it at once, to
+    test a failure)."""
+
+    def __init__(
+        self,
+        memmap: _core.MemoryMap,
+        *,
+        mmio_base: int | None,
+        vcpus: int = 1,
+        timeout: float = 60.0,
+    ) -> None:
+        self.memmap = memmap
+        self.timeout = timeout
+        ours, theirs = connected_pair()
+        self._stderr = tempfile.TemporaryFile()  # noqa: SIM115 - kept for the process's life
+        try:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "pagehint.kvm.destination",
+                    "--fd",
+                    str(theirs.fileno()),
+                    "--timeout",
+                    str(timeout),
+                ],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=self._stderr,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
+        except OSError:
+            ours.close()
+            self._stderr.close()
+            raise
+        finally:
+            theirs.close()
+        self.sock = ours
+        self.writer = StreamWriter(ours, memmap.page_size)
+        self.reader = StreamReader(ours, memmap.page_size, memmap.npages)
+        self.pages_sent = 0
+        self._guard(
+            lambda: self.writer.send_json(
+                Kind.HELLO,
+                {
+                    "version": VERSION,
+                    "page_size": memmap.page_size,
+                    "npages": memmap.npages,
+                    "regions": [list(r) for r in memmap.regions],
+                    "vcpus": vcpus,
+                    "mmio_base": mmio_base,
+                },
+            )
         )
-        guest.start()
-        self.guest = guest
-        return guest
+
+    def _why(self) -> str:
+        """The process's exit status and last stderr line, if it has ended."""
+        try:
+            rc = self.process.wait(timeout=1.0)
+        except subprocess.TimeoutExpired:
+            return "the destination process still runs"
+        self._stderr.seek(0)
+        lines = self._stderr.read().decode(errors="replace").strip().splitlines()
+        tail = f": {lines[-1]}" if lines else ""
+        return f"the destination process exited with status {rc}{tail}"
+
+    def _guard(self, send: Any) -> Any:
+        try:
+            return send()
+        except (OSError, StreamError) as e:
+            raise DestinationFailed(f"{e}; {self._why()}") from e
+
+    @property
+    def bytes_sent(self) -> int:
+        """Bytes of the whole stream sent so far."""
+        return self.writer.bytes_sent
+
+    @property
+    def page_bytes_sent(self) -> int:
+        """Bytes of the PAGES records alone (what ``ram.transferred`` counts)."""
+        return self.writer.page_bytes_sent
+
+    def receive(
+        self, pfns: _I64Array, payload: npt.NDArray[Any], zero: npt.NDArray[np.bool_]
+    ) -> None:
+        self._guard(lambda: self.writer.send_pages(pfns, payload, zero))
+        self.pages_sent += len(pfns)
+
+    def _expect(self, kind: Kind) -> Any:
+        record = self._guard(self.reader.read)
+        if record.kind is Kind.ERROR:
+            raise DestinationFailed(f"the destination refused: {record.value}")
+        if record.kind is not kind:
+            raise DestinationFailed(f"the destination sent {record.kind.name}, not {kind.name}")
+        return record
+
+    def switchover(self, source: KvmSource) -> Switchover:
+        """After ``Precopy`` completed (the source paused, every page sent): sends the state
+        and END, and collects the digests (asking the oracle) and the report. The source stays
+        paused."""
+        if source.paused_at is None:
+            raise RuntimeError("switchover needs the source paused by a completed migration")
+        state = source.save_state()
+        self._guard(lambda: self.writer.send_json(Kind.STATE, state))
+        self._guard(self.writer.send_end)
+        self.sock.settimeout(self.timeout)
+        digests = self._expect(Kind.DIGESTS).digests
+        resumed = time.monotonic()
+        lost = source.lost_pages(digests)
+        try:
+            report = DestinationReport.from_dict(self._expect(Kind.REPORT).value)
+        except StreamError as e:
+            raise DestinationFailed(str(e)) from e
+        downtime = resumed - source.paused_at - report.digest_seconds
+        return Switchover(lost, report, downtime)
+
+    def kill(self) -> None:
+        """Ends the process at once (a destination host failing mid-migration)."""
+        self.process.kill()
+        self.process.wait()
 
     def close(self) -> None:
-        self.vm.close()
+        """Closes the connection and waits for the process (killing it after ``timeout``)."""
+        self.sock.close()
+        try:
+            self.process.wait(timeout=self.timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        self._stderr.close()
+
+    def __enter__(self) -> DestinationProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

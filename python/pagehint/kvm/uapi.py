@@ -168,6 +168,43 @@ class KvmSregs(ctypes.Structure):
     )
 
 
+class KvmFpu(ctypes.Structure):
+    """struct kvm_fpu: the x87 and SSE state (fxsave layout)."""
+
+    _fields_ = (
+        ("fpr", ctypes.c_uint8 * 128),
+        ("fcw", ctypes.c_uint16),
+        ("fsw", ctypes.c_uint16),
+        ("ftwx", ctypes.c_uint8),
+        ("pad1", ctypes.c_uint8),
+        ("last_opcode", ctypes.c_uint16),
+        ("last_ip", ctypes.c_uint64),
+        ("last_dp", ctypes.c_uint64),
+        ("xmm", ctypes.c_uint8 * 256),
+        ("mxcsr", ctypes.c_uint32),
+        ("pad2", ctypes.c_uint32),
+    )
+
+
+class KvmVcpuEvents(ctypes.Structure):
+    """struct kvm_vcpu_events: pending and injected exceptions, interrupts and NMIs, and the
+    interrupt shadow (a vCPU stopped right after ``sti`` or ``mov ss`` carries one). Moved
+    whole; the sub-structs are kept as bytes."""
+
+    _fields_ = (
+        ("exception", ctypes.c_uint8 * 8),
+        ("interrupt", ctypes.c_uint8 * 4),
+        ("nmi", ctypes.c_uint8 * 4),
+        ("sipi_vector", ctypes.c_uint32),
+        ("flags", ctypes.c_uint32),
+        ("smi", ctypes.c_uint8 * 4),
+        ("triple_fault", ctypes.c_uint8),
+        ("reserved", ctypes.c_uint8 * 26),
+        ("exception_has_payload", ctypes.c_uint8),
+        ("exception_payload", ctypes.c_uint64),
+    )
+
+
 class KvmDirtyGfn(ctypes.Structure):
     """struct kvm_dirty_gfn: one dirty ring entry."""
 
@@ -207,6 +244,10 @@ KVM_GET_REGS = _ior(0x81, KvmRegs)
 KVM_SET_REGS = _iow(0x82, KvmRegs)
 KVM_GET_SREGS = _ior(0x83, KvmSregs)
 KVM_SET_SREGS = _iow(0x84, KvmSregs)
+KVM_GET_FPU = _ior(0x8C, KvmFpu)
+KVM_SET_FPU = _iow(0x8D, KvmFpu)
+KVM_GET_VCPU_EVENTS = _ior(0x9F, KvmVcpuEvents)
+KVM_SET_VCPU_EVENTS = _iow(0xA0, KvmVcpuEvents)
 KVM_ENABLE_CAP = _iow(0xA3, KvmEnableCap)
 KVM_CLEAR_DIRTY_LOG = _iowr(0xC0, KvmClearDirtyLog)
 KVM_RESET_DIRTY_RINGS = _io(0xC7)

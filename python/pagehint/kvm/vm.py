@@ -30,7 +30,7 @@ import platform
 import signal
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Literal, Protocol
 
 import numpy as np
@@ -377,6 +377,19 @@ class Vm:
 
     # -- life -------------------------------------------------------------------------------------
 
+    def pause(self, timeout: float = 10.0) -> None:
+        """Stops every running vCPU wherever it is (a signal interrupts a guest that makes
+        no exits), each with its last exit's I/O completed; returns once all are parked."""
+        for v in self.vcpus:
+            v.request_pause()
+        for v in self.vcpus:
+            v.wait_paused(timeout)
+
+    def resume(self) -> None:
+        """Lets the paused vCPUs run again."""
+        for v in self.vcpus:
+            v.resume()
+
     def close(self) -> None:
         """Stops the vCPUs and frees the VM (idempotent)."""
         if self._closed:
@@ -403,6 +416,42 @@ class Vm:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class VcpuState:
+    """A vCPU's saved state as the raw KVM structs (same host architecture on both ends)."""
+
+    sregs: bytes
+    regs: bytes
+    fpu: bytes
+    events: bytes
+
+    def parts(self) -> tuple[bytes, bytes, bytes, bytes]:
+        return (self.sregs, self.regs, self.fpu, self.events)
+
+    def to_dict(self) -> dict[str, str]:
+        """Hex strings, for a JSON state record."""
+        return {f.name: getattr(self, f.name).hex() for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: object) -> VcpuState:
+        """The inverse of ``to_dict`` (``ValueError`` for anything else)."""
+        names = [f.name for f in fields(cls)]
+        if not isinstance(d, dict) or sorted(d) != sorted(names):
+            raise ValueError(f"a vCPU state has exactly the keys {names}")
+        try:
+            return cls(**{n: bytes.fromhex(d[n]) for n in names})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"a vCPU state's values are hex strings: {e}") from None
+
+
+_STATE_PARTS: tuple[tuple[type[ctypes.Structure], tuple[int, int]], ...] = (
+    (uapi.KvmSregs, (uapi.KVM_GET_SREGS, uapi.KVM_SET_SREGS)),
+    (uapi.KvmRegs, (uapi.KVM_GET_REGS, uapi.KVM_SET_REGS)),
+    (uapi.KvmFpu, (uapi.KVM_GET_FPU, uapi.KVM_SET_FPU)),
+    (uapi.KvmVcpuEvents, (uapi.KVM_GET_VCPU_EVENTS, uapi.KVM_SET_VCPU_EVENTS)),
+)
 
 
 def _install_kick_handler() -> bool:
@@ -464,6 +513,26 @@ class Vcpu:
 
     def set_sregs(self, sregs: uapi.KvmSregs) -> None:
         _ioctl_struct(self.fd, uapi.KVM_SET_SREGS, sregs)
+
+    def save_state(self) -> VcpuState:
+        """What a paused vCPU needs to go on elsewhere: general and special registers, FPU
+        and SSE state, and pending events (with the interrupt shadow)."""
+        parts = []
+        for cls, request in _STATE_PARTS:
+            struct = cls()
+            _ioctl_struct(self.fd, request[0], struct)
+            parts.append(bytes(struct))
+        return VcpuState(*parts)
+
+    def restore_state(self, state: VcpuState) -> None:
+        """Loads ``state`` (from ``save_state`` on another VM's vCPU) before this one runs;
+        the special registers first, as they set the mode the others are read in."""
+        for (cls, request), blob in zip(_STATE_PARTS, state.parts(), strict=True):
+            if len(blob) != ctypes.sizeof(cls):
+                raise ValueError(
+                    f"{cls.__name__} state is {len(blob)} bytes, not {ctypes.sizeof(cls)}"
+                )
+            _ioctl_struct(self.fd, request[1], cls.from_buffer_copy(blob))
 
     # -- running --------------------------------------------------------------------------------
 

@@ -18,20 +18,30 @@ from typing import Protocol
 
 @dataclass(frozen=True)
 class WireFormat:
-    """Bytes a page costs in the stream: QEMU's 8-byte header (the page offset with flags in a
-    be64) before each page, and one fill byte after the header for a zero page."""
+    """Bytes a page costs in the stream: by default QEMU's 8-byte header (the page offset with
+    flags in a be64) before each page, and one fill byte after the header for a zero page;
+    ``batch_header_bytes`` before each batch of pages (pagehint's own socket stream,
+    ``pagehint.migration.stream``, has an 8-byte record header and no fill byte)."""
 
     page_header_bytes: int = 8
     zero_page_bytes: int = 1
+    batch_header_bytes: int = 0
 
     def __post_init__(self) -> None:
-        if self.page_header_bytes < 0 or self.zero_page_bytes < 0:
-            raise ValueError("page_header_bytes and zero_page_bytes must not be negative")
+        if min(self.page_header_bytes, self.zero_page_bytes, self.batch_header_bytes) < 0:
+            raise ValueError(
+                "page_header_bytes, zero_page_bytes and batch_header_bytes must not be negative"
+            )
 
     def stream_bytes(self, normal: int, zero: int, page_size: int) -> int:
-        """Stream bytes for ``normal`` pages sent whole and ``zero`` pages sent as a header."""
-        return normal * (self.page_header_bytes + page_size) + zero * (
-            self.page_header_bytes + self.zero_page_bytes
+        """Stream bytes for a batch of ``normal`` pages sent whole and ``zero`` pages sent as
+        a header."""
+        if normal + zero == 0:
+            return 0
+        return (
+            self.batch_header_bytes
+            + normal * (self.page_header_bytes + page_size)
+            + zero * (self.page_header_bytes + self.zero_page_bytes)
         )
 
 

@@ -85,8 +85,11 @@ class MigrationSource(Protocol):
 class MigrationDestination(Protocol):
     """Where pages go."""
 
-    def receive(self, pfns: _I64Array, payload: npt.NDArray[Any]) -> None:
-        """Pages ``pfns`` arrive with ``payload`` (from ``read_pages``)."""
+    def receive(
+        self, pfns: _I64Array, payload: npt.NDArray[Any], zero: npt.NDArray[np.bool_]
+    ) -> None:
+        """Pages ``pfns`` arrive with ``payload`` and ``zero`` (from ``read_pages``); one
+        call is one batch on the wire."""
 
 
 @dataclass(frozen=True)
@@ -289,7 +292,7 @@ class Precopy:
         if self._lazy_clear:
             self._clear_chunks(np.unique(pfns // self.config.clear_chunk_pages))
         payload, zero = self.source.read_pages(pfns)
-        self.destination.receive(pfns, payload)
+        self.destination.receive(pfns, payload, zero)
         nzero = int(np.count_nonzero(zero))
         normal = len(pfns) - nzero
         nbytes = self.link.wire.stream_bytes(normal, nzero, self.page_size)

@@ -114,5 +114,7 @@ class SimulatedDestination:
     def __init__(self, guest: SimulatedGuest) -> None:
         self.contents = PageContents(guest.npages, guest.block_pfn, guest.pages_per_block)
 
-    def receive(self, pfns: _I64Array, payload: npt.NDArray[Any]) -> None:
+    def receive(
+        self, pfns: _I64Array, payload: npt.NDArray[Any], zero: npt.NDArray[np.bool_]
+    ) -> None:
         self.contents.write_pages(pfns, payload)

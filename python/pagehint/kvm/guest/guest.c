@@ -422,9 +422,9 @@ static u32 write_at(u64 gpa, u32 n) {
     return n;
 }
 
-/* The guest's life while it migrates: work, the balloon's rounds, and a checkpoint (an IN
- * the VMM answers) between steps, where the VMM may also pause it and the answer the guest
- * gets after its resume (on a destination, say) decides whether it goes on. */
+/* The guest's life while it migrates: work, the balloon's rounds, and a question (an IN the
+ * VMM answers) between steps: go on? The VMM may stop the vCPU anywhere; a copy resumed on a
+ * destination finishes its step and is told to stop there. */
 static u32 run(u32 pages_per_step, u32 seed) {
     u32 steps = 0;
     while (inl(PORT_RUN)) {
