@@ -30,12 +30,13 @@ def booted() -> Iterator[Booted]:
         log_mode: VmLogMode = "classic",
         memmap: MemoryMap = KVM_LAYOUT,
         vcpus: int = 1,
+        initially_set: bool = False,
         **guest_kw: Any,
     ) -> tuple[Vm, GuestProgram]:
         if shutil.which("gcc") is None or shutil.which("objcopy") is None:
             pytest.skip("building the test guest needs gcc and objcopy")
         try:
-            vm = Vm(memmap, log_mode=log_mode, vcpus=vcpus)
+            vm = Vm(memmap, log_mode=log_mode, vcpus=vcpus, initially_set=initially_set)
         except KvmUnavailable as e:
             pytest.skip(str(e))
         made.append(vm)

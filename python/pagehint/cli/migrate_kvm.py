@@ -166,7 +166,11 @@ def migrate_once(
             try:
                 moved = destination.switchover(source)
             except DestinationFailed as e:
-                return KvmRun(replace(result, status="failed", error=str(e)), None, 0)
+                # As QEMU after a failed switchover: the source runs on (DONE was sent).
+                source.resume()
+                return KvmRun(
+                    replace(result, status="failed", error=str(e)), None, guest.stop_run()
+                )
             # The downtime a user sees: from the pause to the guest running on the
             # destination (RAM, state and resume).
             result = replace(result, lost_pages=moved.lost_pages, downtime=moved.downtime)

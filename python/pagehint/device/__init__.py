@@ -1,7 +1,9 @@
 """The virtio-balloon device as a VMM embeds it: protocol constants (``protocol``), free page
 hinting (``free_page_hint``), free page reporting (``reporting``) and the virtio-mmio
-transport a guest drives it through (``mmio``)."""
+transport a guest drives it through (``mmio``), with a device thread to serve it
+(``device_thread``)."""
 
+from pagehint.device.device_thread import DeviceThread
 from pagehint.device.free_page_hint import FreePageHintDevice, HintState, ProcessResult
 from pagehint.device.mmio import VirtioMmioTransport
 from pagehint.device.protocol import (
@@ -66,6 +68,7 @@ __all__ = [
     "STATUS_FAILED",
     "STATUS_FEATURES_OK",
     "VIRTIO_ID_BALLOON",
+    "DeviceThread",
     "FreePageHintDevice",
     "FreePageReporting",
     "HintState",

@@ -16,8 +16,8 @@ What it does once the stream has ended, in order:
    vCPU's state, before any vCPU runs;
 2. digests every page as received (``DIGESTS``), then starts the vCPUs: the guest goes on
    wherever the source stopped it;
-3. ends the run the source started (the guest's next run-loop checkpoint answers "stop"),
-   and asks the guest for its self-check;
+3. ends the run the source started, if the guest was in one (its next step is told to
+   stop), and asks the guest for its self-check;
 4. exercises the balloon that moved: the guest takes the DONE the migration sent (its hinted
    blocks become free again), the device starts a new round, the guest hints its free blocks
    to it, and checks itself once more;
@@ -63,7 +63,7 @@ class DestinationReport:
     resume_seconds: float
     """From END read to the vCPUs running, digests excluded."""
     steps: int
-    """Steps of the source's run that the guest finished here."""
+    """Steps of the source's run that the guest finished here (0 if it was not in one)."""
     bad_pages: int
     bad_state: int
     hint_state: str | None
@@ -158,8 +158,11 @@ class _Receiver:
         vm = self.vm
         state = self._pages_until_end()
         ended = time.monotonic()
-        if not isinstance(state, dict) or set(state) != {"vcpus", "transport"}:
-            raise StreamError("STATE must hold exactly 'vcpus' and 'transport'")
+        if not isinstance(state, dict) or set(state) != {"vcpus", "transport", "guest"}:
+            raise StreamError("STATE must hold exactly 'vcpus', 'transport' and 'guest'")
+        in_run = state["guest"].get("in_run") if isinstance(state["guest"], dict) else None
+        if not isinstance(in_run, bool):
+            raise StreamError("STATE's guest must say whether it was in a run (in_run)")
         saved_vcpus = state["vcpus"]
         if not isinstance(saved_vcpus, list) or len(saved_vcpus) != len(vm.vcpus):
             raise StreamError(f"STATE must hold {len(vm.vcpus)} vCPU states")
@@ -187,7 +190,7 @@ class _Receiver:
             vcpu.start()
         resume_seconds = time.monotonic() - ended - digest_seconds
         self.writer.send_digests(digests)
-        steps = guest.collect()
+        steps = guest.collect() if in_run else 0
         check = guest.selfcheck()
         hint_state, hinted_left, free, rehinted, check_after = None, 0, 0, 0, check.ok
         if transport is not None:

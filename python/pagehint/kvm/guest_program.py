@@ -239,6 +239,11 @@ class GuestProgram:
         self._go_on.set()
         self._commands.put((CMD_RUN, (pages_per_step, seed)))
 
+    @property
+    def in_run(self) -> bool:
+        """Whether a ``run`` was started and not stopped."""
+        return self._go_on.is_set()
+
     def stop_run(self) -> int:
         """Ends a ``run`` at its next step; returns the steps it ran."""
         self._go_on.clear()

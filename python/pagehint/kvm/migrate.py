@@ -24,7 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pagehint import _core
-from pagehint.device import FreePageHintDevice, VirtioMmioTransport
+from pagehint.device import DeviceThread, FreePageHintDevice, VirtioMmioTransport
 from pagehint.kvm.destination import DestinationReport
 from pagehint.kvm.guest_program import HINTED, GuestProgram
 from pagehint.kvm.vm import Vm, VmLogMode
@@ -51,11 +51,19 @@ class KvmSource:
     it has one)."""
 
     def __init__(
-        self, vm: Vm, guest: GuestProgram, transport: VirtioMmioTransport | None = None
+        self,
+        vm: Vm,
+        guest: GuestProgram,
+        transport: VirtioMmioTransport | None = None,
+        *,
+        device_thread: DeviceThread | None = None,
     ) -> None:
         self.vm = vm
         self.guest = guest
         self.transport = transport
+        self.device_thread = device_thread
+        """The thread serving ``transport`` (if it does not serve on the vCPU thread): held
+        while the guest is paused, so the device's state is still when it is saved."""
         self._device = None if transport is None else transport.device
         self.paused_at: float | None = None
         """``time.monotonic()`` when stop-and-copy paused the vCPUs (None while running)."""
@@ -82,22 +90,28 @@ class KvmSource:
         """Stop-and-copy: every vCPU stops at its next instruction boundary (a signal
         interrupts one that makes no exits), its last exit's I/O completed."""
         self.vm.pause()
+        if self.device_thread is not None:
+            self.device_thread.hold()
         self.paused_at = time.monotonic()
 
     def resume(self) -> None:
         """After a cancel or failure: the guest runs on here."""
         if self.paused_at is not None:
+            if self.device_thread is not None:
+                self.device_thread.release()
             self.vm.resume()
             self.paused_at = None
 
     def save_state(self) -> dict[str, Any]:
-        """The paused guest's state for the STATE record: each vCPU's, and the balloon's
-        (virtio-mmio registers with the device's hinting state and queue indices)."""
+        """The paused guest's state for the STATE record: each vCPU's, the balloon's
+        (virtio-mmio registers with the device's hinting state and queue indices), and
+        whether the test guest was in a ``run`` (the destination then ends it)."""
         if self.paused_at is None:
             raise RuntimeError("save_state needs the guest paused")
         return {
             "vcpus": [v.save_state().to_dict() for v in self.vm.vcpus],
             "transport": None if self.transport is None else self.transport.save_state(),
+            "guest": {"in_run": self.guest.in_run},
         }
 
     def lost_pages(self, destination_digests: npt.NDArray[np.uint64]) -> int:

@@ -9,7 +9,8 @@ Dirty-log modes (``log_mode``):
 - ``classic``: ``KVM_GET_DIRTY_LOG`` returns a slot's dirty pages and write-protects them again.
 - ``manual``: with ``KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2`` the get leaves reported pages writable
   and untracked until ``KVM_CLEAR_DIRTY_LOG`` re-protects them; ``clear_dirty_log`` passes what
-  the last get reported (as QEMU does).
+  the last get reported (as QEMU does). ``initially_set=True`` adds KVM_DIRTY_LOG_INITIALLY_SET,
+  QEMU's choice when KVM offers it: the log starts with every page dirty and writable.
 - ``ring``: ``KVM_CAP_DIRTY_LOG_RING(_ACQ_REL)``: each vCPU pushes dirty gfns into a ring mapped
   from its fd; the VMM harvests them (``harvest``), and ``KVM_RESET_DIRTY_RINGS`` re-protects.
 
@@ -110,6 +111,7 @@ class Vm:
         vcpus: int = 1,
         ring_entries: int = 65536,
         reap_interval: float = 0.01,
+        initially_set: bool = False,
     ) -> None:
         if memmap.page_size != 4096:
             raise ValueError(f"x86 KVM guests have 4 KiB pages, not {memmap.page_size}")
@@ -125,8 +127,14 @@ class Vm:
                     f"region at {gpa:#x} is not a multiple of 256 KiB (64 pages), so its "
                     "dirty log would not start on a bitmap word"
                 )
+        if initially_set and log_mode != "manual":
+            raise ValueError("initially_set is a manual-protect option")
         self.memmap = memmap
         self.log_mode: VmLogMode = log_mode
+        self.initially_set = initially_set
+        """Manual mode with KVM_DIRTY_LOG_INITIALLY_SET (as QEMU enables it when KVM has it):
+        every page starts dirty and writable, and is write-protected only when first
+        cleared."""
         self.npages = memmap.npages
         self._fds: list[int] = []
         self._closed = False
@@ -169,8 +177,14 @@ class Vm:
         if self.log_mode == "manual":
             if not self.check_extension(uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2):
                 raise KvmUnavailable("KVM lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2")
+            flags = uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+            if self.initially_set:
+                supported = self.check_extension(uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
+                if not supported & uapi.KVM_DIRTY_LOG_INITIALLY_SET:
+                    raise KvmUnavailable("KVM lacks KVM_DIRTY_LOG_INITIALLY_SET")
+                flags |= uapi.KVM_DIRTY_LOG_INITIALLY_SET
             cap = uapi.KvmEnableCap(cap=uapi.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)
-            cap.args[0] = uapi.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE  # not INITIALLY_SET
+            cap.args[0] = flags
             _ioctl_struct(self.fd, uapi.KVM_ENABLE_CAP, cap)
         elif self.log_mode == "ring":
             self._enable_dirty_ring()
