@@ -223,26 +223,20 @@ def run(args: argparse.Namespace) -> int:
         def entry(r: KvmRun) -> dict[str, Any]:
             d = r.result.to_dict()
             rep = r.report
-            d["guest-check"] = (
-                None
-                if rep is None
-                else {
+            d["guest-check"] = d["destination"] = None
+            if rep is not None:
+                d["guest-check"] = {
                     "bad-pages": rep.bad_pages,
                     "bad-state": rep.bad_state,
                     "ok": rep.ok,
                     "hint-state": rep.hint_state,
                     "rehinted-blocks": rep.rehinted,
                 }
-            )
-            d["destination"] = (
-                None
-                if rep is None
-                else {
+                d["destination"] = {
                     "pages-received": rep.pages_received,
                     "stream-bytes": rep.bytes_received,
                     "resume-time": round(rep.resume_seconds * 1000, 3),
                 }
-            )
             d["guest-steps"] = r.steps
             return d
 
