@@ -244,7 +244,9 @@ class StreamReader:
                 return Record(kind, value=body.decode(errors="replace"))
             try:
                 value = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (ValueError, RecursionError) as e:
+                # ValueError: not UTF-8, not JSON, or an integer of more digits than Python
+                # converts; RecursionError: nested deeper than the decoder recurses.
                 raise StreamError(f"a {kind.name} record is not JSON: {e}") from None
             if kind is Kind.HELLO:
                 self._hello(value)
