@@ -219,8 +219,18 @@ class StreamReader:
             got += n
         self.bytes_received += got
 
+    @staticmethod
+    def _too_large(what: str, nbytes: int) -> StreamError:
+        # The counts are checked (MAX_BATCH_PAGES pages of MAX_PAGE_SIZE, npages digests), and
+        # memory is committed only as the bytes arrive; but the bounds are large, and a
+        # process that may not reserve that much says so here rather than with MemoryError.
+        return StreamError(f"{what} of {nbytes} bytes is more than this process can allocate")
+
     def _read(self, nbytes: int, what: str) -> bytearray:
-        buf = bytearray(nbytes)
+        try:
+            buf = bytearray(nbytes)
+        except MemoryError:
+            raise self._too_large(what, nbytes) from None
         self._read_into(memoryview(buf), what)
         return buf
 
@@ -307,7 +317,10 @@ class StreamReader:
             raise StreamError(f"a page {int(pfns.max())} beyond the guest's {self.npages} pages")
         zero = flags == FLAG_ZERO
         normal = count - int(np.count_nonzero(zero))
-        data = np.empty((normal, self.page_size), dtype=np.uint8)
+        try:
+            data = np.empty((normal, self.page_size), dtype=np.uint8)
+        except MemoryError:
+            raise self._too_large("a PAGES record's data", normal * self.page_size) from None
         if normal:
             self._read_into(data.data.cast("B"), "a PAGES record's data")
         return PageBatch(pfns, zero, data)
