@@ -70,7 +70,10 @@ class _Receiver:
             for r in regions
         ):
             raise StreamError("HELLO's regions must be a list of [gpa, size] pairs")
-        memmap = _core.MemoryMap([(gpa, size) for gpa, size in regions], hello["page_size"])
+        try:
+            memmap = _core.MemoryMap([(gpa, size) for gpa, size in regions], hello["page_size"])
+        except (ValueError, OverflowError) as e:  # unaligned, overlapping, negative, > u64
+            raise StreamError(f"HELLO's regions were refused: {e}") from None
         if memmap.npages != hello["npages"]:
             raise StreamError(
                 f"HELLO says {hello['npages']} pages; its regions hold {memmap.npages}"
