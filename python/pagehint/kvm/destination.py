@@ -239,7 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             serve(sock, timeout=args.timeout)
         except Exception as e:  # noqa: BLE001 - one line for the source's log
-            print(f"pagehint destination: {type(e).__name__}: {e}", file=sys.stderr)
+            # One line even if the message has several (an ERROR from the source, say).
+            message = " ".join(f"{type(e).__name__}: {e}".splitlines())
+            print(f"pagehint destination: {message}", file=sys.stderr)
             return 1
     return 0
 
