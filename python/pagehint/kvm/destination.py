@@ -210,7 +210,7 @@ def _listen(address: str) -> socket.socket:
         server.bind(address[5:])
     else:
         host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"--listen takes unix:PATH or HOST:PORT, not {address!r}")
         server = socket.create_server((host, int(port)))
     with server:
