@@ -5,9 +5,9 @@ the tests), long mode set up by the VMM (``boot``), the test guest (``guest/``, 
 (``migrate``) with its destination in a second process (``destination``) fed by the migration
 stream. Linux x86_64 only; ``KvmUnavailable`` says why not."""
 
-from pagehint.kvm.destination import DestinationReport
 from pagehint.kvm.guest_program import GuestError, GuestProgram, SelfCheck
 from pagehint.kvm.migrate import DestinationFailed, DestinationProcess, KvmSource, Switchover
+from pagehint.kvm.report import DestinationReport
 from pagehint.kvm.vm import KvmUnavailable, MemorySlot, Vcpu, VcpuState, Vm, VmLogMode
 
 __all__ = [

@@ -31,7 +31,6 @@ import contextlib
 import socket
 import sys
 import time
-from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 import numpy as np
@@ -39,6 +38,7 @@ import numpy as np
 from pagehint import _core
 from pagehint.device import FreePageHintDevice, VirtioMmioTransport
 from pagehint.kvm.guest_program import FREE, HINTED, GuestProgram
+from pagehint.kvm.report import DestinationReport
 from pagehint.kvm.vm import VcpuState, Vm
 from pagehint.migration.stream import (
     Kind,
@@ -47,49 +47,6 @@ from pagehint.migration.stream import (
     StreamWriter,
     page_digests,
 )
-
-
-@dataclass(frozen=True)
-class DestinationReport:
-    """What the destination saw and what its guest said (the ``REPORT`` record)."""
-
-    pages_received: int
-    """Pages the PAGES records carried (a page sent in several rounds counts each time)."""
-    bytes_received: int
-    """Bytes of the whole stream read, headers and state included."""
-    digest_seconds: float
-    """Time spent digesting the received RAM before the guest resumed (verification only:
-    not part of a real switchover)."""
-    resume_seconds: float
-    """From END read to the vCPUs running, digests excluded."""
-    steps: int
-    """Steps of the source's run that the guest finished here (0 if it was not in one)."""
-    bad_pages: int
-    bad_state: int
-    hint_state: str | None
-    """The restored device's hinting state (``done`` after a migration with hints)."""
-    hinted_after_done: int
-    """Blocks the guest still held hinted after taking the device's news (0 expected)."""
-    free_blocks: int
-    rehinted: int
-    """Blocks the guest hinted in a new round on this device."""
-    check_after_rehint_ok: bool
-
-    @property
-    def ok(self) -> bool:
-        """The guest's own verdict: every page it uses holds what it last wrote, its allocator
-        and ring add up, before and after hinting on the destination."""
-        return self.bad_pages == 0 and self.bad_state == 0 and self.check_after_rehint_ok
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Any) -> DestinationReport:
-        names = {f.name for f in fields(cls)}
-        if not isinstance(d, dict) or set(d) != names:
-            raise StreamError(f"a REPORT has exactly the keys {sorted(names)}: {d!r:.200}")
-        return cls(**d)
 
 
 class _Receiver:
@@ -113,7 +70,10 @@ class _Receiver:
             for r in regions
         ):
             raise StreamError("HELLO's regions must be a list of [gpa, size] pairs")
-        memmap = _core.MemoryMap([(gpa, size) for gpa, size in regions], hello["page_size"])
+        try:
+            memmap = _core.MemoryMap([(gpa, size) for gpa, size in regions], hello["page_size"])
+        except (ValueError, OverflowError) as e:  # unaligned, overlapping, negative, > u64
+            raise StreamError(f"HELLO's regions were refused: {e}") from None
         if memmap.npages != hello["npages"]:
             raise StreamError(
                 f"HELLO says {hello['npages']} pages; its regions hold {memmap.npages}"
@@ -253,7 +213,7 @@ def _listen(address: str) -> socket.socket:
         server.bind(address[5:])
     else:
         host, _, port = address.rpartition(":")
-        if not host or not port.isdigit():
+        if not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"--listen takes unix:PATH or HOST:PORT, not {address!r}")
         server = socket.create_server((host, int(port)))
     with server:
@@ -282,7 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             serve(sock, timeout=args.timeout)
         except Exception as e:  # noqa: BLE001 - one line for the source's log
-            print(f"pagehint destination: {type(e).__name__}: {e}", file=sys.stderr)
+            # One line even if the message has several (an ERROR from the source, say).
+            message = " ".join(f"{type(e).__name__}: {e}".splitlines())
+            print(f"pagehint destination: {message}", file=sys.stderr)
             return 1
     return 0
 

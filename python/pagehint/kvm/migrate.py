@@ -25,8 +25,8 @@ import numpy.typing as npt
 
 from pagehint import _core
 from pagehint.device import DeviceThread, FreePageHintDevice, VirtioMmioTransport
-from pagehint.kvm.destination import DestinationReport
 from pagehint.kvm.guest_program import HINTED, GuestProgram
+from pagehint.kvm.report import DestinationReport
 from pagehint.kvm.vm import Vm, VmLogMode
 from pagehint.migration.stream import (
     VERSION,

@@ -10,7 +10,9 @@ record        kind  count                  body
 ``HELLO``     1     body bytes             UTF-8 JSON: ``version``, ``page_size``,
                                            ``npages`` and what the receiver needs to build
                                            the VM (for the KVM destination: ``regions``,
-                                           ``mmio_base``...). Always first.
+                                           ``mmio_base``...). Always first, and once;
+                                           ``page_size`` a power of two, 16 to
+                                           ``MAX_PAGE_SIZE``.
 ``PAGES``     2     pages *n* (1 to        *n* u64 page words, each the page's RAM offset
                     ``MAX_BATCH_PAGES``)   (pfn x page size, as QEMU's offset in its
                                            RAMBlock) or'ed with one flag, ``ZERO`` (0x02)
@@ -51,6 +53,8 @@ FLAG_ZERO = 0x02
 FLAG_PAGE = 0x08
 HEADER_BYTES = 8
 MAX_BATCH_PAGES = 1 << 20
+MAX_PAGE_SIZE = 1 << 16
+"""The largest page size of a stream (``MemoryMap``'s largest): it bounds a batch's data."""
 MAX_JSON_BYTES = 64 << 20
 STREAM_WIRE = WireFormat(page_header_bytes=8, zero_page_bytes=0, batch_header_bytes=HEADER_BYTES)
 """What a batch costs in this stream (for ``Precopy``'s byte counts)."""
@@ -119,8 +123,10 @@ class StreamWriter:
     ``page_bytes_sent`` for the ``PAGES`` records alone)."""
 
     def __init__(self, sock: socket.socket, page_size: int) -> None:
-        if page_size < 16 or page_size & (page_size - 1):
-            raise ValueError(f"page_size must be a power of two >= 16, not {page_size}")
+        if not 16 <= page_size <= MAX_PAGE_SIZE or page_size & (page_size - 1):
+            raise ValueError(
+                f"page_size must be a power of two from 16 to {MAX_PAGE_SIZE}, not {page_size}"
+            )
         self.sock = sock
         self.page_size = page_size
         self.bytes_sent = 0
@@ -213,8 +219,18 @@ class StreamReader:
             got += n
         self.bytes_received += got
 
+    @staticmethod
+    def _too_large(what: str, nbytes: int) -> StreamError:
+        # The counts are checked (MAX_BATCH_PAGES pages of MAX_PAGE_SIZE, npages digests), and
+        # memory is committed only as the bytes arrive; but the bounds are large, and a
+        # process that may not reserve that much says so here rather than with MemoryError.
+        return StreamError(f"{what} of {nbytes} bytes is more than this process can allocate")
+
     def _read(self, nbytes: int, what: str) -> bytearray:
-        buf = bytearray(nbytes)
+        try:
+            buf = bytearray(nbytes)
+        except MemoryError:
+            raise self._too_large(what, nbytes) from None
         self._read_into(memoryview(buf), what)
         return buf
 
@@ -236,6 +252,9 @@ class StreamReader:
             kind = Kind(kind_value)
         except ValueError:
             raise StreamError(f"unknown record kind {kind_value}") from None
+        if kind is Kind.HELLO and (self.page_size is not None or self.npages is not None):
+            # Once: a second one would move the bounds the receiver built its VM on.
+            raise StreamError("a second HELLO (the stream's page_size and npages are set)")
         if kind in (Kind.HELLO, Kind.STATE, Kind.REPORT, Kind.ERROR):
             if count > MAX_JSON_BYTES:
                 raise StreamError(f"a {kind.name} record of {count} bytes is over the limit")
@@ -244,7 +263,9 @@ class StreamReader:
                 return Record(kind, value=body.decode(errors="replace"))
             try:
                 value = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (ValueError, RecursionError) as e:
+                # ValueError: not UTF-8, not JSON, or an integer of more digits than Python
+                # converts; RecursionError: nested deeper than the decoder recurses.
                 raise StreamError(f"a {kind.name} record is not JSON: {e}") from None
             if kind is Kind.HELLO:
                 self._hello(value)
@@ -263,17 +284,22 @@ class StreamReader:
         return Record(kind, batch=self._pages(count))
 
     def _hello(self, value: Any) -> None:
-        if not isinstance(value, dict) or value.get("version") != VERSION:
+        # type() is int: JSON's true and 1.0 are not integers here.
+        version = value.get("version") if isinstance(value, dict) else None
+        if type(version) is not int or version != VERSION:
             raise StreamError(f"HELLO is not version {VERSION} of this stream: {value!r:.200}")
         page_size, npages = value.get("page_size"), value.get("npages")
         if (
-            not isinstance(page_size, int)
-            or page_size < 16
+            type(page_size) is not int
+            or not 16 <= page_size <= MAX_PAGE_SIZE
             or page_size & (page_size - 1)
-            or not isinstance(npages, int)
+            or type(npages) is not int
             or npages < 1
         ):
-            raise StreamError("HELLO needs a power-of-two page_size and a positive npages")
+            raise StreamError(
+                f"HELLO needs a power-of-two page_size from 16 to {MAX_PAGE_SIZE} and a "
+                f"positive npages, not {page_size!r:.40} and {npages!r:.40}"
+            )
         self.page_size, self.npages = page_size, npages
 
     def _pages(self, count: int) -> PageBatch:
@@ -291,7 +317,10 @@ class StreamReader:
             raise StreamError(f"a page {int(pfns.max())} beyond the guest's {self.npages} pages")
         zero = flags == FLAG_ZERO
         normal = count - int(np.count_nonzero(zero))
-        data = np.empty((normal, self.page_size), dtype=np.uint8)
+        try:
+            data = np.empty((normal, self.page_size), dtype=np.uint8)
+        except MemoryError:
+            raise self._too_large("a PAGES record's data", normal * self.page_size) from None
         if normal:
             self._read_into(data.data.cast("B"), "a PAGES record's data")
         return PageBatch(pfns, zero, data)
@@ -306,6 +335,7 @@ __all__ = [
     "FLAG_PAGE",
     "FLAG_ZERO",
     "MAX_BATCH_PAGES",
+    "MAX_PAGE_SIZE",
     "STREAM_WIRE",
     "VERSION",
     "Kind",
