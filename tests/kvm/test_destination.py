@@ -321,6 +321,7 @@ def test_listen_on_a_unix_socket_takes_one_connection(tmp_path: Path) -> None:
             process.communicate()
     assert process.returncode == 1
     assert err.splitlines() == [f"pagehint destination: {record.value}"]
+    assert not path.exists()  # taken once, then gone: the next run may listen there again
 
 
 @pytest.mark.parametrize(

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import socket
 import sys
 import time
@@ -216,9 +217,15 @@ def _listen(address: str) -> socket.socket:
         if not host or not port.isdigit() or int(port) > 65535:
             raise ValueError(f"--listen takes unix:PATH or HOST:PORT, not {address!r}")
         server = socket.create_server((host, int(port)))
-    with server:
-        server.listen(1)
-        conn, _ = server.accept()
+    try:
+        with server:
+            server.listen(1)
+            conn, _ = server.accept()
+    finally:
+        if address.startswith("unix:"):
+            # One connection only: the path goes once it is taken (or the wait ends).
+            with contextlib.suppress(OSError):
+                os.unlink(address[5:])
     return conn
 
 
