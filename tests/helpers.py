@@ -14,6 +14,7 @@ import numpy.typing as npt
 from pagehint import DirtyBitmap, MemoryMap
 from pagehint.device import FreePageHintDevice, HintState, VirtioMmioTransport
 from pagehint.kvm import GuestProgram, Vm
+from pagehint.kvm.guest_program import MMIO_BASE
 from pagehint.migration import MigrationResult, Precopy, PrecopyConfig, Progress
 from pagehint.sim import (
     LinkModel,
@@ -139,7 +140,7 @@ class PackedDriver:
 
 # -- real KVM ----------------------------------------------------------------------------------
 
-KVM_MMIO_BASE = 0xD000_0000
+KVM_MMIO_BASE = MMIO_BASE
 """The balloon's virtio-mmio window in the KVM tests, in the hole below 4 GiB."""
 KVM_LAYOUT = MemoryMap([(0, 64 * MIB), (4 << 30, 64 * MIB)])
 """128 MiB: 64 MiB below the hole and 64 MiB above 4 GiB (two memslots)."""

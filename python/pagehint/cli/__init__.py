@@ -1,6 +1,6 @@
 """The ``pagehint`` command line: ``pagehint info`` (``info``), ``pagehint simulate``
-(``simulate``), ``pagehint migrate-kvm`` (``migrate_kvm``); ``report`` and ``plot`` serve
-both migration commands."""
+(``simulate``), ``pagehint migrate-kvm`` (``migrate_kvm``), ``pagehint lost-write-kvm``
+(``lost_write_kvm``); ``report`` and ``plot`` serve both migration commands."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from pagehint.cli import info, migrate_kvm, simulate
+from pagehint.cli import info, lost_write_kvm, migrate_kvm, simulate
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -22,6 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_parser(sub)
     simulate.add_parser(sub)
     migrate_kvm.add_parser(sub)
+    lost_write_kvm.add_parser(sub)
     return parser
 
 

@@ -22,6 +22,8 @@ from pagehint.kvm.boot import enter_long_mode, write_page_tables
 from pagehint.kvm.build import LOAD_GPA, build_guest
 from pagehint.kvm.vm import Vm
 
+MMIO_BASE = 0xD000_0000
+"""Where pagehint puts the balloon's virtio-mmio window: in the hole below 4 GiB."""
 BOOT_INFO_GPA = 0xB000
 BOOT_MAGIC = 0x3154534555474850  # "PHGUEST1"
 MAX_REGIONS = 4
