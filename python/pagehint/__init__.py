@@ -8,6 +8,19 @@ world: guest, Linux driver, workloads, simulated source and link, scenarios) and
 ``pagehint.cli`` (the command line). ``device`` and ``migration`` never import ``sim``.
 """
 
+import os as _os
+import sys as _sys
+
+try:
+    import pagehint._core  # noqa: F401 - fails with the reason on a bad PAGEHINT_SIMD
+except ValueError as _e:
+    # The command line (the ``pagehint`` script, or ``python -m pagehint``, whose argv[0] is
+    # "-m" while the package is imported): one line and exit 2, as for any bad option.
+    if "PAGEHINT_SIMD" in str(_e) and _os.path.basename(_sys.argv[0]) in ("pagehint", "-m"):
+        print(f"pagehint: {_e}", file=_sys.stderr)
+        raise SystemExit(2) from None
+    raise
+
 from pagehint._core import (
     ControlElement,
     DirtyBitmap,

@@ -9,6 +9,7 @@ import os
 import sys
 from collections.abc import Sequence
 
+from pagehint import __version__, simd_level
 from pagehint.cli import info, lost_write_kvm, migrate_kvm, simulate
 
 
@@ -17,6 +18,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pagehint",
         description="Free-page-hint-aware live migration toolkit.",
+    )
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"pagehint {__version__} (SIMD level {simd_level()})",
     )
     sub = parser.add_subparsers(dest="command", required=True)
     info.add_parser(sub)
@@ -34,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         status: int = args.func(args)
+    except KeyboardInterrupt:
+        print("pagehint: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:
         # `pagehint simulate --json | head`: the reader left; say nothing more.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
