@@ -30,6 +30,8 @@ from pagehint.sim import (
     MemoryHog,
     SimulatedGuest,
     SteadyWriter,
+    UsedWriter,
+    WriteFree,
 )
 from pagehint.sim.contents import PageContents, data_version, is_zero, zero_version
 
@@ -369,6 +371,9 @@ def test_block_bytes_override(block_bytes: int) -> None:
         {"poison": -1},
         {"poison": 1 << 32},
         {"log_mode": "lazy"},
+        {"used_data": -0.5},
+        {"used_data": 1.5},
+        {"free_order": "sorted"},
         {"ram": np.zeros(64 * MiB - 4096, dtype=np.uint8)},
         {"ram": np.zeros(16 * MiB, dtype=np.uint32)},
     ],
@@ -403,6 +408,92 @@ def test_used_fraction_takes_whole_blocks() -> None:
     contents = everything(tenth)
     assert not np.any(is_zero(contents[kernel]))
     assert int(np.count_nonzero(~is_zero(contents))) == len(kernel)
+
+
+def test_used_data_writes_only_the_first_pages_of_the_boot_blocks() -> None:
+    guest = SimulatedGuest(small_map(), used=2 / 16, used_data=0.25)
+    kernel = guest.kernel_pages().reshape(2, 1024)
+    contents = everything(guest)
+    assert not is_zero(contents[kernel[:, :256]]).any()
+    assert is_zero(contents[kernel[:, 256:]]).all()
+    assert int(np.count_nonzero(~is_zero(contents))) == 2 * 256
+    # None at all: the boot blocks are still in use, but all zero pages.
+    bare = SimulatedGuest(small_map(), used=0.0, used_data=0.0)
+    assert int(np.count_nonzero(bare.state == USED)) == 1
+    assert is_zero(everything(bare)).all()
+
+
+def test_address_order_hands_out_the_lowest_block_first() -> None:
+    guest = SimulatedGuest(small_map(), used=1 / 16, free_order="address")
+    # The boot block is the lowest (gpa 0), as the KVM test guest's kernel.
+    assert guest.used_blocks().tolist() == [0]
+    assert int(guest.block_gpa[guest.kernel_pages()[0] // 1024]) == 0
+    assert guest.alloc_blocks(3).tolist() == [1, 2, 3]
+    # Freed blocks go back on top (LIFO), then the lowest never-used one.
+    guest.free_blocks(i64([3, 2]))
+    assert guest.alloc_blocks(3).tolist() == [2, 3, 4]
+    # Address order needs no random draws: the rng is the seed's, untouched.
+    assert guest.rng.integers(0, 1 << 30) == np.random.default_rng(0).integers(0, 1 << 30)
+
+
+def test_used_blocks_leave_out_hints_free_blocks_and_optionally_the_kernel() -> None:
+    guest = SimulatedGuest(small_map(), used=1 / 16, free_order="address")
+    a = guest.alloc_blocks(4)
+    guest.free_blocks(a[2:])
+    assert guest.used_blocks().tolist() == [0, 1, 2]
+    assert guest.used_blocks(kernel=False).tolist() == [1, 2]
+    hint_all_free_blocks(guest)
+    assert guest.used_blocks(kernel=False).tolist() == [1, 2]
+
+
+def test_write_free_writes_then_frees_the_last_allocated_first() -> None:
+    guest = SimulatedGuest(small_map(), used=1 / 16, free_order="address")
+    guest.log.get()
+    wf = WriteFree(write_bytes=6 * 4 * MiB, free_bytes=4 * 4 * MiB)
+    guest.run(wf, 0.0)
+    assert wf.done
+    # Blocks 1..6 written (every page, data), 3..6 freed again with their data.
+    assert guest.used_blocks(kernel=False).tolist() == [1, 2]
+    written = guest.block_pages(i64(range(1, 7)))
+    assert dirty_pages(guest.log.get()).tolist() == written.tolist()
+    assert not is_zero(everything(guest)[written]).any()
+    # LIFO: 6 was freed first and 3 last, so 3 is handed out first, then 4, 5, 6, then 7.
+    assert guest.alloc_blocks(5).tolist() == [3, 4, 5, 6, 7]
+    # It acts once.
+    guest.log.get()  # (init_on_alloc zeroed what alloc_blocks handed out)
+    guest.run(wf, 1.0)
+    assert guest.log.count() == 0
+
+
+@pytest.mark.parametrize("write, free", [(-1, 0), (4 * MiB, -1), (4 * MiB, 8 * MiB)])
+def test_write_free_refuses_impossible_sizes(write: int, free: int) -> None:
+    with pytest.raises(ValueError):
+        WriteFree(write, free)
+
+
+def test_used_writer_writes_random_pages_of_used_blocks_and_its_bookkeeping() -> None:
+    guest = SimulatedGuest(small_map(), used=1 / 16, free_order="address")
+    guest.run(WriteFree(write_bytes=5 * 4 * MiB, free_bytes=2 * 4 * MiB))
+    guest.log.get()
+    writer = UsedWriter(pages_per_s=1000, kernel_pages=3)
+    guest.workloads = [writer]
+    used = guest.block_pages(i64([1, 2, 3]))
+    rng = copy.deepcopy(guest.rng)  # replays the writer's draws
+    for n in (250, 250):
+        guest.advance(0.25)
+        blocks = i64([1, 2, 3])[rng.integers(0, 3, n)]
+        expect = set((guest.block_pfn[blocks] + rng.integers(0, 1024, n)).tolist())
+        dirty = set(dirty_pages(guest.log.get()).tolist())
+        assert dirty - expect == {0, 1, 2}  # the first pages of the kernel's block
+        assert expect <= dirty and expect <= set(used.tolist())
+    # Nothing in use outside the kernel: only the bookkeeping.
+    empty = SimulatedGuest(small_map(), used=1 / 16)
+    empty.workloads = [UsedWriter(pages_per_s=100, kernel_pages=2)]
+    empty.log.get()
+    empty.advance(1.0)
+    assert dirty_pages(empty.log.get()).tolist() == empty.kernel_pages()[:2].tolist()
+    with pytest.raises(ValueError):
+        UsedWriter(pages_per_s=-1)
 
 
 # -- 3. determinism ----------------------------------------------------------------------------

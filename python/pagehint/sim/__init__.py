@@ -24,7 +24,15 @@ from pagehint.sim.scenario import (
     shipped_scenarios,
 )
 from pagehint.sim.source import DEVICE_RATE, GUEST_HINT_RATE, SimulatedDestination, SimulatedSource
-from pagehint.sim.workloads import Idle, KernelCompile, MemoryHog, SteadyWriter, Workload
+from pagehint.sim.workloads import (
+    Idle,
+    KernelCompile,
+    MemoryHog,
+    SteadyWriter,
+    UsedWriter,
+    Workload,
+    WriteFree,
+)
 
 __all__ = [
     "DEVICE_RATE",
@@ -51,8 +59,10 @@ __all__ = [
     "SimulatedLink",
     "SimulatedSource",
     "SteadyWriter",
+    "UsedWriter",
     "Workload",
     "WorkloadSpec",
+    "WriteFree",
     "load_scenario",
     "parse_rate",
     "parse_seconds",

@@ -56,7 +56,12 @@ class SimulatedGuest:
     """A seeded guest on ``memmap`` with free page hinting.
 
     ``used`` is the fraction of RAM in use at boot (kernel, page cache, ...), taken in whole
-    hint blocks. ``init_on_alloc`` (Debian's default) zeroes every block the allocator hands
+    hint blocks; ``used_data`` is the fraction of those blocks' pages that hold data at boot
+    (the first pages of each block; the rest stay zero pages, as most of a small kernel's
+    first block). ``free_order`` is the order of the free list at boot: ``random`` (a guest
+    that ran a while) or ``address`` (lowest address on top, as a freshly booted allocator
+    such as pagehint's KVM test guest hands blocks out; the boot blocks are then the lowest).
+    ``init_on_alloc`` (Debian's default) zeroes every block the allocator hands
     out, including the driver's hint blocks. ``poison`` is the page poisoning value written
     into freed pages (``0`` for ``init_on_free=1``, ``PAGE_POISON`` for ``page_poison=1``) or
     None for none: with it the driver accepts PAGE_POISON and tells the device. Guest RAM is
@@ -70,6 +75,8 @@ class SimulatedGuest:
         *,
         seed: int = 0,
         used: float = 0.1,
+        used_data: float = 1.0,
+        free_order: Literal["random", "address"] = "random",
         init_on_alloc: bool = True,
         poison: int | None = None,
         log_mode: Literal["classic", "manual", "ring"] = "classic",
@@ -78,6 +85,10 @@ class SimulatedGuest:
     ) -> None:
         if not 0.0 <= used <= 1.0:
             raise ValueError(f"used is a fraction of RAM, not {used}")
+        if not 0.0 <= used_data <= 1.0:
+            raise ValueError(f"used_data is a fraction of the used blocks' pages, not {used_data}")
+        if free_order not in ("random", "address"):
+            raise ValueError(f"free_order must be 'random' or 'address', not {free_order!r}")
         page = memmap.page_size
         if block_bytes is None:
             block_bytes = HINT_BLOCK_BYTES[page]
@@ -111,7 +122,10 @@ class SimulatedGuest:
         self.log = DirtyLog(self.npages, log_mode)
         self.state = np.full(self.nblocks, FREE, dtype=np.uint8)
         # The free list: a stack, most recently freed on top (the buddy allocator's LIFO).
-        self._free = self.rng.permutation(self.nblocks).astype(np.int64)
+        if free_order == "random":
+            self._free = self.rng.permutation(self.nblocks).astype(np.int64)
+        else:
+            self._free = np.arange(self.nblocks - 1, -1, -1, dtype=np.int64)
         self._nfree = self.nblocks
         # Blocks held by the balloon driver (its free_page_list), most recent on top.
         self._hinted = np.zeros(self.nblocks, dtype=np.int64)
@@ -125,7 +139,12 @@ class SimulatedGuest:
         # Boot: the kernel and its caches hold `used` of RAM, the ring block included.
         boot = max(1, round(used * self.nblocks))
         self._kernel_blocks = self.alloc_blocks(boot)
-        self.write_blocks(self._kernel_blocks)
+        if used_data == 1.0:
+            self.write_blocks(self._kernel_blocks)
+        else:
+            data = round(used_data * self.pages_per_block)
+            starts = self.block_pfn[self._kernel_blocks]
+            self.write_pages((starts[:, None] + np.arange(data, dtype=np.int64)).ravel())
         if ram is None:
             self._mapping = mmap.mmap(
                 -1, memmap.ram_bytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
@@ -157,6 +176,14 @@ class SimulatedGuest:
     def kernel_pages(self) -> _I64Array:
         """Pages of the blocks the kernel holds since boot."""
         return self.block_pages(self._kernel_blocks)
+
+    def used_blocks(self, *, kernel: bool = True) -> _I64Array:
+        """The blocks in use (allocated by a workload or the kernel, not held as hints), in
+        block order; without the kernel's boot blocks unless ``kernel``."""
+        used = self.state == USED
+        if not kernel:
+            used[self._kernel_blocks] = False
+        return np.flatnonzero(used).astype(np.int64)
 
     def _next_seq(self) -> int:
         seq = self._seq

@@ -95,6 +95,67 @@ class SteadyWriter:
 
 
 @dataclass
+class WriteFree:
+    """Allocates ``write_bytes`` in blocks, writes every page, and frees the last-allocated
+    ``free_bytes`` of them again, most recent first (the allocator's LIFO): what pagehint's KVM
+    test guest does before it migrates (``alloc_write``, then ``free``), leaving stale data in
+    free blocks and the rest in use. It acts once, at its first step."""
+
+    write_bytes: int
+    free_bytes: int = 0
+    done: bool = False
+
+    def __post_init__(self) -> None:
+        if self.write_bytes < 0 or not 0 <= self.free_bytes <= self.write_bytes:
+            raise ValueError(
+                f"write-free needs 0 <= free ({self.free_bytes}) <= write ({self.write_bytes})"
+            )
+
+    def step(self, guest: SimulatedGuest, seconds: float) -> None:
+        if self.done:
+            return
+        self.done = True
+        blocks = guest.alloc_blocks(guest.blocks_for(self.write_bytes))
+        guest.write_blocks(blocks)
+        nfree = min(len(blocks), guest.blocks_for(self.free_bytes))
+        if nfree:
+            guest.free_blocks(blocks[::-1][:nfree])
+
+
+@dataclass
+class UsedWriter:
+    """Writes ``pages_per_s`` pages, each a uniformly random page of the blocks in use outside
+    the kernel's (whatever earlier workloads left allocated), and with every batch of writes
+    also its own ``kernel_pages`` bookkeeping pages (the first pages of the kernel's blocks):
+    pagehint's KVM test guest running by itself (its step rewrites random pages of its used
+    blocks and their version words in its kernel block)."""
+
+    pages_per_s: float
+    kernel_pages: int = 0
+    _carry: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.pages_per_s < 0 or self.kernel_pages < 0:
+            raise ValueError("used-writer needs pages_per_s and kernel_pages not negative")
+
+    def step(self, guest: SimulatedGuest, seconds: float) -> None:
+        self._carry += self.pages_per_s * seconds
+        n = int(self._carry)
+        self._carry -= n
+        if not n:
+            return
+        blocks = guest.used_blocks(kernel=False)
+        if len(blocks):
+            ppb = guest.pages_per_block
+            which = blocks[guest.rng.integers(0, len(blocks), n)]
+            offset = guest.rng.integers(0, ppb, n)
+            guest.write_pages(guest.block_pfn[which] + offset)
+        if self.kernel_pages:
+            kernel = guest.kernel_pages()
+            guest.write_pages(kernel[: self.kernel_pages])
+
+
+@dataclass
 class KernelCompile:
     """``make -j`` churn: compiler processes allocate and fill ``alloc_bytes_per_s`` of
     anonymous memory that lives ``lifetime_s`` and is freed, while the page cache grows by
