@@ -2,7 +2,8 @@
 (``driver``, over ``driver_ring``), page contents (``contents``), a simulated KVM dirty log
 (``dirty_log``), workloads (``workloads``), the guest as a migration source with a destination
 that keeps contents for the nothing-lost oracle (``source``), simulated time (``link``), and
-the scenarios ``pagehint simulate`` runs (``scenario``, ``scenarios/``)."""
+the scenarios ``pagehint simulate`` runs (``scenario``, ``scenarios/``), and the model of a
+``pagehint migrate-kvm`` run (``kvm_model``)."""
 
 from pagehint.sim.contents import PageContents
 from pagehint.sim.dirty_log import DirtyLog
@@ -21,6 +22,8 @@ from pagehint.sim.scenario import (
     reduction,
     run_scenario,
     scenario_from_dict,
+    scenario_to_dict,
+    scenario_to_toml,
     shipped_scenarios,
 )
 from pagehint.sim.source import DEVICE_RATE, GUEST_HINT_RATE, SimulatedDestination, SimulatedSource
@@ -71,5 +74,7 @@ __all__ = [
     "run_scenario",
     "run_until_idle",
     "scenario_from_dict",
+    "scenario_to_dict",
+    "scenario_to_toml",
     "shipped_scenarios",
 ]

@@ -7,6 +7,7 @@ runs with hints off and on start from the same memory.
 
 from __future__ import annotations
 
+import json
 import re
 import tomllib
 from collections.abc import Callable
@@ -28,7 +29,15 @@ from pagehint.migration import (
 from pagehint.sim.guest import PAGE_POISON, SimulatedGuest
 from pagehint.sim.link import LinkModel, SimulatedLink
 from pagehint.sim.source import DEVICE_RATE, GUEST_HINT_RATE, SimulatedDestination, SimulatedSource
-from pagehint.sim.workloads import Idle, KernelCompile, MemoryHog, SteadyWriter, Workload
+from pagehint.sim.workloads import (
+    Idle,
+    KernelCompile,
+    MemoryHog,
+    SteadyWriter,
+    UsedWriter,
+    Workload,
+    WriteFree,
+)
 
 _SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?b|bit)?\s*$", re.IGNORECASE)
 _POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
@@ -74,7 +83,7 @@ def parse_seconds(value: int | float | str) -> float:
     return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
 
 
-WORKLOADS = ("idle", "memory-hog", "steady-writer", "kernel-compile")
+WORKLOADS = ("idle", "memory-hog", "steady-writer", "kernel-compile", "write-free", "used-writer")
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,10 @@ class WorkloadSpec:
                     lifetime_s=float(p.pop("lifetime_s", d.lifetime_s)),
                     cache_bytes_per_s=parse_size(p.pop("cache_bytes_per_s", d.cache_bytes_per_s)),
                 )
+            if self.kind == "write-free":
+                return WriteFree(parse_size(p.pop("write")), parse_size(p.pop("free", 0)))
+            if self.kind == "used-writer":
+                return UsedWriter(float(p.pop("pages_per_s")), int(p.pop("kernel_pages", 0)))
         except KeyError as e:
             raise ValueError(f"workload {self.kind!r} needs {e.args[0]!r}") from None
         finally:
@@ -119,8 +132,17 @@ class Scenario:
     description: str = ""
     memory: int = 8 << 30
     layout: Literal["x86", "flat"] = "x86"
+    below_4g: int | None = None
+    """x86 layout: RAM below the PCI hole (the rest from 4 GiB); None for QEMU's up to 2 GiB."""
     page_size: int = 4096
+    block_bytes: int | None = None
+    """The allocator's and the hints' block size; None for the hint order's (4 MiB with 4 KiB
+    pages)."""
     used: float = 0.1
+    used_data: float = 1.0
+    """The fraction of the pages of the blocks used at boot that hold data (the rest zeros)."""
+    free_order: Literal["random", "address"] = "random"
+    """The boot free list: shuffled, or the lowest address handed out first."""
     init_on_alloc: bool = True
     poison: int | None = None
     log_mode: LogMode = "classic"
@@ -135,9 +157,8 @@ class Scenario:
 
     def memmap(self) -> _core.MemoryMap:
         if self.layout == "x86":
-            return _core.MemoryMap.x86(
-                self.memory, below_4g=min(self.memory, 2 << 30), page_size=self.page_size
-            )
+            below = min(self.memory, 2 << 30) if self.below_4g is None else self.below_4g
+            return _core.MemoryMap.x86(self.memory, below_4g=below, page_size=self.page_size)
         if self.layout == "flat":
             return _core.MemoryMap([(0, self.memory)], page_size=self.page_size)
         raise ValueError(f"layout must be 'x86' or 'flat', not {self.layout!r}")
@@ -155,14 +176,16 @@ def scenario_from_dict(d: dict[str, Any], name: str = "custom") -> Scenario:
         "description": d.pop("description", ""),
         "published": dict(d.pop("published", {})),
     }
-    if "memory" in guest:
-        kw["memory"] = parse_size(guest.pop("memory"))
-    for key in ("layout", "log_mode"):
+    for key in ("memory", "below_4g", "block_bytes"):
+        if key in guest:
+            kw[key] = parse_size(guest.pop(key))
+    for key in ("layout", "log_mode", "free_order"):
         if key in guest:
             kw[key] = guest.pop(key)
     for key, conv in (
         ("page_size", int),
         ("used", float),
+        ("used_data", float),
         ("init_on_alloc", bool),
         ("seed", int),
         ("hint_rate", float),
@@ -215,6 +238,92 @@ def scenario_from_dict(d: dict[str, Any], name: str = "custom") -> Scenario:
     return Scenario(**kw)
 
 
+def scenario_to_dict(s: Scenario) -> dict[str, Any]:
+    """The scenario as ``scenario_from_dict`` reads it (every value explicit, so the file
+    means the same if a default changes): ``scenario_from_dict(scenario_to_dict(s)) == s``.
+    ``ValueError`` for what a scenario file cannot say (``clear_chunk_pages`` other than the
+    default; ``hints``, which ``run_scenario`` sets, is left out)."""
+    pc, link = s.precopy, s.link
+    if pc.clear_chunk_pages != PrecopyConfig.clear_chunk_pages:
+        raise ValueError("a scenario file cannot set clear_chunk_pages")
+    guest: dict[str, Any] = {"memory": s.memory, "layout": s.layout}
+    if s.below_4g is not None:
+        guest["below_4g"] = s.below_4g
+    guest["page_size"] = s.page_size
+    if s.block_bytes is not None:
+        guest["block_bytes"] = s.block_bytes
+    guest.update(
+        used=s.used,
+        used_data=s.used_data,
+        free_order=s.free_order,
+        init_on_alloc=s.init_on_alloc,
+        poison="none" if s.poison is None else s.poison,
+        log_mode=s.log_mode,
+        seed=s.seed,
+        hint_rate=s.hint_rate,
+        device_rate=s.device_rate,
+    )
+    out: dict[str, Any] = {"name": s.name, "description": s.description}
+    if s.published:
+        out["published"] = dict(s.published)
+    out["guest"] = guest
+    if s.history:
+        out["history"] = [{"kind": w.kind, **w.params} for w in s.history]
+    out["workload"] = {"kind": s.workload.kind, **s.workload.params}
+    out["link"] = {
+        "bandwidth": link.bandwidth,
+        "scan_rate": link.scan_rate,
+        "setup_time": link.setup_time,
+        "switchover_time": link.switchover_time,
+        "page_header_bytes": link.wire.page_header_bytes,
+        "zero_page_bytes": link.wire.zero_page_bytes,
+        "max_downtime": pc.max_downtime,
+        "iteration_time": pc.iteration_time,
+        "max_rounds": pc.max_rounds,
+        "batch_pages": pc.batch_pages,
+    }
+    out["migration"] = {"strategy": pc.strategy, "postcopy": pc.postcopy}
+    return out
+
+
+def _toml_key(key: str) -> str:
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        return repr(v)  # 0.3, 1e+20, inf, nan: all TOML floats
+    if isinstance(v, str):
+        # A JSON string (ASCII, escapes \" \\ \n \uXXXX) is a TOML basic string, but for DEL.
+        return json.dumps(v).replace("\x7f", "\\u007f")
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise TypeError(f"a scenario file cannot hold {type(v).__name__} {v!r}")
+
+
+def scenario_to_toml(s: Scenario) -> str:
+    """The scenario as a TOML file that ``pagehint simulate FILE`` runs (``load_scenario``
+    reads back a scenario equal to ``s``)."""
+    d = scenario_to_dict(s)
+    lines: list[str] = []
+    tables: list[tuple[str, dict[str, Any]]] = []
+    for key, value in d.items():
+        if isinstance(value, dict):
+            tables.append((f"[{_toml_key(key)}]", value))
+        elif isinstance(value, list) and value and all(isinstance(x, dict) for x in value):
+            tables.extend((f"[[{_toml_key(key)}]]", x) for x in value)
+        else:
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
+    for header, table in tables:
+        lines += ["", header]
+        lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in table.items()]
+    return "\n".join(lines) + "\n"
+
+
 def _workload(d: dict[str, Any]) -> WorkloadSpec:
     d = dict(d)
     kind = d.pop("kind", None)
@@ -261,9 +370,12 @@ def run_scenario(
         memmap,
         seed=scenario.seed,
         used=scenario.used,
+        used_data=scenario.used_data,
+        free_order=scenario.free_order,
         init_on_alloc=scenario.init_on_alloc,
         poison=scenario.poison,
         log_mode=scenario.log_mode,
+        block_bytes=scenario.block_bytes,
     )
     for spec in scenario.history:
         w = spec.build()
