@@ -30,13 +30,19 @@ class LinkModel:
     """Seconds before the first round (bitmap and log set-up)."""
     switchover_time: float = 0.0
     """Seconds of downtime beyond sending RAM (device state, network switch)."""
+    startup_wait: float = 0.0
+    """Seconds the sender waits, the guest running, for a destination that is still starting
+    up and takes no stream yet (``pagehint migrate-kvm``'s process): the first batch that
+    finds ``startup_buffer`` full waits that long."""
+    startup_buffer: int = 0
+    """Stream bytes the link holds before the destination reads (a socket's send buffer)."""
 
     def __post_init__(self) -> None:
         for name in ("bandwidth", "scan_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, not {getattr(self, name)}")
-        for name in ("setup_time", "switchover_time"):
-            if getattr(self, name) < 0:
+        for name in ("setup_time", "switchover_time", "startup_wait", "startup_buffer"):
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must not be negative, not {getattr(self, name)}")
 
 
@@ -49,6 +55,8 @@ class SimulatedLink:
         self.guest = guest
         self.model = model or LinkModel()
         self._now = 0.0
+        self._buffered: int | None = 0
+        """Stream bytes sent before the destination reads; None once it does."""
 
     @property
     def wire(self) -> WireFormat:
@@ -59,11 +67,17 @@ class SimulatedLink:
 
     def start(self) -> None:
         self._now = self.model.setup_time
+        self._buffered = 0
         self.guest.run(self.model.setup_time)
 
     def transmit(self, stream_bytes: int, read_bytes: int, *, running: bool) -> None:
         m = self.model
         dt = max(stream_bytes / m.bandwidth, read_bytes / m.scan_rate)
+        if self._buffered is not None:
+            self._buffered += stream_bytes
+            if self._buffered > m.startup_buffer:
+                self._buffered = None
+                dt += m.startup_wait
         self._now += dt
         if running:
             self.guest.run(dt)

@@ -211,12 +211,14 @@ def scenario_from_dict(d: dict[str, Any], name: str = "custom") -> Scenario:
     for key in ("bandwidth", "scan_rate"):
         if key in link:
             lm[key] = parse_rate(link.pop(key))
-    for key in ("setup_time", "switchover_time"):
+    for key in ("setup_time", "switchover_time", "startup_wait"):
         if key in link:
             lm[key] = parse_seconds(link.pop(key))
-    for key in ("page_header_bytes", "zero_page_bytes"):
+    for key in ("page_header_bytes", "zero_page_bytes", "batch_header_bytes"):
         if key in link:
             wire[key] = int(link.pop(key))
+    if "startup_buffer" in link:
+        lm["startup_buffer"] = parse_size(link.pop("startup_buffer"))
     for key in ("max_downtime", "iteration_time"):
         if key in link:
             pc[key] = parse_seconds(link.pop(key))
@@ -275,8 +277,11 @@ def scenario_to_dict(s: Scenario) -> dict[str, Any]:
         "scan_rate": link.scan_rate,
         "setup_time": link.setup_time,
         "switchover_time": link.switchover_time,
+        "startup_wait": link.startup_wait,
+        "startup_buffer": link.startup_buffer,
         "page_header_bytes": link.wire.page_header_bytes,
         "zero_page_bytes": link.wire.zero_page_bytes,
+        "batch_header_bytes": link.wire.batch_header_bytes,
         "max_downtime": pc.max_downtime,
         "iteration_time": pc.iteration_time,
         "max_rounds": pc.max_rounds,
