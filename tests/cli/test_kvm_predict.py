@@ -1,0 +1,108 @@
+"""``pagehint.cli.kvm_predict``: ``migrate-kvm``'s options as the model's parameters, the
+comparison table, and ``python -m pagehint.cli.kvm_predict`` running the migrations and
+printing them against the prediction."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from typing import Any
+
+import pytest
+from rich.console import Console
+
+from helpers import KVM_LAYOUT, MIB
+from pagehint.cli.kvm_predict import kvm_run_params, main, prediction_table
+from pagehint.kvm import KvmUnavailable, Vm
+from pagehint.migration.stream import STREAM_WIRE
+from pagehint.sim.kvm_model import KvmRunParams, compare, predict_kvm_run
+
+
+def options(**kw: Any) -> argparse.Namespace:
+    args = argparse.Namespace(
+        memory="64M",
+        log_mode="ring",
+        strategy="qemu",
+        bandwidth="1GiB",
+        downtime="200ms",
+        write_blocks=6,
+        free_blocks=4,
+        pages_per_step=8,
+        bandwidth_bps=float(1 << 30),
+        downtime_s=0.2,
+        seed=1,
+    )
+    for k, v in kw.items():
+        setattr(args, k, v)
+    return args
+
+
+def test_the_options_become_the_models_parameters() -> None:
+    p = kvm_run_params(options(), rate=123.0)
+    assert p == KvmRunParams(
+        wire=STREAM_WIRE,
+        memory=64 * MIB,
+        block_bytes=4 * MIB,
+        write_blocks=6,
+        free_blocks=4,
+        pages_per_step=8,
+        step_rate=123.0,
+        bandwidth=float(1 << 30),
+        max_downtime=0.2,
+        log_mode="ring",
+        strategy="qemu",
+        batch_pages=256,
+    )
+    assert kvm_run_params(options()).step_rate is None
+    late = kvm_run_params(options(), sender_rate=100.0 * MIB, startup_wait=0.25)
+    assert (late.sender_rate, late.startup_wait) == (100.0 * MIB, 0.25)
+
+
+def test_the_table_has_every_figure_measured_and_predicted() -> None:
+    p = predict_kvm_run(KvmRunParams(step_rate=400.0))
+    console = Console(record=True, width=120)
+    console.print(prediction_table("a title", compare(p.off, p.on, p)))
+    text = console.export_text()
+    for label in (
+        "a title",
+        "transferred (MiB)",
+        "pages skipped by hints",
+        "total time (ms)",
+        "downtime (ms)",
+        "dirty syncs",
+        "54,272",
+        "+0.0%",
+    ):
+        assert label in text
+
+
+def test_bad_options_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--memory", "3M"]) == 2
+    assert "--memory must be a multiple of 8 MiB" in capsys.readouterr().err
+
+
+@pytest.fixture
+def kvm() -> None:
+    if shutil.which("gcc") is None or shutil.which("objcopy") is None:
+        pytest.skip("building the test guest needs gcc and objcopy")
+    try:
+        Vm(KVM_LAYOUT).close()
+    except KvmUnavailable as e:
+        pytest.skip(str(e))
+
+
+@pytest.mark.usefixtures("kvm")
+def test_json_compares_each_log_mode(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["--log-modes", "manual", "--memory", "64M", "--write-blocks", "6"]
+    assert main([*argv, "--free-blocks", "4", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert list(d) == ["manual"]
+    for run in ("hints-off", "hints-on"):
+        measured = d["manual"]["measured-params"][run]
+        assert measured["step-rate"] > 0 and measured["sender-rate"] > 0
+        assert measured["startup-wait"] >= 0
+    figures = {(f["figure"], f["hints"]): f for f in d["manual"]["figures"]}
+    skipped = figures[("pages_skipped", True)]
+    assert skipped["measured"] > 0 and skipped["predicted"] > 0
+    assert figures[("transferred", False)]["measured"] > figures[("transferred", True)]["measured"]
