@@ -96,6 +96,8 @@ class Destination:
         """After the stream was sent: the destination's ERROR message, once it closed the
         connection, exited 1 and wrote that message as its one line on stderr."""
         record = self.reader.read()
+        if record.kind is Kind.READY:  # a valid HELLO built the VM first
+            record = self.reader.read()
         assert record.kind is Kind.ERROR, record
         message: str = record.value
         # Then nothing more: the destination closed (a reset if it left bytes unread).

@@ -86,6 +86,7 @@ class _Receiver:
             raise StreamError("HELLO's mmio_base must be an integer or null")
         self.vm = Vm(memmap, vcpus=vcpus)
         self.writer = StreamWriter(self.reader.sock, memmap.page_size)
+        self.writer.send_ready()
         return hello
 
     def _pages_until_end(self) -> Any:

@@ -149,9 +149,9 @@ class DestinationProcess:
     """The destination VM in a second process, as ``Precopy``'s ``MigrationDestination``.
 
     Starting it sends HELLO (the memory map, the vCPU count and where the balloon's
-    virtio-mmio window is); ``receive`` sends each batch as a PAGES record; ``switchover``
-    finishes a completed migration; ``close`` ends the process (``kill`` ends it at once, to
-    test a failure)."""
+    virtio-mmio window is) and waits for READY (the destination's VM built); ``receive``
+    sends each batch as a PAGES record; ``switchover`` finishes a completed migration;
+    ``close`` ends the process (``kill`` ends it at once, to test a failure)."""
 
     def __init__(
         self,
@@ -205,6 +205,14 @@ class DestinationProcess:
                 },
             )
         )
+        # The destination builds its VM first: pages sent before it reads would wait in the
+        # socket while the guest runs on, and be sent again.
+        ours.settimeout(timeout)
+        try:
+            self._expect(Kind.READY)
+        except BaseException:
+            self.close()
+            raise
 
     def _why(self) -> str:
         """The process's exit status and last stderr line, if it has ended."""

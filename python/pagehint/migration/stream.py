@@ -26,6 +26,9 @@ record        kind  count                  body
                                            page of RAM as received, in pfn order.
 ``REPORT``    6     body bytes             destination to source: UTF-8 JSON.
 ``ERROR``     7     body bytes             either way: a UTF-8 message; the sender closes.
+``READY``     8     0                      destination to source, after HELLO: the VM is
+                                           built; the source starts sending pages (so the
+                                           migration does not wait on a receiver starting).
 ============  ====  =====================  ===============================================
 
 A batch of *n* pages, *z* of them zero, is therefore ``8 + 8n + page_size x (n - z)`` bytes:
@@ -72,6 +75,7 @@ class Kind(IntEnum):
     DIGESTS = 5
     REPORT = 6
     ERROR = 7
+    READY = 8
 
 
 class StreamError(Exception):
@@ -195,6 +199,9 @@ class StreamWriter:
     def send_end(self) -> None:
         self._send(self._header(Kind.END, 0))
 
+    def send_ready(self) -> None:
+        self._send(self._header(Kind.READY, 0))
+
 
 class StreamReader:
     """Reads records from a connected socket, checking each. ``npages`` (from HELLO, or
@@ -270,9 +277,9 @@ class StreamReader:
             if kind is Kind.HELLO:
                 self._hello(value)
             return Record(kind, value=value)
-        if kind is Kind.END:
+        if kind in (Kind.END, Kind.READY):
             if count:
-                raise StreamError(f"an END record has count {count}, not 0")
+                raise StreamError(f"an {kind.name} record has count {count}, not 0")
             return Record(kind)
         if self.page_size is None or self.npages is None:
             raise StreamError(f"a {kind.name} record before HELLO")
