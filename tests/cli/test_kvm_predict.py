@@ -1,6 +1,6 @@
 """``pagehint.cli.kvm_predict``: ``migrate-kvm``'s options as the model's parameters, the
-comparison table, and ``python -m pagehint.cli.kvm_predict`` running the migrations and
-printing them against the prediction."""
+comparison table, and ``pagehint migrate-kvm --predict`` printing the runs against the
+prediction."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ import pytest
 from rich.console import Console
 
 from helpers import KVM_LAYOUT, MIB
-from pagehint.cli.kvm_predict import kvm_run_params, main, prediction_table
+from pagehint.cli import main
+from pagehint.cli.kvm_predict import kvm_run_params, prediction_table
 from pagehint.kvm import KvmUnavailable, Vm
 from pagehint.migration.stream import STREAM_WIRE
 from pagehint.sim.kvm_model import KvmRunParams, compare, predict_kvm_run
@@ -77,11 +78,6 @@ def test_the_table_has_every_figure_measured_and_predicted() -> None:
         assert label in text
 
 
-def test_bad_options_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--memory", "3M"]) == 2
-    assert "--memory must be a multiple of 8 MiB" in capsys.readouterr().err
-
-
 @pytest.fixture
 def kvm() -> None:
     if shutil.which("gcc") is None or shutil.which("objcopy") is None:
@@ -93,16 +89,25 @@ def kvm() -> None:
 
 
 @pytest.mark.usefixtures("kvm")
-def test_json_compares_each_log_mode(capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["--log-modes", "manual", "--memory", "64M", "--write-blocks", "6"]
-    assert main([*argv, "--free-blocks", "4", "--json"]) == 0
-    d = json.loads(capsys.readouterr().out)
-    assert list(d) == ["manual"]
+def test_migrate_kvm_predict_json_compares_the_runs(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["migrate-kvm", "--no-progress", "--memory", "64M", "--write-blocks", "6"]
+    assert main([*argv, "--free-blocks", "4", "--log-mode", "manual", "--predict", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)["prediction"]
     for run in ("hints-off", "hints-on"):
-        measured = d["manual"]["measured-params"][run]
+        measured = d["measured-params"][run]
         assert measured["step-rate"] > 0 and measured["sender-rate"] > 0
         assert measured["startup-wait"] >= 0
-    figures = {(f["figure"], f["hints"]): f for f in d["manual"]["figures"]}
+    figures = {(f["figure"], f["hints"]): f for f in d["figures"]}
     skipped = figures[("pages_skipped", True)]
     assert skipped["measured"] > 0 and skipped["predicted"] > 0
     assert figures[("transferred", False)]["measured"] > figures[("transferred", True)]["measured"]
+
+
+@pytest.mark.usefixtures("kvm")
+def test_migrate_kvm_predict_prints_the_comparison(capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["migrate-kvm", "--no-progress", "--memory", "64M", "--write-blocks", "6"]
+    assert main([*argv, "--free-blocks", "4", "--predict"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    assert "the simulator's prediction of these runs" in text
+    for word in ("measured", "predicted", "difference", "steps/s", "transferred (MiB)"):
+        assert word in text

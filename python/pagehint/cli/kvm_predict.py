@@ -8,29 +8,22 @@ migrations (``pagehint.sim.kvm_model``), each with the machine's figures measure
 the guest's step rate, the sender's rate, the wait for the destination process. ``compare``
 and ``prediction_table`` put the figures side by side.
 
-``python -m pagehint.cli.kvm_predict [--log-modes MODE...] [--json] [migrate-kvm options]``
-runs the KVM migrations for each log mode (all three by default) and prints the comparison.
+``pagehint migrate-kvm --predict`` prints the comparison after its runs.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
-from rich.console import Console
 from rich.table import Table
 
-from pagehint.kvm import GuestError, KvmUnavailable
-from pagehint.kvm.build import GuestBuildError
-from pagehint.sim import parse_rate, parse_seconds, parse_size
+from pagehint.sim import parse_size
 from pagehint.sim.kvm_model import (
     Comparison,
     KvmPrediction,
     KvmRunParams,
     SendTimeline,
-    compare,
     measured_sender_rate,
     predict_kvm_run,
     step_rate,
@@ -42,14 +35,11 @@ if TYPE_CHECKING:
 
 __all__ = [
     "kvm_run_params",
-    "main",
     "measured_figures",
     "measured_params",
     "predict_runs",
     "prediction_table",
 ]
-
-LOG_MODES = ("classic", "manual", "ring")
 
 
 def kvm_run_params(
@@ -147,53 +137,3 @@ def measured_figures(prediction: KvmPrediction) -> str:
             f"destination start-up wait {p.startup_wait * 1000:,.0f} ms"
         )
     return "\n".join(lines)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Runs ``migrate-kvm``'s migrations per log mode and prints them against the
-    prediction."""
-    from pagehint.cli.migrate_kvm import _memmap, add_parser, migrate_once
-
-    own = argparse.ArgumentParser(
-        prog="python -m pagehint.cli.kvm_predict", add_help=False, allow_abbrev=False
-    )
-    own.add_argument("--log-modes", nargs="+", choices=LOG_MODES, default=list(LOG_MODES))
-    mine, rest = own.parse_known_args(argv)
-    top = argparse.ArgumentParser(prog="python -m pagehint.cli.kvm_predict")
-    add_parser(top.add_subparsers())
-    args = top.parse_args(["migrate-kvm", *rest])
-    try:
-        memmap = _memmap(parse_size(args.memory))
-        args.bandwidth_bps = parse_rate(args.bandwidth)
-        args.downtime_s = parse_seconds(args.downtime)
-    except ValueError as e:
-        print(f"kvm_predict: {e}", file=sys.stderr)
-        return 2
-    console = Console()
-    out: dict[str, Any] = {}
-    for mode in mine.log_modes:
-        args.log_mode = mode
-        timelines = (SendTimeline(), SendTimeline())
-        try:
-            off = migrate_once(args, memmap, hints=False, progress=timelines[0])
-            on = migrate_once(args, memmap, hints=True, progress=timelines[1])
-        except (KvmUnavailable, GuestBuildError, GuestError) as e:
-            print(f"kvm_predict: {e}", file=sys.stderr)
-            return 2
-        prediction = predict_runs(args, off, on, timelines)
-        rows = compare(off.result, on.result, prediction)
-        if args.json:
-            out[mode] = {
-                "measured-params": prediction.to_dict()["params"],
-                "figures": [r.to_dict() for r in rows],
-            }
-        else:
-            console.print(prediction_table(f"{mode} log: measured (KVM) and predicted", rows))
-            console.print(measured_figures(prediction), markup=False)
-    if args.json:
-        print(json.dumps(out, indent=2))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

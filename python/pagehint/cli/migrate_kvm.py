@@ -20,6 +20,7 @@ from typing import Any
 from rich.console import Console
 
 from pagehint import MemoryMap
+from pagehint.cli.kvm_predict import measured_figures, predict_runs, prediction_table
 from pagehint.cli.report import comparison_table, run_both
 from pagehint.device import FreePageHintDevice, VirtioMmioTransport
 from pagehint.kvm import (
@@ -37,6 +38,7 @@ from pagehint.kvm.build import GuestBuildError
 from pagehint.migration import MigrationResult, Precopy, PrecopyConfig, WallClockLink
 from pagehint.migration.stream import STREAM_WIRE
 from pagehint.sim import parse_rate, parse_seconds, parse_size, reduction
+from pagehint.sim.kvm_model import SendTimeline, compare
 
 MMIO_BASE = 0xD000_0000
 BLOCK = 4 << 20
@@ -109,6 +111,11 @@ def add_parser(sub: Any) -> None:
         help="pages the running guest rewrites per step (default 32)",
     )
     p.add_argument("--seed", type=int, default=1, help="the guest's page-writing seed (default 1)")
+    p.add_argument(
+        "--predict",
+        action="store_true",
+        help="also simulate the same runs (pagehint.sim) and show measured against predicted",
+    )
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
     p.add_argument("--plot", metavar="PNG", help="plot per-round figures (needs matplotlib)")
     p.add_argument("--no-progress", action="store_true", help="never show a progress line")
@@ -200,8 +207,12 @@ def run(args: argparse.Namespace) -> int:
             return _fail(f"--plot needs matplotlib ({e}); pip install 'pagehint[plot]'")
     show = not args.no_progress and not args.json and err.is_terminal
 
+    # Each run's send timeline, for the simulator's prediction (--predict).
+    timelines: dict[bool, SendTimeline] = {}
+
     def runner(hints: bool, progress: Any) -> KvmRun:
-        return migrate_once(args, memmap, hints, progress)
+        timelines[hints] = SendTimeline(chain=progress)
+        return migrate_once(args, memmap, hints, timelines[hints])
 
     try:
         off, on = run_both(runner, show=show, console=err, page_size=4096, clock="elapsed")
@@ -213,6 +224,10 @@ def run(args: argparse.Namespace) -> int:
     failed = [r for r in (off, on) if r.result.status != "completed"]
     lost = sum(r.result.lost_pages or 0 for r in (off, on))
     bad = [r for r in (off, on) if r.report is not None and not r.report.ok]
+    prediction = rows = None
+    if args.predict and not failed:
+        prediction = predict_runs(args, off, on, (timelines[False], timelines[True]))
+        rows = compare(off.result, on.result, prediction)
     description = (
         f"{memmap.ram_bytes >> 20} MiB guest on /dev/kvm, {args.log_mode} log, "
         f"{args.strategy} strategy, {args.write_blocks} blocks written, "
@@ -251,6 +266,12 @@ def run(args: argparse.Namespace) -> int:
                         "transferred": reduction(off.result.transferred, on.result.transferred),
                         "downtime": reduction(off.result.downtime, on.result.downtime),
                     },
+                    "prediction": None
+                    if prediction is None or rows is None
+                    else {
+                        "measured-params": prediction.to_dict()["params"],
+                        "figures": [r.to_dict() for r in rows],
+                    },
                 },
                 indent=2,
             )
@@ -281,6 +302,9 @@ def run(args: argparse.Namespace) -> int:
             )
         for r in bad:
             err.print(f"the guest's copy failed its check: {r.report}", markup=False)
+        if prediction is not None and rows is not None:
+            console.print(prediction_table("the simulator's prediction of these runs", rows))
+            console.print(measured_figures(prediction), markup=False)
     if args.plot:
         plot_rounds("migrate-kvm", off.result, on.result, args.plot)
         if not args.json:
