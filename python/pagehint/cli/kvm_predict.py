@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING
 
 from rich.table import Table
 
+from pagehint.kvm.guest_program import kernel_bytes_for
 from pagehint.sim import parse_size
 from pagehint.sim.kvm_model import (
     Comparison,
@@ -53,9 +54,10 @@ def kvm_run_params(
     running ``rate`` steps per second (None: the model's estimate), its sender moving
     ``sender_rate`` bytes per second (None: keeping the pace) after it waited
     ``startup_wait`` seconds for the destination to start reading."""
-    from pagehint.cli.migrate_kvm import BLOCK, WALL_CLOCK_BATCH_PAGES
+    from pagehint.cli.migrate_kvm import BLOCK, WALL_CLOCK_BATCH_PAGES, _memmap
 
     return KvmRunParams(
+        kernel_bytes=kernel_bytes_for(_memmap(parse_size(args.memory)), block_bytes=BLOCK),
         sender_rate=sender_rate,
         startup_wait=startup_wait,
         memory=parse_size(args.memory),

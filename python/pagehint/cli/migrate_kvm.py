@@ -35,12 +35,12 @@ from pagehint.kvm import (
     VmLogMode,
 )
 from pagehint.kvm.build import GuestBuildError
+from pagehint.kvm.guest_program import MMIO_BASE
 from pagehint.migration import MigrationResult, Precopy, PrecopyConfig, WallClockLink
 from pagehint.migration.stream import STREAM_WIRE
 from pagehint.sim import parse_rate, parse_seconds, parse_size, reduction
 from pagehint.sim.kvm_model import SendTimeline, compare
 
-MMIO_BASE = 0xD000_0000
 BLOCK = 4 << 20
 WALL_CLOCK_BATCH_PAGES = 256
 """Pages per send step (1 MiB): what the sender takes from the bitmap at once."""
@@ -128,9 +128,10 @@ def _fail(msg: str) -> int:
 
 
 def _memmap(memory: int) -> MemoryMap:
-    if memory % (2 * BLOCK) or not 4 * BLOCK <= memory <= 8 << 30:
+    # Half below the hole (whose MMIO window is at 3.25 GiB), half from 4 GiB.
+    if memory % (2 * BLOCK) or not 4 * BLOCK <= memory <= 4 << 30:
         raise ValueError(
-            f"--memory must be a multiple of 8 MiB from 16 MiB to 8 GiB, not {memory} bytes"
+            f"--memory must be a multiple of 8 MiB from 16 MiB to 4 GiB, not {memory} bytes"
         )
     half = memory // 2
     return MemoryMap([(0, half), (4 << 30, half)])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
+from pagehint import _core
 from pagehint.kvm.boot import enter_long_mode, write_page_tables
 from pagehint.kvm.build import LOAD_GPA, build_guest
 from pagehint.kvm.vm import Vm
@@ -83,6 +84,38 @@ class BootInfo(ctypes.Structure):
     )
 
 
+def kernel_bytes_for(
+    memmap: _core.MemoryMap, *, block_bytes: int = 4 << 20, queue_size: int = 256
+) -> int:
+    """The RAM the guest's kernel keeps for ``memmap``: code, stack and its state from
+    ``STATE_BASE`` (laid out as ``guest.c``'s ``init`` does; a version per page is most of it),
+    rounded up to whole blocks. 4 MiB up to a 1 GiB guest."""
+
+    def field(cursor: int, nbytes: int) -> int:
+        return (cursor + nbytes + 63) & ~63
+
+    nblocks = npages = 0
+    for gpa, size in memmap.regions:
+        lo = -(-gpa // block_bytes) * block_bytes
+        hi = (gpa + size) // block_bytes * block_bytes
+        nblocks += max(0, hi - lo) // block_bytes
+        npages += size // 4096
+    cursor = STATE_BASE
+    for nbytes in (8 * MAX_REGIONS, 8 * nblocks, nblocks, 4 * nblocks, 4 * npages):
+        cursor = field(cursor, nbytes)
+    for _ in range(3):  # the free, hinted and used stacks
+        cursor = field(cursor, 4 * nblocks)
+    cursor = field(_page_up(cursor), 16 * queue_size)
+    cursor = field(cursor, 6 + 2 * queue_size)
+    cursor = field(_page_up(cursor), 6 + 8 * queue_size)
+    cursor = field(_page_up(cursor), 8)
+    return -(-cursor // block_bytes) * block_bytes
+
+
+def _page_up(at: int) -> int:
+    return (at + 4095) & ~4095
+
+
 class GuestError(RuntimeError):
     """The guest panicked, its vCPU stopped, or a command timed out."""
 
@@ -102,7 +135,8 @@ class SelfCheck:
 
 class GuestProgram:
     """The test guest on ``vm`` (its first vCPU), with its virtio-mmio device expected at
-    ``mmio_base``. The kernel keeps the first ``kernel_bytes`` of RAM (code at 1 MiB, stack,
+    ``mmio_base``. The kernel keeps the first ``kernel_bytes`` of RAM (by default what
+    ``kernel_bytes_for`` says the memory map needs; code at 1 MiB, stack,
     state); the rest is its 4 MiB block allocator's. ``load=False`` only attaches the command
     ports, for a VM whose RAM and vCPU state arrive from a migration."""
 
@@ -113,11 +147,15 @@ class GuestProgram:
         mmio_base: int,
         queue_size: int = 256,
         block_bytes: int = 4 << 20,
-        kernel_bytes: int = 4 << 20,
+        kernel_bytes: int | None = None,
         timeout: float = 120.0,
         load: bool = True,
     ) -> None:
         regions = sorted(vm.memmap.regions)
+        if kernel_bytes is None:
+            kernel_bytes = kernel_bytes_for(
+                vm.memmap, block_bytes=block_bytes, queue_size=queue_size
+            )
         if len(regions) > MAX_REGIONS:
             raise ValueError(f"the guest knows at most {MAX_REGIONS} RAM regions")
         if regions[0][0] != 0 or regions[0][1] < kernel_bytes:

@@ -125,6 +125,7 @@ static u32 *hinted_stack;
 static u64 nhinted;
 static u32 *used_stack;
 static u64 nused;
+static u64 nkernel; /* the kernel's blocks: the bottom of the used stack, never freed */
 
 static u64 page_index(u64 gpa) {
     for (u32 r = 0; r < boot->nregions; r++) {
@@ -374,7 +375,7 @@ static u32 alloc_write(u32 n) {
 
 static u32 free_blocks(u32 n) {
     u32 done = 0;
-    for (; done < n && nused > 1; done++) { /* the kernel's block stays */
+    for (; done < n && nused > nkernel; done++) { /* the kernel's blocks stay */
         u32 b = used_stack[--nused];
         block_state[b] = FREE;
         free_stack[nfree++] = b;
@@ -402,11 +403,11 @@ static u64 rng(void) {
 }
 
 static u32 write_pages(u32 n, u32 seed) {
-    if (nused <= 1) return 0;
+    if (nused <= nkernel) return 0;
     rng_state = 0x9E3779B97F4A7C15ULL ^ seed;
     u64 per_block = boot->block_bytes / PAGE;
     for (u32 i = 0; i < n; i++) {
-        u32 b = used_stack[1 + rng() % (nused - 1)];
+        u32 b = used_stack[nkernel + rng() % (nused - nkernel)];
         u64 gpa = block_gpa[b] + (rng() % per_block) * PAGE;
         write_page(gpa, page_index(gpa), ++version_seq);
     }
@@ -444,7 +445,7 @@ static u32 selfcheck_pages(void) {
         u64 gpa = block_gpa[b];
         u64 first = page_index(gpa);
         for (u64 i = 0; i < per_block; i++) {
-            if (b == 0 && gpa + i * PAGE < boot->kernel_bytes) continue; /* the kernel itself */
+            if (gpa + i * PAGE < boot->kernel_bytes) continue; /* the kernel itself */
             volatile u64 *p = (volatile u64 *)(gpa + i * PAGE);
             u32 v = page_version[first + i];
             if (p[0] != content(first + i, v) || p[PAGE / 8 - 1] != ~content(first + i, v)) bad++;
@@ -520,6 +521,7 @@ static void init(void) {
         if (block_gpa[i] < boot->kernel_bytes) {
             block_state[i] = USED;
             used_stack[nused++] = (u32)i;
+            nkernel++;
         } else {
             free_stack[nfree++] = (u32)i;
         }
