@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import matplotlib
 
@@ -12,6 +12,16 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from pagehint.migration import MigrationResult, RoundStats
+
+
+def y_scale(values: Sequence[int]) -> str:
+    """``symlog`` when the bars span more than two orders of magnitude (a first round of a
+    million pages next to rounds of a hundred would leave those flat at zero), else
+    ``linear``. Symmetric log keeps zero-height bars drawable."""
+    nonzero = [v for v in values if v > 0]
+    if nonzero and max(nonzero) > 100 * min(nonzero):
+        return "symlog"
+    return "linear"
 
 
 def plot_rounds(title: str, off: MigrationResult, on: MigrationResult, path: str) -> None:
@@ -28,6 +38,7 @@ def plot_rounds(title: str, off: MigrationResult, on: MigrationResult, path: str
         for shift, label, result in ((-width / 2, "hints off", off), (width / 2, "hints on", on)):
             x = np.arange(len(result.rounds)) + shift
             ax.bar(x, [get(r) for r in result.rounds], width, label=label)
+        ax.set_yscale(y_scale([get(r) for r in (*off.rounds, *on.rounds)]))
         ax.set_xticks(range(max(len(off.rounds), len(on.rounds))))
         ax.set_title(name)
         ax.set_xlabel("round (last: stop-and-copy)")

@@ -20,7 +20,6 @@ from rich.progress import Progress as Bar
 from rich.table import Table
 
 from pagehint.migration import MigrationResult, Progress
-from pagehint.sim import reduction
 
 SHOW_PROGRESS_AFTER = 0.3
 """Seconds of wall time before a progress line appears (short runs stay quiet)."""
@@ -54,6 +53,17 @@ def _get(d: dict[str, Any], key: str) -> Any:
     return d
 
 
+def change_text(before: float, after: float) -> str:
+    """The change from ``before`` to ``after``: a percentage, or a factor once it is more
+    than tenfold (a near-zero baseline makes percentages meaningless: +85630 %); empty when
+    there is no baseline."""
+    if not before:
+        return ""
+    if after / before > 10:
+        return f"x{after / before:,.0f}"
+    return f"{(after - before) / before * 100:+.0f}%"
+
+
 def comparison_table(
     title: str,
     off: MigrationResult,
@@ -70,9 +80,7 @@ def comparison_table(
     a, b = off.to_dict(), on.to_dict()
     for label, key, fmt in ROWS:
         va, vb = _get(a, key), _get(b, key)
-        change = ""
-        if key in ("total-time", "downtime", "ram.transferred") and va:
-            change = f"{-reduction(va, vb) * 100:+.0f}%"
+        change = change_text(va, vb) if key in ("total-time", "downtime", "ram.transferred") else ""
         table.add_row(label, fmt(va), fmt(vb), change)
     for label, va_s, vb_s in extra:
         table.add_row(label, va_s, vb_s, "")
