@@ -18,17 +18,19 @@
 //!   the descriptor chain written from the rules in `virtq/split.rs`'s documentation, whenever
 //!   the queue's own ring writes cannot have changed what it read;
 //! - rejected elements are counted by reason and returned with length 0; `add_used` writes
-//!   exactly the used element and index; a broken queue stays broken and returns nothing.
+//!   exactly the used element and index; a broken queue stays broken and returns nothing;
+//! - `drain_hints` over the same ring stops within its element budget.
 #![no_main]
 
 use arbitrary::{Result, Unstructured};
 use libfuzzer_sys::fuzz_target;
+use pagehint_core::free_page::drain_hints;
 use pagehint_core::test_utils::{SplitRing, TestRam, write_split_desc};
 use pagehint_core::virtq::{
     Chain, Desc, QueueError, SplitQueue, VIRTQ_DESC_F_INDIRECT as INDIRECT,
     VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_WRITE as WRITE,
 };
-use pagehint_core::{GuestRam, MemoryMap};
+use pagehint_core::{DirtyBitmap, GuestRam, HintApplier, MemoryMap};
 
 const PAGE: u64 = 4096;
 /// Guest RAM, in bitmap (buffer) order: the high region first.
@@ -547,6 +549,23 @@ fn run(u: &mut Unstructured<'_>) -> Result<()> {
     }
     assert!(q.counts().total() >= rejected);
     assert!(q.counts().total() <= rejected + 1);
+
+    // The free page path on a fresh queue over the same bytes: bounded by its budget, and
+    // it clears no more pages than RAM has.
+    let Ok(mut q2) = SplitQueue::new(&ram, s.size, s.desc, s.avail, s.used, s.event_idx) else {
+        return Ok(());
+    };
+    q2.set_indices(s.last_avail, next_used0)
+        .expect("the same indices were accepted above");
+    let map = mem.map();
+    let mut bm = DirtyBitmap::new_dirty(map.npages()).expect("small bitmap");
+    let budget = usize::from(u.int_in_range(0..=8u8)?);
+    let (applied, _) = {
+        let mut applier = HintApplier::new(&mut bm, map).expect("fits");
+        drain_hints(&mut q2, &ram, &mut chain, Some(&mut applier), budget)
+    };
+    assert!(applied <= budget);
+    assert!(bm.count_all() <= map.npages());
     Ok(())
 }
 
