@@ -47,3 +47,15 @@ def booted() -> Iterator[Booted]:
     yield make
     for vm in made:
         vm.close()
+
+
+@pytest.fixture
+def kvm() -> None:
+    """Skips, saying what is missing, unless this machine can run the test guest: gcc and
+    objcopy to build it, and a usable /dev/kvm."""
+    if shutil.which("gcc") is None or shutil.which("objcopy") is None:
+        pytest.skip("building the test guest needs gcc and objcopy")
+    try:
+        Vm(KVM_LAYOUT).close()
+    except KvmUnavailable as e:
+        pytest.skip(str(e))

@@ -4,6 +4,7 @@ guest to a device and migrate it. Plain functions, importable from any test file
 
 from __future__ import annotations
 
+import argparse
 import struct
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -147,3 +148,47 @@ KVM_LAYOUT = MemoryMap([(0, 64 * MIB), (4 << 30, 64 * MIB)])
 
 Booted = Callable[..., tuple[Vm, GuestProgram]]
 """The ``booted`` fixture: ``booted(log_mode="classic", memmap=KVM_LAYOUT, **guest_kw)``."""
+
+
+def migrate_kvm_options(**over: Any) -> argparse.Namespace:
+    """``pagehint migrate-kvm``'s defaults as its ``run`` leaves them parsed (sizes and rates
+    converted too); ``over`` replaces any."""
+    args = argparse.Namespace(
+        memory="256M",
+        log_mode="manual",
+        strategy="safe",
+        bandwidth="512MiB",
+        downtime="300ms",
+        write_blocks=50,
+        free_blocks=40,
+        pages_per_step=32,
+        bandwidth_bps=float(512 << 20),
+        downtime_s=0.3,
+        seed=1,
+        predict=False,
+    )
+    for key, value in over.items():
+        setattr(args, key, value)
+    return args
+
+
+def completed_result(**over: Any) -> MigrationResult:
+    """A completed ``MigrationResult`` of zeros, with ``over`` replacing any field."""
+    fields: dict[str, Any] = {
+        "status": "completed",
+        "total_time": 0.0,
+        "downtime": 0.0,
+        "setup_time": 0.0,
+        "ram_total": 0,
+        "transferred": 0,
+        "duplicate": 0,
+        "normal": 0,
+        "normal_bytes": 0,
+        "dirty_sync_count": 0,
+        "remaining": 0,
+        "hinting": False,
+        "pages_hinted": 0,
+        "pages_skipped": 0,
+    }
+    fields.update(over)
+    return MigrationResult(**fields)

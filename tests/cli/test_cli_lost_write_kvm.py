@@ -4,26 +4,15 @@ outcome against the prediction (exit 0 or 1), and exit 2 without KVM."""
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from typing import Any
 
 import pytest
 
-from helpers import KVM_LAYOUT
+from helpers import completed_result
 from pagehint.cli import lost_write_kvm, main
-from pagehint.kvm import KvmUnavailable, Vm
+from pagehint.kvm import KvmUnavailable
 from pagehint.kvm.lost_write import LostWriteRun
-
-
-@pytest.fixture
-def kvm() -> None:
-    if shutil.which("gcc") is None or shutil.which("objcopy") is None:
-        pytest.skip("building the test guest needs gcc and objcopy")
-    try:
-        Vm(KVM_LAYOUT).close()
-    except KvmUnavailable as e:
-        pytest.skip(str(e))
 
 
 @pytest.mark.usefixtures("kvm")
@@ -46,25 +35,7 @@ def test_the_json_gives_each_run_and_the_outcome_is_the_predicted_one(
 def test_an_outcome_other_than_predicted_is_exit_1(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pagehint.migration import MigrationResult
-
-    result = MigrationResult(
-        status="completed",
-        total_time=1.0,
-        downtime=0.1,
-        setup_time=0.0,
-        ram_total=0,
-        transferred=0,
-        duplicate=0,
-        normal=0,
-        normal_bytes=0,
-        dirty_sync_count=1,
-        remaining=0,
-        hinting=True,
-        pages_hinted=0,
-        pages_skipped=0,
-        rounds=[],
-    )
+    result = completed_result(total_time=1.0, dirty_sync_count=1, hinting=True)
     base = LostWriteRun("qemu", True, 0x1000_0000, 1024, 1024, 1024, result)
 
     def fake(strategy: Any, *, initially_set: bool) -> LostWriteRun:

@@ -4,28 +4,16 @@ the guest's verdict; its options refused in one line; a machine without KVM is e
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from helpers import KVM_LAYOUT
 from pagehint.cli import main
 from pagehint.cli import migrate_kvm as cli_migrate_kvm
-from pagehint.kvm import KvmUnavailable, Vm
+from pagehint.kvm import KvmUnavailable
 
 SMALL = ["--memory", "64M", "--write-blocks", "6", "--free-blocks", "4"]
-
-
-@pytest.fixture
-def kvm() -> None:
-    if shutil.which("gcc") is None or shutil.which("objcopy") is None:
-        pytest.skip("building the test guest needs gcc and objcopy")
-    try:
-        Vm(KVM_LAYOUT).close()
-    except KvmUnavailable as e:
-        pytest.skip(str(e))
 
 
 def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:

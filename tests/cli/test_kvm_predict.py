@@ -6,37 +6,32 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 from typing import Any
 
 import pytest
 from rich.console import Console
 
-from helpers import KVM_LAYOUT, MIB
+from helpers import MIB, migrate_kvm_options
 from pagehint.cli import main
 from pagehint.cli.kvm_predict import kvm_run_params, prediction_table
-from pagehint.kvm import KvmUnavailable, Vm
 from pagehint.migration.stream import STREAM_WIRE
 from pagehint.sim.kvm_model import KvmRunParams, compare, predict_kvm_run
 
 
 def options(**kw: Any) -> argparse.Namespace:
-    args = argparse.Namespace(
-        memory="64M",
-        log_mode="ring",
-        strategy="qemu",
-        bandwidth="1GiB",
-        downtime="200ms",
-        write_blocks=6,
-        free_blocks=4,
-        pages_per_step=8,
-        bandwidth_bps=float(1 << 30),
-        downtime_s=0.2,
-        seed=1,
-    )
-    for k, v in kw.items():
-        setattr(args, k, v)
-    return args
+    small = {
+        "memory": "64M",
+        "log_mode": "ring",
+        "strategy": "qemu",
+        "bandwidth": "1GiB",
+        "downtime": "200ms",
+        "write_blocks": 6,
+        "free_blocks": 4,
+        "pages_per_step": 8,
+        "bandwidth_bps": float(1 << 30),
+        "downtime_s": 0.2,
+    }
+    return migrate_kvm_options(**{**small, **kw})
 
 
 def test_the_options_become_the_models_parameters() -> None:
@@ -76,16 +71,6 @@ def test_the_table_has_every_figure_measured_and_predicted() -> None:
         "+0.0%",
     ):
         assert label in text
-
-
-@pytest.fixture
-def kvm() -> None:
-    if shutil.which("gcc") is None or shutil.which("objcopy") is None:
-        pytest.skip("building the test guest needs gcc and objcopy")
-    try:
-        Vm(KVM_LAYOUT).close()
-    except KvmUnavailable as e:
-        pytest.skip(str(e))
 
 
 @pytest.mark.usefixtures("kvm")

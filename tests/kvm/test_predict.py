@@ -9,46 +9,15 @@ a shared, nested host sometimes cannot (see kvm_model's docstring)."""
 
 from __future__ import annotations
 
-import argparse
-import shutil
-
 import pytest
 from rich.console import Console
 
-from helpers import KVM_LAYOUT
+from helpers import migrate_kvm_options
 from pagehint.cli.kvm_predict import measured_figures, predict_runs, prediction_table
 from pagehint.cli.migrate_kvm import KvmRun, _memmap, migrate_once
-from pagehint.kvm import KvmUnavailable, Vm
 from pagehint.sim.kvm_model import SendTimeline, compare
 
 TOLERANCE = 0.15
-
-
-@pytest.fixture
-def kvm() -> None:
-    if shutil.which("gcc") is None or shutil.which("objcopy") is None:
-        pytest.skip("building the test guest needs gcc and objcopy")
-    try:
-        Vm(KVM_LAYOUT).close()
-    except KvmUnavailable as e:
-        pytest.skip(str(e))
-
-
-def options(log_mode: str) -> argparse.Namespace:
-    """``migrate-kvm``'s defaults, as its ``run`` leaves them parsed."""
-    return argparse.Namespace(
-        memory="256M",
-        log_mode=log_mode,
-        strategy="safe",
-        bandwidth="512MiB",
-        downtime="300ms",
-        write_blocks=50,
-        free_blocks=40,
-        pages_per_step=32,
-        bandwidth_bps=float(512 << 20),
-        downtime_s=0.3,
-        seed=1,
-    )
 
 
 def checked(run: KvmRun) -> KvmRun:
@@ -61,7 +30,7 @@ def checked(run: KvmRun) -> KvmRun:
 @pytest.mark.usefixtures("kvm")
 @pytest.mark.parametrize("log_mode", ["classic", "manual", "ring"])
 def test_the_simulator_predicts_the_kvm_migration(log_mode: str) -> None:
-    args = options(log_mode)
+    args = migrate_kvm_options(log_mode=log_mode)
     memmap = _memmap(256 << 20)
     timelines = (SendTimeline(), SendTimeline())
     off = checked(migrate_once(args, memmap, hints=False, progress=timelines[0]))

@@ -58,7 +58,8 @@ def json_record(kind: int, value: Any) -> bytes:
     return header(kind, len(body)) + body
 
 
-def hello(page_size: int = PAGE, npages: int = NPAGES, **extra: Any) -> dict[str, Any]:
+def hello(page_size: Any = PAGE, npages: Any = NPAGES, **extra: Any) -> dict[str, Any]:
+    """A HELLO body; the tests also pass values of the wrong type."""
     return {"version": VERSION, "page_size": page_size, "npages": npages, **extra}
 
 

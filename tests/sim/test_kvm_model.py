@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from helpers import GIB, MIB, PAGE
+from helpers import GIB, MIB, PAGE, completed_result
 from pagehint.cli import main
 from pagehint.migration import MigrationResult, Progress, RoundStats
 from pagehint.migration.stream import STREAM_WIRE
@@ -97,23 +97,7 @@ def test_the_step_rate_is_measured_or_estimated() -> None:
 
 def result(total: float, downtime: float, last_sync: float | None = None) -> MigrationResult:
     rounds = [] if last_sync is None else [round_at(0.0), round_at(last_sync)]
-    return MigrationResult(
-        status="completed",
-        total_time=total,
-        downtime=downtime,
-        setup_time=0.0,
-        ram_total=0,
-        transferred=0,
-        duplicate=0,
-        normal=0,
-        normal_bytes=0,
-        dirty_sync_count=0,
-        remaining=0,
-        hinting=False,
-        pages_hinted=0,
-        pages_skipped=0,
-        rounds=rounds,
-    )
+    return completed_result(total_time=total, downtime=downtime, rounds=rounds)
 
 
 def round_at(start: float) -> RoundStats:
