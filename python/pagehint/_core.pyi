@@ -65,7 +65,8 @@ class DirtyBitmap:
     def test_and_clear(self, pfn: int) -> bool:
         """Clears page ``pfn``; returns whether it was dirty."""
     def set_all(self) -> None:
-        """Marks every page dirty."""
+        """Marks every page dirty; ``MemoryError`` when the words are more than the machine's
+        memory (RAM + swap)."""
     def clear_all(self) -> None:
         """Marks every page clean."""
     def set_ranges(self, starts: _U64Array, counts: _U64Array) -> int:

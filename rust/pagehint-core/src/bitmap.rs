@@ -7,11 +7,37 @@
 use crate::error::BitmapError;
 use crate::kernels::{self, Kernels};
 use crate::span::{WORD_BITS, bit_of, span, word_of};
-use crate::words::Words;
+use crate::words::{Words, machine_memory};
 
-/// The largest bitmap: 2^48 pages (1 EiB of 4 KiB pages, a 32 TiB bitmap). Far beyond what a
-/// machine can back; the allocator refuses first, with an error rather than an abort.
+/// The largest bitmap: 2^48 pages (1 EiB of 4 KiB pages, a 32 TiB bitmap). A bitmap larger
+/// than the machine's memory can be created and used: its words are reserved, not committed,
+/// and only the parts written cost memory (see [`crate::words`]). When the system refuses even
+/// the reservation, creation fails with an error rather than an abort.
 pub const MAX_PAGES: u64 = 1 << 48;
+
+/// Words that setting pages `[start, end)` (already checked) writes.
+const fn span_words(start: u64, end: u64) -> u64 {
+    if start == end {
+        0
+    } else {
+        (end - 1) / WORD_BITS - start / WORD_BITS + 1
+    }
+}
+
+/// Refuses to set `pages` pages whose `words` words are more than the machine's memory: a
+/// single call writing them would back them all at once. Nothing is refused where the
+/// machine's memory is unknown.
+fn check_commit(pages: u64, words: u64) -> Result<(), BitmapError> {
+    let bytes = words.saturating_mul(8);
+    match machine_memory() {
+        Some(memory) if bytes > memory => Err(BitmapError::ExceedsMemory {
+            pages,
+            bytes,
+            memory,
+        }),
+        _ => Ok(()),
+    }
+}
 
 /// A dirty bitmap over pages `[0, npages)`.
 #[derive(Debug, PartialEq, Eq)]
@@ -21,8 +47,9 @@ pub struct DirtyBitmap {
 }
 
 impl DirtyBitmap {
-    /// A clean bitmap. The words are lazily zeroed: pages of the allocation that are never
-    /// written are never backed by memory.
+    /// A clean bitmap. The words are reserved and lazily zeroed: pages of them that are never
+    /// written are never backed by memory, so the bitmap may be larger than the machine's
+    /// memory.
     pub fn new(npages: u64) -> Result<Self, BitmapError> {
         if npages > MAX_PAGES {
             return Err(BitmapError::TooLarge {
@@ -34,10 +61,13 @@ impl DirtyBitmap {
         Ok(Self { words, npages })
     }
 
-    /// A bitmap with every page dirty (the state at the start of a migration).
+    /// A bitmap with every page dirty (the state at the start of a migration). This writes
+    /// every word, so it is refused with `ExceedsMemory` (before allocating anything) when the
+    /// words are more than the machine's memory.
     pub fn new_dirty(npages: u64) -> Result<Self, BitmapError> {
+        check_commit(npages, npages.div_ceil(WORD_BITS))?;
         let mut bm = Self::new(npages)?;
-        bm.set_all();
+        bm.set_all()?;
         Ok(bm)
     }
 
@@ -93,17 +123,22 @@ impl DirtyBitmap {
         }
     }
 
-    /// Sets pages `[start, start + n)`, returning how many were newly set.
+    /// Sets pages `[start, start + n)`, returning how many were newly set. Refused with
+    /// `ExceedsMemory` when the range's words are more than the machine's memory.
     pub fn set_range(&mut self, start: u64, n: u64) -> Result<u64, BitmapError> {
         let end = self.check_range(start, n)?;
+        check_commit(n, span_words(start, end))?;
         Ok(self.set_span(start, end))
     }
 
     /// Sets every range `[starts[i], starts[i] + counts[i])` (overlaps allowed) and returns how
     /// many pages were newly set: a guest's writes, or a dirty log made from ranges. Every
-    /// range is checked before any is set.
+    /// range is checked before any is set, each as [`set_range`](Self::set_range) checks it.
     pub fn set_ranges(&mut self, starts: &[u64], counts: &[u64]) -> Result<u64, BitmapError> {
         self.check_ranges(starts, counts)?;
+        for (&start, &n) in starts.iter().zip(counts) {
+            check_commit(n, span_words(start, start + n))?;
+        }
         Ok(starts
             .iter()
             .zip(counts)
@@ -176,11 +211,10 @@ impl DirtyBitmap {
         Ok(was)
     }
 
-    /// Marks every page dirty, returning how many were newly set.
-    pub fn set_all(&mut self) -> u64 {
-        let npages = self.npages;
-        // Cannot fail: the whole range is inside by definition.
-        self.set_range(0, npages).unwrap_or(0)
+    /// Marks every page dirty, returning how many were newly set. Refused with
+    /// `ExceedsMemory` when the bitmap's words are more than the machine's memory.
+    pub fn set_all(&mut self) -> Result<u64, BitmapError> {
+        self.set_range(0, self.npages)
     }
 
     /// Marks every page clean, returning how many were set.

@@ -195,7 +195,8 @@ fn run(npages: u64, ops: &[Op]) -> Result<(), TestCaseError> {
                 s <= npages
             }
             Op::SetAll => {
-                bm.set_all();
+                let newly = m.0.iter().filter(|&&b| !b).count() as u64;
+                prop_assert_eq!(bm.set_all(), Ok(newly));
                 m.0.iter_mut().for_each(|b| *b = true);
                 true
             }
@@ -269,4 +270,93 @@ fn huge_bitmap_is_lazy_and_usable() {
     assert_eq!(bm.set_range(last - 99, 100), Ok(100));
     assert_eq!(bm.next_dirty(1 << 30), Ok(Some(last - 99)));
     assert_eq!(bm.count(last - 199, 200), Ok(100));
+}
+
+/// Pages of the smallest power-of-two bitmap whose words exceed the machine's memory, or
+/// `None` where that is unknown or the kernel charges every reservation (strict overcommit).
+fn bigger_than_memory() -> Option<u64> {
+    let memory = pagehint_core::words::machine_memory()?;
+    let mode = std::fs::read_to_string("/proc/sys/vm/overcommit_memory").ok()?;
+    if mode.trim() == "2" {
+        return None;
+    }
+    let mut npages = 1u64 << 20;
+    while npages / 8 <= memory {
+        npages <<= 1;
+    }
+    Some(npages)
+}
+
+#[test]
+fn bitmap_larger_than_memory_is_reserved_and_refuses_writing_it_all() {
+    let Some(npages) = bigger_than_memory() else {
+        return;
+    };
+    let mut bm = DirtyBitmap::new(npages).expect("reserving is not committing");
+    let last = npages - 1;
+    assert_eq!(bm.set_range(0, 3), Ok(3));
+    assert_eq!(bm.set_range(npages / 2 - 10, 20), Ok(20));
+    assert_eq!(bm.set_range(last - 99, 100), Ok(100));
+    assert_eq!(bm.count(npages / 2 - 64, 128), Ok(20));
+    assert_eq!(bm.next_dirty(3), Ok(Some(npages / 2 - 10)));
+    assert_eq!(bm.clear_range(npages / 8, npages / 4), Ok(0));
+
+    let memory = pagehint_core::words::machine_memory().expect("known above");
+    let all = BitmapError::ExceedsMemory {
+        pages: npages,
+        bytes: npages / 8,
+        memory,
+    };
+    assert_eq!(bm.set_all(), Err(all.clone()));
+    assert_eq!(bm.set_range(0, npages), Err(all));
+    assert!(matches!(
+        bm.set_ranges(&[0, 5], &[1, npages - 5]),
+        Err(BitmapError::ExceedsMemory { pages, .. }) if pages == npages - 5
+    ));
+    assert_eq!(
+        bm.count(0, npages),
+        Ok(123),
+        "a refused call changes nothing"
+    );
+    assert_eq!(
+        DirtyBitmap::new_dirty(npages),
+        Err(BitmapError::ExceedsMemory {
+            pages: npages,
+            bytes: npages / 8,
+            memory,
+        })
+    );
+    let text = DirtyBitmap::new_dirty(npages)
+        .expect_err("too large")
+        .to_string();
+    assert!(text.contains(&format!("{memory} bytes")), "{text}");
+}
+
+#[test]
+fn words_are_aligned_and_copies_equal() {
+    use pagehint_core::words::Words;
+    // Below, at and above the size from which Linux maps the words instead of allocating.
+    for len in [
+        1usize,
+        100,
+        (2 << 20) / 8 - 1,
+        (2 << 20) / 8,
+        (8 << 20) / 8 + 3,
+    ] {
+        let mut w = Words::zeroed(len).expect("small");
+        assert_eq!(w.len(), len);
+        assert!(w.iter().all(|&x| x == 0));
+        assert_eq!(w.as_ptr().align_offset(8), 0);
+        if len >= (2 << 20) / 8 && cfg!(target_os = "linux") {
+            assert_eq!(
+                w.as_ptr().align_offset(4096),
+                0,
+                "a mapping is page aligned"
+            );
+        }
+        w[0] = 1;
+        w[len - 1] |= 1 << 63;
+        let copy = w.try_clone().expect("small");
+        assert_eq!(copy, w);
+    }
 }

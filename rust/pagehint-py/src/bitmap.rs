@@ -238,9 +238,12 @@ impl PyDirtyBitmap {
             .map_err(bitmap_err)
     }
 
-    /// Marks every page dirty.
-    fn set_all(&self, py: Python<'_>) {
-        self.heavy_write(py, DirtyBitmap::set_all);
+    /// Marks every page dirty; `MemoryError` when the words are more than the machine's
+    /// memory.
+    fn set_all(&self, py: Python<'_>) -> PyResult<()> {
+        self.heavy_write(py, DirtyBitmap::set_all)
+            .map(drop)
+            .map_err(bitmap_err)
     }
 
     /// Marks every page clean.
