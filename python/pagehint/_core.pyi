@@ -329,7 +329,9 @@ class _Queue:
     ]:
         """``pop`` as a tuple of its arrays."""
     def add_used(self, heads: Sequence[int], lens: Sequence[int]) -> None:
-        """Returns elements to the driver."""
+        """Returns elements to the driver: ``heads[i]`` with ``lens[i]`` bytes written. The
+        batch is checked whole first: a head not in flight (or given more often than it is)
+        is a ``ValueError`` and nothing is returned."""
     def drain_hints(
         self, bitmap: DirtyBitmap | None, max_elements: int = 65536, *, record: bool = False
     ) -> HintDrain:
@@ -359,7 +361,8 @@ class SplitQueue(_Queue):
     def next_used(self) -> int:
         """Next used-ring index the device writes."""
     def set_indices(self, last_avail: int, next_used: int) -> None:
-        """Resumes at the given indices."""
+        """Resumes at the given indices; the ``last_avail - next_used`` elements then in flight
+        may be returned by any heads (the reader cannot know them)."""
 
 @disjoint_base
 class PackedQueue(_Queue):
@@ -385,4 +388,4 @@ class PackedQueue(_Queue):
     def set_indices(
         self, next_avail: int, avail_wrap: bool, next_used: int, used_wrap: bool
     ) -> None:
-        """Resumes at the given slots and wrap counters."""
+        """Resumes at the given slots and wrap counters, with nothing in flight."""

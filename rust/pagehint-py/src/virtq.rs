@@ -112,15 +112,10 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
                 lens.len()
             )));
         }
+        let used: Vec<(u16, u32)> = heads.iter().copied().zip(lens.iter().copied()).collect();
         let ram = guest_ram(&self.mem, &self.map)?;
-        py.detach(|| {
-            let mut guard = self.lock();
-            heads
-                .iter()
-                .zip(lens)
-                .try_for_each(|(&h, &l)| guard.0.add_used(&ram, h, l))
-        })
-        .map_err(queue_err)
+        py.detach(|| self.lock().0.add_used_batch(&ram, &used))
+            .map_err(queue_err)
     }
 
     fn drain_hints(
@@ -232,7 +227,9 @@ macro_rules! queue_methods {
                 )
             }
 
-            /// Returns elements to the driver: `heads[i]` with `lens[i]` bytes written.
+            /// Returns elements to the driver: `heads[i]` with `lens[i]` bytes written. The
+            /// whole batch is checked first: a head that is not in flight (or given more
+            /// often than it is) is a `ValueError` and nothing is returned.
             fn add_used(&self, py: Python<'_>, heads: Vec<u16>, lens: Vec<u32>) -> PyResult<()> {
                 self.core.add_used(py, &heads, &lens)
             }
@@ -311,7 +308,8 @@ queue_methods!(PySplitQueue {
     }
 
     /// Resumes at the given indices (e.g. from a saved device state or a dump); `ValueError`
-    /// for a used index ahead of the available one or more than a queue behind it.
+    /// for a used index ahead of the available one or more than a queue behind it. The
+    /// `last_avail - next_used` elements then in flight may be returned by any heads.
     fn set_indices(&self, last_avail: u16, next_used: u16) -> PyResult<()> {
         self.core.lock().0.set_indices(last_avail, next_used).map_err(queue_err)
     }
@@ -361,7 +359,8 @@ queue_methods!(PyPackedQueue {
         (g.0.next_used(), g.0.used_wrap())
     }
 
-    /// Resumes at the given slots and wrap counters (e.g. from a saved device state).
+    /// Resumes at the given slots and wrap counters (e.g. from a saved device state), with
+    /// nothing in flight.
     fn set_indices(
         &self,
         next_avail: u16,
