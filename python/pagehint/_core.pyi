@@ -341,7 +341,8 @@ class _Queue:
 
 @disjoint_base
 class SplitQueue(_Queue):
-    """A split virtqueue (virtio 1.2 §2.7) in guest RAM held by a writable buffer."""
+    """A split virtqueue (virtio 1.2 §2.7) in guest RAM held by a writable buffer, which the
+    queue keeps from being resized, closed or freed while it lives."""
 
     def __new__(
         cls,
@@ -366,7 +367,8 @@ class SplitQueue(_Queue):
 
 @disjoint_base
 class PackedQueue(_Queue):
-    """A packed virtqueue (virtio 1.2 §2.8) in guest RAM held by a writable buffer."""
+    """A packed virtqueue (virtio 1.2 §2.8) in guest RAM held by a writable buffer, which the
+    queue keeps from being resized, closed or freed while it lives."""
 
     def __new__(
         cls,

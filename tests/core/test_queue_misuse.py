@@ -1,10 +1,14 @@
 """A queue cannot be misused from Python: ``add_used`` takes back only heads (buffer ids) in
-flight, as often as they are, and refuses a bad batch whole; every refusal is a ``ValueError``
-that leaves the rings and the queue's indices as they were."""
+flight, as often as they are, and refuses a bad batch whole; guest RAM can neither be resized
+nor freed while a queue reads it (bytearray, mmap, numpy arrays and views of them). Every
+refusal leaves the rings and the queue's indices as they were."""
 
 from __future__ import annotations
 
+import gc
+import mmap
 import struct
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -22,25 +26,34 @@ DATA = 0x10000
 WRITE = 2
 
 
-def put(mem: U8Array | bytearray, at: int, data: bytes) -> None:
-    """Writes ``data`` at offset ``at`` of a bytearray or a numpy uint8 array."""
-    if isinstance(mem, bytearray):
-        mem[at : at + len(data)] = data
-    else:
+Ram = U8Array | bytearray | mmap.mmap
+
+
+def put(mem: Ram, at: int, data: bytes) -> None:
+    """Writes ``data`` at offset ``at`` of guest RAM."""
+    if isinstance(mem, np.ndarray):
         mem[at : at + len(data)] = np.frombuffer(data, dtype=np.uint8)
+    else:
+        mem[at : at + len(data)] = data
 
 
-def split_ring(mem: U8Array | bytearray, heads: list[int]) -> SplitQueue:
-    """A split queue whose driver made ``heads`` available, each a one-buffer element."""
+def write_split_ring(mem: Ram, heads: list[int]) -> None:
+    """The driver's side of a split ring at ``S_DESC``: ``heads`` made available, each a
+    one-buffer element."""
     for h in range(SIZE):
         put(mem, S_DESC + 16 * h, struct.pack("<QIHH", DATA + 0x1000 * h, 0x1000, WRITE, 0))
     put(mem, S_AVAIL, struct.pack("<HH", 0, len(heads)))
     for i, h in enumerate(heads):
         put(mem, S_AVAIL + 4 + 2 * i, struct.pack("<H", h))
+
+
+def split_ring(mem: Ram, heads: list[int]) -> SplitQueue:
+    """A split queue whose driver made ``heads`` available."""
+    write_split_ring(mem, heads)
     return SplitQueue(mem, MEMMAP, SIZE, S_DESC, S_AVAIL, S_USED)
 
 
-def used_ring(mem: U8Array | bytearray) -> bytes:
+def used_ring(mem: Ram) -> bytes:
     return bytes(mem[S_USED : S_USED + 4 + 8 * SIZE])
 
 
@@ -121,3 +134,112 @@ def test_add_used_needs_equal_lengths(cls: type[SplitQueue] | type[PackedQueue])
     q = cls(mem, MEMMAP, SIZE, 0x1000, 0x2000, 0x3000)
     with pytest.raises(ValueError, match="differ in length"):
         q.add_used([0, 1], [0])
+
+
+# -- guest RAM stays where the queue reads it ---------------------------------------------------
+
+QueueClass = type[SplitQueue] | type[PackedQueue]
+BOTH: list[QueueClass] = [SplitQueue, PackedQueue]
+
+
+def make_queue(cls: QueueClass, mem: object) -> SplitQueue | PackedQueue:
+    return cls(mem, MEMMAP, SIZE, 0x1000, 0x2000, 0x3000)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_a_bytearray_cannot_be_resized_under_a_queue(cls: QueueClass) -> None:
+    mem = bytearray(MEMMAP.ram_bytes)
+    q = make_queue(cls, mem)
+    for resize in (
+        lambda: mem.extend(b"x"),
+        lambda: mem.pop(),
+        lambda: mem.clear(),
+        lambda: mem.__delitem__(slice(0, 4096)),
+        lambda: mem.__setitem__(slice(0, 1), b"ab"),
+    ):
+        with pytest.raises(BufferError):
+            resize()
+    assert len(mem) == MEMMAP.ram_bytes
+    assert len(q.pop()) == 0
+    del q
+    gc.collect()
+    mem.extend(b"x")  # the export ends with the queue
+
+
+@pytest.mark.parametrize("cls", BOTH)
+def test_an_mmap_cannot_be_closed_under_a_queue_and_is_kept_alive(cls: QueueClass) -> None:
+    ram = mmap.mmap(-1, MEMMAP.ram_bytes)
+    q = make_queue(cls, ram)
+    with pytest.raises(BufferError):
+        ram.close()
+    with pytest.raises(BufferError):
+        ram.resize(2 * MEMMAP.ram_bytes)
+    assert not ram.closed
+    del ram
+    gc.collect()
+    assert len(q.pop()) == 0  # still mapped: the queue holds it
+    q.add_used([], [])
+
+
+def test_a_queue_reads_an_mmap_it_alone_keeps() -> None:
+    ram = mmap.mmap(-1, MEMMAP.ram_bytes)
+    q = split_ring(ram, [4])
+    del ram
+    gc.collect()
+    els = q.pop()
+    assert els.heads.tolist() == [4] and els.buffers(0) == [(DATA + 0x4000, 0x1000, True)]
+
+
+def own_array() -> U8Array:
+    return np.zeros(MEMMAP.ram_bytes, dtype=np.uint8)
+
+
+@pytest.mark.parametrize("cls", BOTH)
+@pytest.mark.parametrize("refcheck", [True, False])
+def test_a_numpy_array_cannot_be_resized_under_a_queue(cls: QueueClass, refcheck: bool) -> None:
+    """numpy does not count buffer exports: ``resize(refcheck=False)`` would free the memory
+    the queue reads (a segfault). The queue keeps a weak reference to the array, which numpy
+    refuses to resize under."""
+    mem = own_array()
+    q = make_queue(cls, mem)
+    with pytest.raises(ValueError, match="cannot resize"):
+        mem.resize(2 * MEMMAP.ram_bytes, refcheck=refcheck)
+    assert mem.size == MEMMAP.ram_bytes
+    mem[0x1000:0x1010] = 1  # still the queue's memory, still usable
+    assert len(q.pop()) + sum(q.rejected.values()) <= SIZE
+    del q
+    gc.collect()
+    mem.resize(2 * MEMMAP.ram_bytes, refcheck=False)  # the pin ends with the queue
+
+
+@pytest.mark.parametrize(
+    "view",
+    [
+        pytest.param(lambda a: a[:], id="slice"),
+        pytest.param(lambda a: a.reshape(-1, 4096), id="reshape"),
+        pytest.param(lambda a: a.view(np.uint8)[:], id="view of a view"),
+        pytest.param(memoryview, id="memoryview"),
+        pytest.param(lambda a: np.frombuffer(memoryview(a), dtype=np.uint8), id="frombuffer"),
+    ],
+)
+def test_the_array_behind_a_view_cannot_be_resized_under_a_queue(view: Any) -> None:
+    owner = own_array()
+    mem = view(owner)
+    if isinstance(mem, np.ndarray):
+        mem = mem.reshape(-1)
+    q = SplitQueue(mem, MEMMAP, SIZE, S_DESC, S_AVAIL, S_USED)
+    del mem
+    with pytest.raises(ValueError, match="cannot resize"):
+        owner.resize(2 * MEMMAP.ram_bytes, refcheck=False)
+    assert len(q.pop()) == 0
+
+
+def test_an_mmap_behind_a_numpy_array_cannot_be_closed_under_a_queue() -> None:
+    ram = mmap.mmap(-1, MEMMAP.ram_bytes)
+    q = SplitQueue(np.frombuffer(ram, dtype=np.uint8), MEMMAP, SIZE, S_DESC, S_AVAIL, S_USED)
+    with pytest.raises(BufferError):
+        ram.close()
+    assert len(q.pop()) == 0
+    del q
+    gc.collect()
+    ram.close()

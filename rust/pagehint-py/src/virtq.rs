@@ -5,16 +5,16 @@
 use std::sync::atomic::AtomicU8;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use numpy::PyArray1;
+use numpy::{PyArray1, PyUntypedArray};
 use pagehint_core::free_page::{DrainStop, drain_hints};
 use pagehint_core::virtq::{
     Chain, PackedQueue, PoppedElements, QueueError, SplitQueue, Virtqueue, pop_batch,
 };
 use pagehint_core::{GuestRam, HintApplier, HintOutcome, MemoryMap};
-use pyo3::buffer::PyBuffer;
+use pyo3::buffer::{PyBuffer, PyUntypedBuffer};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyDict, PyMemoryView, PyTuple, PyWeakrefReference};
 
 use crate::bitmap::PyDirtyBitmap;
 use crate::errors::{bitmap_err, queue_err, ram_size_err};
@@ -47,6 +47,55 @@ fn writable_buffer(mem: &Bound<'_, PyAny>) -> PyResult<PyBuffer<u8>> {
     Ok(buf)
 }
 
+/// What keeps guest RAM where it is beyond the queue's own buffer export, found by walking
+/// from `mem` through the objects whose memory it shows (a numpy array's `base`, a
+/// memoryview's `obj`):
+///
+/// - a weak reference to each numpy array: numpy does not count buffer exports, so
+///   `ndarray.resize(..., refcheck=False)` would free memory the queue reads, but it refuses
+///   to resize an array that has weak references (`ValueError`);
+/// - a buffer export of the object at the end, when it is not `mem` itself (say the `mmap` or
+///   `bytearray` under `np.frombuffer`): then it too refuses to close or resize
+///   (`BufferError`) while the queue lives, whether or not numpy holds an export of it.
+#[derive(Debug)]
+struct Pins {
+    _weakrefs: Vec<Py<PyWeakrefReference>>,
+    _export: Option<PyUntypedBuffer>,
+}
+
+impl Pins {
+    /// Far more links than any real chain has; bounds the walk over a pathological one.
+    const MAX_DEPTH: usize = 64;
+
+    fn take(mem: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let mut weakrefs = Vec::new();
+        let mut obj = mem.clone();
+        for _ in 0..Self::MAX_DEPTH {
+            let next = if let Ok(array) = obj.cast::<PyUntypedArray>() {
+                weakrefs.push(PyWeakrefReference::new(array)?.unbind());
+                array.getattr("base")?
+            } else if obj.cast::<PyMemoryView>().is_ok() {
+                obj.getattr("obj")?
+            } else {
+                break;
+            };
+            if next.is_none() {
+                break;
+            }
+            obj = next;
+        }
+        let export = if obj.is(mem) {
+            None
+        } else {
+            PyUntypedBuffer::get(&obj).ok()
+        };
+        Ok(Self {
+            _weakrefs: weakrefs,
+            _export: export,
+        })
+    }
+}
+
 /// A queue size as the readers take it; `ValueError` past 16 bits.
 fn queue_size(size: u32) -> PyResult<u16> {
     u16::try_from(size)
@@ -54,11 +103,13 @@ fn queue_size(size: u32) -> PyResult<u16> {
 }
 
 /// What both queue classes hold: the buffer export (held for the queue's life, so the memory
-/// cannot move or shrink: a `bytearray` refuses to resize while exported), the map, and the
-/// reader with its reusable chain behind a lock.
+/// cannot move or shrink: a `bytearray` refuses to resize and an `mmap` to close while
+/// exported), what pins the objects behind it (`Pins`: numpy arrays do not count
+/// exports), the map, and the reader with its reusable chain behind a lock.
 #[derive(Debug)]
 struct QueueCore<Q> {
     mem: PyBuffer<u8>,
+    _pins: Pins,
     map: MemoryMap,
     state: Mutex<(Q, Chain)>,
 }
@@ -69,11 +120,13 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
         memmap: &Bound<'_, PyMemoryMap>,
         make: impl FnOnce(&GuestRam<'_>) -> Result<Q, QueueError>,
     ) -> PyResult<Self> {
+        let pins = Pins::take(mem)?;
         let mem = writable_buffer(mem)?;
         let map = memmap.get().map.clone();
         let queue = make(&guest_ram(&mem, &map)?).map_err(queue_err)?;
         Ok(Self {
             mem,
+            _pins: pins,
             map,
             state: Mutex::new((queue, Chain::new())),
         })
@@ -266,10 +319,11 @@ macro_rules! queue_methods {
 ///
 /// `SplitQueue(mem, memmap, size, desc_gpa, avail_gpa, used_gpa, *, event_idx=False)`: `mem`
 /// is a `bytearray`, `mmap` or numpy `uint8` array laid out by `memmap` (it may be written by
-/// the guest concurrently). Construction checks the size (a power of two up to 32768), ring
-/// alignment and that the rings are RAM (`ValueError` otherwise). Every guest-written field is
-/// validated: a bad element is counted in `rejected` and returned used with length 0; a bad
-/// ring index stops the queue and sets `error`.
+/// the guest concurrently). The queue holds `mem` for its whole life and keeps it from being
+/// resized, closed or freed (see `Pins`). Construction checks the size (a power of two up to
+/// 32768), ring alignment and that the rings are RAM (`ValueError` otherwise). Every
+/// guest-written field is validated: a bad element is counted in `rejected` and returned used
+/// with length 0; a bad ring index stops the queue and sets `error`.
 #[derive(Debug)]
 #[pyclass(name = "SplitQueue", module = "pagehint._core", frozen, subclass)]
 pub struct PySplitQueue {
