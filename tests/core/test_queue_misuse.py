@@ -1,13 +1,15 @@
 """A queue cannot be misused from Python: ``add_used`` takes back only heads (buffer ids) in
 flight, as often as they are, and refuses a bad batch whole; guest RAM can neither be resized
-nor freed while a queue reads it (bytearray, mmap, numpy arrays and views of them). Every
-refusal leaves the rings and the queue's indices as they were."""
+nor freed while a queue reads it (bytearray, mmap, numpy arrays and views of them); negative
+addresses, sizes and indices are ``ValueError`` naming the argument. Every refusal leaves the
+rings and the queue's indices as they were."""
 
 from __future__ import annotations
 
 import gc
 import mmap
 import struct
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -243,3 +245,88 @@ def test_an_mmap_behind_a_numpy_array_cannot_be_closed_under_a_queue() -> None:
     del q
     gc.collect()
     ram.close()
+
+
+# -- integers out of range: ValueError naming the argument, nothing changed -----------------------
+
+NEG_CASES: list[tuple[str, Callable[[bytearray], object], str]] = [
+    ("split size", lambda m: SplitQueue(m, MEMMAP, -8, S_DESC, S_AVAIL, S_USED), "queue size"),
+    ("split desc", lambda m: SplitQueue(m, MEMMAP, SIZE, -16, S_AVAIL, S_USED), "desc_gpa"),
+    ("split avail", lambda m: SplitQueue(m, MEMMAP, SIZE, S_DESC, -2, S_USED), "avail_gpa"),
+    ("split used", lambda m: SplitQueue(m, MEMMAP, SIZE, S_DESC, S_AVAIL, -4), "used_gpa"),
+    ("split used 2**64", lambda m: SplitQueue(m, MEMMAP, 8, 0, 0x2000, 2**64), "used_gpa"),
+    ("packed size", lambda m: PackedQueue(m, MEMMAP, -1, 0x1000, 0x2000, 0x2004), "queue size"),
+    ("packed desc", lambda m: PackedQueue(m, MEMMAP, 8, -0x1000, 0x2000, 0x2004), "desc_gpa"),
+    ("packed driver", lambda m: PackedQueue(m, MEMMAP, 8, 0x1000, -4, 0x2004), "driver_event"),
+    ("packed device", lambda m: PackedQueue(m, MEMMAP, 8, 0x1000, 0x2000, -4), "device_event"),
+    ("map gpa", lambda m: MemoryMap([(-4096, 4096)]), r"regions\[0\] gpa"),
+    ("map size", lambda m: MemoryMap([(0, 4096), (8192, -4096)]), r"regions\[1\] size"),
+    ("map page size", lambda m: MemoryMap([(0, 4096)], page_size=-4096), "page_size"),
+    ("x86 ram", lambda m: MemoryMap.x86(-(1 << 30)), "ram_bytes"),
+    ("x86 below_4g", lambda m: MemoryMap.x86(1 << 30, below_4g=-1), "below_4g"),
+    ("pfn_of", lambda m: MEMMAP.pfn_of(-4096), "gpa"),
+    ("pfn_of 2**64", lambda m: MEMMAP.pfn_of(2**64), "gpa"),
+]
+
+
+@pytest.mark.parametrize(("call", "match"), [pytest.param(c, r, id=i) for i, c, r in NEG_CASES])
+def test_negative_addresses_and_sizes_are_value_errors(
+    call: Callable[[bytearray], object], match: str
+) -> None:
+    mem = bytearray(MEMMAP.ram_bytes)
+    with pytest.raises(ValueError, match=match) as info:
+        call(mem)
+    assert info.type is ValueError
+    mem.extend(b"x")  # a refused queue holds no export
+
+
+QUEUE_CALLS: list[tuple[str, Callable[[Any], object], type[Exception], str]] = [
+    ("negative head", lambda q: q.add_used([2, -1], [0, 0]), ValueError, r"heads\[1\]"),
+    ("head past 16 bits", lambda q: q.add_used([65538], [0]), ValueError, r"heads\[0\]"),
+    ("negative len", lambda q: q.add_used([2], [-1]), ValueError, r"lens\[0\]"),
+    ("len past 32 bits", lambda q: q.add_used([2], [2**32]), ValueError, r"lens\[0\]"),
+    ("str head", lambda q: q.add_used(["2"], [0]), TypeError, "int"),
+    ("float len", lambda q: q.add_used([2], [0.0]), TypeError, "int"),
+    ("negative pop", lambda q: q.pop(-1), ValueError, "max_elements"),
+    ("negative pop_batch", lambda q: q.pop_batch(-5), ValueError, "max_elements"),
+    ("negative drain", lambda q: q.drain_hints(None, -1), ValueError, "max_elements"),
+    ("negative last_avail", lambda q: q.set_indices(-1, 0), ValueError, "last_avail"),
+    ("next_used past 16 bits", lambda q: q.set_indices(2, 65536), ValueError, "next_used"),
+]
+
+
+@pytest.mark.parametrize(
+    ("call", "exc", "match"), [pytest.param(c, e, r, id=i) for i, c, e, r in QUEUE_CALLS]
+)
+def test_bad_queue_arguments_change_nothing(
+    call: Callable[[Any], object], exc: type[Exception], match: str
+) -> None:
+    mem = np.zeros(MEMMAP.ram_bytes, dtype=np.uint8)
+    q = split_ring(mem, [2, 5, 6])
+    assert q.pop(2).heads.tolist() == [2, 5]
+    before = mem.tobytes()
+    with pytest.raises(exc, match=match) as info:
+        call(q)
+    assert info.type is exc
+    assert mem.tobytes() == before
+    assert (q.last_avail, q.next_used) == (2, 0)
+    q.add_used([5, 2], [0, 0])  # both still in flight
+    assert q.pop().heads.tolist() == [6]
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda q: q.set_indices(-1, True, 0, True), "next_avail"),
+        (lambda q: q.set_indices(0, True, 2**16, True), "next_used"),
+        (lambda q: q.add_used([-1], [0]), r"heads\[0\]"),
+    ],
+)
+def test_bad_packed_queue_arguments_are_value_errors(
+    call: Callable[[Any], object], match: str
+) -> None:
+    mem = own_array()
+    q = PackedQueue(mem, MEMMAP, SIZE, DESC, DRIVER_EVENT, DEVICE_EVENT)
+    with pytest.raises(ValueError, match=match):
+        call(q)
+    assert q.next_avail == (0, True) and q.next_used == (0, True)

@@ -16,6 +16,7 @@ use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyMemoryView, PyTuple, PyWeakrefReference};
 
+use crate::args::Int;
 use crate::bitmap::PyDirtyBitmap;
 use crate::errors::{bitmap_err, queue_err, ram_size_err};
 use crate::memmap::PyMemoryMap;
@@ -96,10 +97,40 @@ impl Pins {
     }
 }
 
-/// A queue size as the readers take it; `ValueError` past 16 bits.
-fn queue_size(size: u32) -> PyResult<u16> {
-    u16::try_from(size)
-        .map_err(|_| PyValueError::new_err(format!("queue size {size} is more than 32768")))
+/// A queue size as the readers take it; `ValueError` when negative or past 16 bits (the
+/// readers refuse 32769 to 65535 themselves).
+fn queue_size(size: Int) -> PyResult<u16> {
+    if size.0 < 0 {
+        return Err(PyValueError::new_err(format!(
+            "queue size {} is negative",
+            size.0
+        )));
+    }
+    u16::try_from(size.0)
+        .map_err(|_| PyValueError::new_err(format!("queue size {} is more than 32768", size.0)))
+}
+
+/// `heads` and `lens` of `add_used`, checked as 16-bit heads and 32-bit lengths of equal
+/// number; `ValueError` naming the first bad one.
+fn used_pairs(heads: &[Int], lens: &[Int]) -> PyResult<Vec<(u16, u32)>> {
+    if heads.len() != lens.len() {
+        return Err(PyValueError::new_err(format!(
+            "heads and lens differ in length: {} and {}",
+            heads.len(),
+            lens.len()
+        )));
+    }
+    heads
+        .iter()
+        .zip(lens)
+        .enumerate()
+        .map(|(i, (h, l))| {
+            Ok((
+                h.u16(&format!("heads[{i}]"))?,
+                l.u32(&format!("lens[{i}]"))?,
+            ))
+        })
+        .collect()
 }
 
 /// What both queue classes hold: the buffer export (held for the queue's life, so the memory
@@ -157,15 +188,8 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
         }))
     }
 
-    fn add_used(&self, py: Python<'_>, heads: &[u16], lens: &[u32]) -> PyResult<()> {
-        if heads.len() != lens.len() {
-            return Err(PyValueError::new_err(format!(
-                "heads and lens differ in length: {} and {}",
-                heads.len(),
-                lens.len()
-            )));
-        }
-        let used: Vec<(u16, u32)> = heads.iter().copied().zip(lens.iter().copied()).collect();
+    fn add_used(&self, py: Python<'_>, heads: &[Int], lens: &[Int]) -> PyResult<()> {
+        let used = used_pairs(heads, lens)?;
         let ram = guest_ram(&self.mem, &self.map)?;
         py.detach(|| self.lock().0.add_used_batch(&ram, &used))
             .map_err(queue_err)
@@ -254,9 +278,12 @@ macro_rules! queue_methods {
             /// elements count against `max_elements` too (a guest cannot keep the call going);
             /// they are counted in `rejected`, already returned used with length 0, and absent
             /// from the result.
-            #[pyo3(signature = (max_elements = 65536))]
-            fn pop(&self, py: Python<'_>, max_elements: usize) -> PyResult<PyElements> {
-                let popped = self.core.pop(py, max_elements)?;
+            #[pyo3(
+                signature = (max_elements = Int(65536)),
+                text_signature = "($self, max_elements=65536)"
+            )]
+            fn pop(&self, py: Python<'_>, max_elements: Int) -> PyResult<PyElements> {
+                let popped = self.core.pop(py, max_elements.limit("max_elements")?)?;
                 Ok(PyElements::from_popped(py, popped))
             }
 
@@ -265,9 +292,9 @@ macro_rules! queue_methods {
             fn pop_batch<'py>(
                 &self,
                 py: Python<'py>,
-                max_elements: usize,
+                max_elements: Int,
             ) -> PyResult<Bound<'py, PyTuple>> {
-                let p = self.core.pop(py, max_elements)?;
+                let p = self.core.pop(py, max_elements.limit("max_elements")?)?;
                 PyTuple::new(
                     py,
                     [
@@ -283,7 +310,7 @@ macro_rules! queue_methods {
             /// Returns elements to the driver: `heads[i]` with `lens[i]` bytes written. The
             /// whole batch is checked first: a head that is not in flight (or given more
             /// often than it is) is a `ValueError` and nothing is returned.
-            fn add_used(&self, py: Python<'_>, heads: Vec<u16>, lens: Vec<u32>) -> PyResult<()> {
+            fn add_used(&self, py: Python<'_>, heads: Vec<Int>, lens: Vec<Int>) -> PyResult<()> {
                 self.core.add_used(py, &heads, &lens)
             }
 
@@ -296,14 +323,18 @@ macro_rules! queue_methods {
             /// applied (a device outside its START state). `record=True` also returns the page
             /// ranges cleared (`ranges`), for a VMM that clears the hypervisor's dirty log where
             /// hints landed.
-            #[pyo3(signature = (bitmap, max_elements = 65536, *, record = false))]
+            #[pyo3(
+                signature = (bitmap, max_elements = Int(65536), *, record = false),
+                text_signature = "($self, bitmap, max_elements=65536, *, record=False)"
+            )]
             fn drain_hints(
                 &self,
                 py: Python<'_>,
                 bitmap: Option<&Bound<'_, PyDirtyBitmap>>,
-                max_elements: usize,
+                max_elements: Int,
                 record: bool,
             ) -> PyResult<PyHintDrain> {
+                let max_elements = max_elements.limit("max_elements")?;
                 self.core.drain_hints(py, bitmap, max_elements, record)
             }
 
@@ -336,13 +367,16 @@ queue_methods!(PySplitQueue {
     fn new(
         mem: &Bound<'_, PyAny>,
         memmap: &Bound<'_, PyMemoryMap>,
-        size: u32,
-        desc_gpa: u64,
-        avail_gpa: u64,
-        used_gpa: u64,
+        size: Int,
+        desc_gpa: Int,
+        avail_gpa: Int,
+        used_gpa: Int,
         event_idx: bool,
     ) -> PyResult<Self> {
         let size = queue_size(size)?;
+        let desc_gpa = desc_gpa.u64("desc_gpa")?;
+        let avail_gpa = avail_gpa.u64("avail_gpa")?;
+        let used_gpa = used_gpa.u64("used_gpa")?;
         let core = QueueCore::new(mem, memmap, |ram| {
             SplitQueue::new(ram, size, desc_gpa, avail_gpa, used_gpa, event_idx)
         })?;
@@ -364,7 +398,9 @@ queue_methods!(PySplitQueue {
     /// Resumes at the given indices (e.g. from a saved device state or a dump); `ValueError`
     /// for a used index ahead of the available one or more than a queue behind it. The
     /// `last_avail - next_used` elements then in flight may be returned by any heads.
-    fn set_indices(&self, last_avail: u16, next_used: u16) -> PyResult<()> {
+    fn set_indices(&self, last_avail: Int, next_used: Int) -> PyResult<()> {
+        let last_avail = last_avail.u16("last_avail")?;
+        let next_used = next_used.u16("next_used")?;
         self.core.lock().0.set_indices(last_avail, next_used).map_err(queue_err)
     }
 });
@@ -386,13 +422,16 @@ queue_methods!(PyPackedQueue {
     fn new(
         mem: &Bound<'_, PyAny>,
         memmap: &Bound<'_, PyMemoryMap>,
-        size: u32,
-        desc_gpa: u64,
-        driver_event_gpa: u64,
-        device_event_gpa: u64,
+        size: Int,
+        desc_gpa: Int,
+        driver_event_gpa: Int,
+        device_event_gpa: Int,
         event_idx: bool,
     ) -> PyResult<Self> {
         let size = queue_size(size)?;
+        let desc_gpa = desc_gpa.u64("desc_gpa")?;
+        let driver_event_gpa = driver_event_gpa.u64("driver_event_gpa")?;
+        let device_event_gpa = device_event_gpa.u64("device_event_gpa")?;
         let core = QueueCore::new(mem, memmap, |ram| {
             PackedQueue::new(ram, size, desc_gpa, driver_event_gpa, device_event_gpa, event_idx)
         })?;
@@ -417,11 +456,13 @@ queue_methods!(PyPackedQueue {
     /// nothing in flight.
     fn set_indices(
         &self,
-        next_avail: u16,
+        next_avail: Int,
         avail_wrap: bool,
-        next_used: u16,
+        next_used: Int,
         used_wrap: bool,
     ) -> PyResult<()> {
+        let next_avail = next_avail.u16("next_avail")?;
+        let next_used = next_used.u16("next_used")?;
         self.core
             .lock()
             .0
