@@ -54,6 +54,16 @@ class DirtyBitmap:
     def __ne__(self, other: object, /) -> bool: ...
     def copy(self) -> DirtyBitmap:
         """A copy of the bitmap."""
+    def __copy__(self) -> DirtyBitmap:
+        """``copy.copy``: a copy, as ``copy()``."""
+    def __deepcopy__(self, _memo: dict[int, object]) -> DirtyBitmap:
+        """``copy.deepcopy``: a copy, as ``copy()``."""
+    def __reduce__(self) -> tuple[type[DirtyBitmap], tuple[int], tuple[int, bytes, bytes]]:
+        """Pickling: the type, ``(npages,)`` and the non-zero 4 KiB chunks of words as
+        ``(512, chunk indices, words)`` (little-endian u64 bytes)."""
+    def __setstate__(self, state: tuple[int, bytes, bytes], /) -> None:
+        """Unpickling: replaces the contents with a ``__reduce__`` state; ``TypeError`` or
+        ``ValueError`` for one that does not fit, changing nothing."""
     def set_range(self, start: int, n: int) -> int:
         """Sets pages ``[start, start + n)``; returns how many were newly set."""
     def clear_range(self, start: int, n: int) -> int:
@@ -122,11 +132,17 @@ class MemoryMap:
     def regions(self) -> list[tuple[int, int]]:
         """The regions as ``(gpa, size)``, in bitmap order."""
     def pfn_of(self, gpa: int) -> int:
-        """The bitmap page of a guest-physical address (ValueError in a hole)."""
+        """The bitmap page of a guest-physical address (ValueError in a hole, or negative)."""
     def gpa_of(self, pfn: int) -> int:
         """The guest-physical address of a bitmap page (IndexError past the end)."""
     def __len__(self) -> int: ...
     def __eq__(self, other: object, /) -> bool: ...
+    def __copy__(self) -> MemoryMap:
+        """``copy.copy``: an equal map."""
+    def __deepcopy__(self, _memo: dict[int, object]) -> MemoryMap:
+        """``copy.deepcopy``: an equal map."""
+    def __reduce__(self) -> tuple[type[MemoryMap], tuple[list[tuple[int, int]], int]]:
+        """Pickling: ``(MemoryMap, (regions, page_size))``."""
     def __ne__(self, other: object, /) -> bool: ...
     __hash__: ClassVar[None]  # type: ignore[assignment]
 

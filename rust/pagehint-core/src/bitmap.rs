@@ -15,6 +15,29 @@ use crate::words::{Words, machine_memory};
 /// the reservation, creation fails with an error rather than an abort.
 pub const MAX_PAGES: u64 = 1 << 48;
 
+/// Words per chunk of a [`SparseImage`]: 4 KiB, a page of words.
+pub const IMAGE_CHUNK_WORDS: usize = 512;
+
+/// A bitmap's contents as its non-zero chunks of [`IMAGE_CHUNK_WORDS`] words, in a portable
+/// byte form (what a Python pickle of a bitmap stores): a sparse bitmap's image is as small as
+/// what is set in it, a dense one costs 8 bytes per 4 KiB more than its words.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SparseImage {
+    /// The index `k` of each non-zero chunk (words `[512k, 512k + 512)`), ascending, as
+    /// little-endian `u64`s.
+    pub chunks: Vec<u8>,
+    /// Those chunks' words as little-endian `u64`s, one chunk after another; only the
+    /// bitmap's last chunk may be shorter than 512 words.
+    pub words: Vec<u8>,
+}
+
+/// The little-endian `u64` in `bytes` (exactly 8 of them).
+fn le_u64(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(bytes);
+    u64::from_le_bytes(b)
+}
+
 /// Words that setting pages `[start, end)` (already checked) writes.
 const fn span_words(start: u64, end: u64) -> u64 {
     if start == end {
@@ -318,6 +341,87 @@ impl DirtyBitmap {
             }
         };
         found.min(end)
+    }
+
+    /// The bitmap's non-zero chunks (see [`SparseImage`]); untouched stretches are skipped
+    /// with the search kernel, so an image of a huge sparse bitmap costs one scan.
+    pub fn sparse_image(&self) -> SparseImage {
+        let mut image = SparseImage::default();
+        let mut at = 0;
+        while let Some(i) = Self::kernels().find_nonzero(&self.words[at..]) {
+            let chunk = (at + i) / IMAGE_CHUNK_WORDS;
+            let start = chunk * IMAGE_CHUNK_WORDS;
+            let end = (start + IMAGE_CHUNK_WORDS).min(self.words.len());
+            image
+                .chunks
+                .extend_from_slice(&(chunk as u64).to_le_bytes());
+            for w in &self.words[start..end] {
+                image.words.extend_from_slice(&w.to_le_bytes());
+            }
+            at = end;
+        }
+        image
+    }
+
+    /// Replaces the contents with a [`SparseImage`] (every page outside its chunks clean).
+    /// Everything is checked before anything changes: chunk indices ascending and inside the
+    /// bitmap, the words exactly as many as the chunks hold, and no bit past `npages`;
+    /// `BadImage` otherwise.
+    pub fn load_sparse_image(&mut self, chunks: &[u8], words: &[u8]) -> Result<(), BitmapError> {
+        let bad = |reason: String| Err(BitmapError::BadImage { reason });
+        if !chunks.len().is_multiple_of(8) || !words.len().is_multiple_of(8) {
+            return bad(format!(
+                "{} bytes of chunk indices and {} of words are not whole u64s",
+                chunks.len(),
+                words.len()
+            ));
+        }
+        let nwords = self.words.len();
+        let nchunks = nwords.div_ceil(IMAGE_CHUNK_WORDS);
+        let mut spans = Vec::with_capacity(chunks.len() / 8);
+        let mut expected = 0usize;
+        let mut previous: Option<u64> = None;
+        for raw in chunks.chunks_exact(8) {
+            let chunk = le_u64(raw);
+            if previous.is_some_and(|p| chunk <= p) {
+                return bad(format!("chunk {chunk} is not after chunk {previous:?}"));
+            }
+            let Some(start) = usize::try_from(chunk)
+                .ok()
+                .filter(|&c| c < nchunks)
+                .map(|c| c * IMAGE_CHUNK_WORDS)
+            else {
+                return bad(format!(
+                    "chunk {chunk} is past the bitmap's {nchunks} chunks"
+                ));
+            };
+            let end = (start + IMAGE_CHUNK_WORDS).min(nwords);
+            expected += end - start;
+            spans.push((start, end));
+            previous = Some(chunk);
+        }
+        if words.len() / 8 != expected {
+            return bad(format!(
+                "{} words for chunks that hold {expected}",
+                words.len() / 8
+            ));
+        }
+        let tail_bits = self.npages % WORD_BITS;
+        let reaches_tail = spans.last().is_some_and(|&(_, end)| end == nwords);
+        if tail_bits != 0 && reaches_tail && le_u64(&words[words.len() - 8..]) >> tail_bits != 0 {
+            return bad(format!(
+                "bits past the bitmap's {} pages are set",
+                self.npages
+            ));
+        }
+        Self::kernels().clear_count(&mut self.words);
+        let mut from = words.chunks_exact(8);
+        for (start, end) in spans {
+            for (dst, src) in self.words[start..end].iter_mut().zip(&mut from) {
+                *dst = le_u64(src);
+            }
+        }
+        Ok(())
     }
 
     /// Test-and-clears up to `max_pages` dirty pages at or after `start`, appending their pfns to

@@ -38,6 +38,12 @@ pub enum BitmapError {
         /// The machine's memory in bytes.
         memory: u64,
     },
+    /// A [`SparseImage`](crate::bitmap::SparseImage) that does not fit the bitmap it is loaded
+    /// into, or is malformed.
+    BadImage {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Two arrays that go together have different lengths.
     LengthMismatch {
         /// Length of the first array (`starts`).
@@ -93,6 +99,7 @@ impl fmt::Display for BitmapError {
                 Gib(*bytes),
                 Gib(*memory)
             ),
+            Self::BadImage { reason } => write!(f, "not an image of this bitmap: {reason}"),
             Self::LengthMismatch { left, right } => {
                 write!(f, "arrays of different lengths: {left} and {right}")
             }

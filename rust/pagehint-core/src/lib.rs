@@ -120,7 +120,7 @@ pub mod test_utils;
 pub mod virtq;
 pub mod words;
 
-pub use bitmap::{DirtyBitmap, MAX_PAGES};
+pub use bitmap::{DirtyBitmap, IMAGE_CHUNK_WORDS, MAX_PAGES, SparseImage};
 pub use dirty_ring::{
     DirtyGfn, DirtyRing, HarvestOutcome, RingError, RingRejects, SlotPages, SlotTable,
     harvest as harvest_dirty_ring,

@@ -360,3 +360,84 @@ fn words_are_aligned_and_copies_equal() {
         assert_eq!(copy, w);
     }
 }
+
+proptest! {
+    #[test]
+    fn sparse_image_round_trips(
+        npages in prop_oneof![0u64..200, 32_700u64..32_900, 100_000u64..140_000],
+        ranges in vec((0u64..1_000_000, 0u64..3000), 0..12),
+    ) {
+        let mut bm = DirtyBitmap::new(npages).expect("small");
+        for (at, n) in ranges {
+            let start = at * npages / 1_000_000;
+            let _ = bm.set_range(start, n.min(npages - start));
+        }
+        let image = bm.sparse_image();
+        let nonzero = bm.words().chunks(512).filter(|c| c.iter().any(|&w| w != 0)).count();
+        prop_assert_eq!(image.chunks.len(), 8 * nonzero);
+        let mut copy = DirtyBitmap::new(npages).expect("small");
+        copy.set_range(npages / 2, npages / 3).expect("inside");
+        copy.load_sparse_image(&image.chunks, &image.words).expect("its own image");
+        prop_assert_eq!(&copy, &bm);
+    }
+}
+
+#[test]
+fn a_bad_sparse_image_changes_nothing() {
+    let npages = 512 * 64 * 2 + 100; // three chunks, the last of two words with a 36-bit tail
+    let mut src = DirtyBitmap::new(npages).expect("small");
+    src.set_range(5, 10).expect("inside");
+    src.set_range(npages - 1, 1).expect("inside");
+    let good = src.sparse_image();
+    assert_eq!(good.chunks.len(), 16);
+    assert_eq!(good.words.len(), 8 * (512 + 2));
+    let le = |v: &[u64]| v.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
+    let mut past_tail = good.words.clone();
+    let n = past_tail.len();
+    past_tail[n - 1] |= 0x80;
+    let cases: Vec<(Vec<u8>, Vec<u8>, &str)> = vec![
+        (good.chunks[..7].to_vec(), good.words.clone(), "whole u64s"),
+        (
+            good.chunks.clone(),
+            good.words[..good.words.len() - 4].to_vec(),
+            "whole u64s",
+        ),
+        (le(&[2, 0]), good.words.clone(), "is not after"),
+        (le(&[0, 0]), good.words.clone(), "is not after"),
+        (
+            le(&[0, 3]),
+            good.words.clone(),
+            "past the bitmap's 3 chunks",
+        ),
+        (
+            le(&[0, 1]),
+            good.words.clone(),
+            "words for chunks that hold 1024",
+        ),
+        (
+            good.chunks.clone(),
+            good.words[..good.words.len() - 8].to_vec(),
+            "hold 514",
+        ),
+        (good.chunks.clone(), past_tail, "bits past"),
+    ];
+    let mut bm = DirtyBitmap::new(npages).expect("small");
+    bm.set_range(1000, 3).expect("inside");
+    for (chunks, words, why) in cases {
+        match bm.load_sparse_image(&chunks, &words) {
+            Err(BitmapError::BadImage { reason }) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("{why}: {other:?}"),
+        }
+        assert_eq!(
+            bm.count(0, npages),
+            Ok(3),
+            "{why}: a refused image changes nothing"
+        );
+    }
+    bm.load_sparse_image(&good.chunks, &good.words)
+        .expect("good");
+    assert_eq!(bm, src);
+    // An empty image clears.
+    bm.load_sparse_image(&[], &[]).expect("empty");
+    assert_eq!(bm.count_all(), 0);
+}

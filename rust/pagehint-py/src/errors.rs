@@ -16,6 +16,7 @@ pub fn bitmap_err(e: BitmapError) -> PyErr {
             PyMemoryError::new_err(e.to_string())
         }
         BitmapError::TooLarge { .. }
+        | BitmapError::BadImage { .. }
         | BitmapError::LengthMismatch { .. }
         | BitmapError::MisalignedOffset { .. }
         | BitmapError::MapLargerThanBitmap { .. } => PyValueError::new_err(e.to_string()),

@@ -4,6 +4,7 @@ use numpy::{PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pagehint_core::MemoryMap;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
 use crate::args::{Int, Pfn};
 use crate::bitmap::PyDirtyBitmap;
@@ -119,6 +120,23 @@ impl PyMemoryMap {
 
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
         other.cast::<Self>().is_ok_and(|o| o.get().map == self.map)
+    }
+
+    /// `copy.copy`: an equal map.
+    fn __copy__(&self) -> Self {
+        Self::wrap(self.map.clone())
+    }
+
+    /// `copy.deepcopy`: an equal map (a map holds no Python objects).
+    fn __deepcopy__(&self, _memo: &Bound<'_, PyAny>) -> Self {
+        Self::wrap(self.map.clone())
+    }
+
+    /// Pickling: `(MemoryMap, (regions, page_size))`.
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
+        let map = &slf.get().map;
+        let regions: Vec<(u64, u64)> = map.regions().iter().map(|r| (r.gpa, r.size)).collect();
+        (slf.get_type(), (regions, map.page_size())).into_pyobject(slf.py())
     }
 }
 
