@@ -630,8 +630,7 @@ impl PackedQueue {
 
     /// Checks, changing nothing, that `ids` could all be returned now, in any order: each below
     /// the queue size, in flight, and given once. The error of a broken queue,
-    /// `BufferIdOutOfRange` or `BufferIdNotInFlight` otherwise; an empty batch is
-    /// always fine.
+    /// `BufferIdOutOfRange` or `BufferIdNotInFlight` otherwise; an empty batch is always fine.
     pub fn check_used(&self, ids: &[u16]) -> Result<(), QueueError> {
         if ids.is_empty() {
             return Ok(());

@@ -502,8 +502,7 @@ impl SplitQueue {
     /// below the queue size and in flight at least as many times as it appears, where heads
     /// this reader did not take count against the elements in flight since the last
     /// [`set_indices`](Self::set_indices). The error of a broken queue, `HeadOutOfRange` or
-    /// `HeadNotInFlight` otherwise; an empty batch is always
-    /// fine (there is nothing to return).
+    /// `HeadNotInFlight` otherwise; an empty batch is always fine (nothing to return).
     pub fn check_used(&self, heads: &[u16]) -> Result<(), QueueError> {
         if heads.is_empty() {
             return Ok(());
