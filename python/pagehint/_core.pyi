@@ -54,6 +54,16 @@ class DirtyBitmap:
     def __ne__(self, other: object, /) -> bool: ...
     def copy(self) -> DirtyBitmap:
         """A copy of the bitmap."""
+    def __copy__(self) -> DirtyBitmap:
+        """``copy.copy``: a copy, as ``copy()``."""
+    def __deepcopy__(self, _memo: dict[int, object]) -> DirtyBitmap:
+        """``copy.deepcopy``: a copy, as ``copy()``."""
+    def __reduce__(self) -> tuple[type[DirtyBitmap], tuple[int], tuple[int, bytes, bytes]]:
+        """Pickling: the type, ``(npages,)`` and the non-zero 4 KiB chunks of words as
+        ``(512, chunk indices, words)`` (little-endian u64 bytes)."""
+    def __setstate__(self, state: tuple[int, bytes, bytes], /) -> None:
+        """Unpickling: replaces the contents with a ``__reduce__`` state; ``TypeError`` or
+        ``ValueError`` for one that does not fit, changing nothing."""
     def set_range(self, start: int, n: int) -> int:
         """Sets pages ``[start, start + n)``; returns how many were newly set."""
     def clear_range(self, start: int, n: int) -> int:
@@ -65,7 +75,8 @@ class DirtyBitmap:
     def test_and_clear(self, pfn: int) -> bool:
         """Clears page ``pfn``; returns whether it was dirty."""
     def set_all(self) -> None:
-        """Marks every page dirty."""
+        """Marks every page dirty; ``MemoryError`` when the words are more than the machine's
+        memory (RAM + swap)."""
     def clear_all(self) -> None:
         """Marks every page clean."""
     def set_ranges(self, starts: _U64Array, counts: _U64Array) -> int:
@@ -121,11 +132,17 @@ class MemoryMap:
     def regions(self) -> list[tuple[int, int]]:
         """The regions as ``(gpa, size)``, in bitmap order."""
     def pfn_of(self, gpa: int) -> int:
-        """The bitmap page of a guest-physical address (ValueError in a hole)."""
+        """The bitmap page of a guest-physical address (ValueError in a hole, or negative)."""
     def gpa_of(self, pfn: int) -> int:
         """The guest-physical address of a bitmap page (IndexError past the end)."""
     def __len__(self) -> int: ...
     def __eq__(self, other: object, /) -> bool: ...
+    def __copy__(self) -> MemoryMap:
+        """``copy.copy``: an equal map."""
+    def __deepcopy__(self, _memo: dict[int, object]) -> MemoryMap:
+        """``copy.deepcopy``: an equal map."""
+    def __reduce__(self) -> tuple[type[MemoryMap], tuple[list[tuple[int, int]], int]]:
+        """Pickling: ``(MemoryMap, (regions, page_size))``."""
     def __ne__(self, other: object, /) -> bool: ...
     __hash__: ClassVar[None]  # type: ignore[assignment]
 
@@ -328,7 +345,9 @@ class _Queue:
     ]:
         """``pop`` as a tuple of its arrays."""
     def add_used(self, heads: Sequence[int], lens: Sequence[int]) -> None:
-        """Returns elements to the driver."""
+        """Returns elements to the driver: ``heads[i]`` with ``lens[i]`` bytes written. The
+        batch is checked whole first: a head not in flight (or given more often than it is)
+        is a ``ValueError`` and nothing is returned."""
     def drain_hints(
         self, bitmap: DirtyBitmap | None, max_elements: int = 65536, *, record: bool = False
     ) -> HintDrain:
@@ -338,7 +357,8 @@ class _Queue:
 
 @disjoint_base
 class SplitQueue(_Queue):
-    """A split virtqueue (virtio 1.2 §2.7) in guest RAM held by a writable buffer."""
+    """A split virtqueue (virtio 1.2 §2.7) in guest RAM held by a writable buffer, which the
+    queue keeps from being resized, closed or freed while it lives."""
 
     def __new__(
         cls,
@@ -358,11 +378,13 @@ class SplitQueue(_Queue):
     def next_used(self) -> int:
         """Next used-ring index the device writes."""
     def set_indices(self, last_avail: int, next_used: int) -> None:
-        """Resumes at the given indices."""
+        """Resumes at the given indices; the ``last_avail - next_used`` elements then in flight
+        may be returned by any heads (the reader cannot know them)."""
 
 @disjoint_base
 class PackedQueue(_Queue):
-    """A packed virtqueue (virtio 1.2 §2.8) in guest RAM held by a writable buffer."""
+    """A packed virtqueue (virtio 1.2 §2.8) in guest RAM held by a writable buffer, which the
+    queue keeps from being resized, closed or freed while it lives."""
 
     def __new__(
         cls,
@@ -384,4 +406,4 @@ class PackedQueue(_Queue):
     def set_indices(
         self, next_avail: int, avail_wrap: bool, next_used: int, used_wrap: bool
     ) -> None:
-        """Resumes at the given slots and wrap counters."""
+        """Resumes at the given slots and wrap counters, with nothing in flight."""

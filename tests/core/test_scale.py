@@ -1,6 +1,8 @@
 """Guest-sized bitmaps: a 2**36-page (256 TiB guest, 8 GiB of words) bitmap costs no memory
-until touched and works at its far end; a 2**28-page (1 TiB guest) dirty bitmap is cleared
-exactly by one batch of every 4 MiB block in random order."""
+until touched and works at its far end; a bitmap larger than the machine's memory can be
+created and used sparsely, committing only what is written, while writing all of it at once is
+refused; a 2**28-page (1 TiB guest) dirty bitmap is cleared exactly by one batch of every 4 MiB
+block in random order."""
 
 from __future__ import annotations
 
@@ -13,7 +15,10 @@ import pytest
 from pagehint import DirtyBitmap
 
 STATUS = Path("/proc/self/status")
+MEMINFO = Path("/proc/meminfo")
+OVERCOMMIT = Path("/proc/sys/vm/overcommit_memory")
 MiB = 1 << 20
+GiB = 1 << 30
 
 
 def rss_bytes() -> int:
@@ -97,6 +102,89 @@ def test_huge_bitmap_is_lazy_and_works_at_the_far_end() -> None:
     after = rss_bytes()
     assert after - before < 64 * MiB, f"RSS grew by {(after - before) // MiB} MiB"
     del w, bm
+    gc.collect()
+
+
+def machine_memory() -> int:
+    """RAM plus swap in bytes, as /proc/meminfo counts them (what the bitmap compares with)."""
+    fields = {}
+    for line in MEMINFO.read_text().splitlines():
+        name, _, rest = line.partition(":")
+        fields[name] = rest.split()
+    total = 0
+    for name in ("MemTotal", "SwapTotal"):
+        value, unit = fields[name]
+        assert unit == "kB", name
+        total += int(value) * 1024
+    return total
+
+
+@pytest.fixture
+def bigger_than_ram() -> int:
+    """Pages of the smallest power-of-two bitmap whose words exceed the machine's RAM + swap
+    (2**38 pages, 32 GiB of words, on a 24 GiB machine without swap)."""
+    if not MEMINFO.exists():
+        pytest.skip("/proc/meminfo is not available: the machine's memory is unknown")
+    if OVERCOMMIT.exists() and OVERCOMMIT.read_text().strip() == "2":
+        pytest.skip("strict overcommit (vm.overcommit_memory=2) charges every reservation")
+    npages = 1 << 20
+    while npages // 8 <= machine_memory():
+        npages <<= 1
+    assert npages <= 2**48, "more memory than a bitmap can describe"
+    return npages
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("rss")
+def test_bitmap_larger_than_memory_commits_only_what_is_written(bigger_than_ram: int) -> None:
+    npages = bigger_than_ram
+    gc.collect()
+    before = rss_bytes()
+    bm = DirtyBitmap(npages)
+    assert bm.nbytes == npages // 8 > machine_memory()
+    created = rss_bytes()
+    assert created - before < 16 * MiB, f"creating it grew RSS by {(created - before) // MiB} MiB"
+
+    # Far-apart ranges: the first page, two straddling word and 2 MiB (huge page) boundaries,
+    # one in the middle, the last pages.
+    ranges = [(0, 1), (npages // 4 - 30, 100), (npages // 2 + 12345, 777), (npages - 70, 70)]
+    for start, n in ranges:
+        assert bm.set_range(start, n) == n
+    assert bm.count() == sum(n for _, n in ranges)
+    assert bm.count(npages // 4 - 64, 256) == 100
+    assert bm.test(npages - 1) and not bm.test(npages - 71)
+    assert bm.clear_range(npages // 2 + 12345, 700) == 700
+    # Clearing and counting untouched stretches writes nothing.
+    assert bm.clear_range(npages // 16, npages // 8) == 0
+    assert bm.next_dirty(1) == npages // 4 - 30
+    taken = bm.take_dirty(1000)
+    assert taken.tolist() == [
+        0,
+        *range(npages // 4 - 30, npages // 4 + 70),
+        *range(npages // 2 + 13045, npages // 2 + 13122),
+        *range(npages - 70, npages),
+    ]
+    assert bm.count() == 0
+    touched = rss_bytes()
+    # Each range backs at most the 2 MiB huge page (two, when it straddles one) around it.
+    limit = 2 * len(ranges) * 2 * MiB + 16 * MiB
+    assert touched - before < limit, f"4 ranges grew RSS by {(touched - before) // MiB} MiB"
+
+    # Writing every word at once cannot be backed: refused, naming the sizes, nothing changed.
+    bm.set_range(npages - 1, 1)
+    too_much = r"bytes \(\d+\.\d GiB\) of memory \(RAM \+ swap\)"
+    with pytest.raises(MemoryError, match=too_much):
+        bm.set_all()
+    for start, n in [(0, npages), (1, npages - 1)]:
+        with pytest.raises(MemoryError, match=too_much):
+            bm.set_range(start, n)
+        with pytest.raises(MemoryError, match=too_much):
+            bm.set_ranges(np.array([5, start], np.uint64), np.array([1, n], np.uint64))
+    assert bm.count() == 1
+    with pytest.raises(MemoryError, match=f"writes {npages // 8} bytes"):
+        DirtyBitmap(npages, dirty=True)
+    assert rss_bytes() - before < limit
+    del bm
     gc.collect()
 
 

@@ -425,7 +425,7 @@ fn check(npages: u64, ops: &[Op]) {
             }
             Op::SetAll => {
                 let newly = m.0.iter().filter(|&&b| !b).count() as u64;
-                assert_eq!(bm.set_all(), newly);
+                assert_eq!(bm.set_all(), Ok(newly));
                 m.0.iter_mut().for_each(|b| *b = true);
                 true
             }

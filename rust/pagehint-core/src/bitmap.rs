@@ -7,11 +7,60 @@
 use crate::error::BitmapError;
 use crate::kernels::{self, Kernels};
 use crate::span::{WORD_BITS, bit_of, span, word_of};
-use crate::words::Words;
+use crate::words::{Words, machine_memory};
 
-/// The largest bitmap: 2^48 pages (1 EiB of 4 KiB pages, a 32 TiB bitmap). Far beyond what a
-/// machine can back; the allocator refuses first, with an error rather than an abort.
+/// The largest bitmap: 2^48 pages (1 EiB of 4 KiB pages, a 32 TiB bitmap). A bitmap larger
+/// than the machine's memory can be created and used: its words are reserved, not committed,
+/// and only the parts written cost memory (see [`crate::words`]). When the system refuses even
+/// the reservation, creation fails with an error rather than an abort.
 pub const MAX_PAGES: u64 = 1 << 48;
+
+/// Words per chunk of a [`SparseImage`]: 4 KiB, a page of words.
+pub const IMAGE_CHUNK_WORDS: usize = 512;
+
+/// A bitmap's contents as its non-zero chunks of [`IMAGE_CHUNK_WORDS`] words, in a portable
+/// byte form (what a Python pickle of a bitmap stores): a sparse bitmap's image is as small as
+/// what is set in it, a dense one costs 8 bytes per 4 KiB more than its words.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SparseImage {
+    /// The index `k` of each non-zero chunk (words `[512k, 512k + 512)`), ascending, as
+    /// little-endian `u64`s.
+    pub chunks: Vec<u8>,
+    /// Those chunks' words as little-endian `u64`s, one chunk after another; only the
+    /// bitmap's last chunk may be shorter than 512 words.
+    pub words: Vec<u8>,
+}
+
+/// The little-endian `u64` in `bytes` (exactly 8 of them).
+fn le_u64(bytes: &[u8]) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(bytes);
+    u64::from_le_bytes(b)
+}
+
+/// Words that setting pages `[start, end)` (already checked) writes.
+const fn span_words(start: u64, end: u64) -> u64 {
+    if start == end {
+        0
+    } else {
+        (end - 1) / WORD_BITS - start / WORD_BITS + 1
+    }
+}
+
+/// Refuses to set `pages` pages whose `words` words are more than the machine's memory: a
+/// single call writing them would back them all at once. Nothing is refused where the
+/// machine's memory is unknown.
+fn check_commit(pages: u64, words: u64) -> Result<(), BitmapError> {
+    let bytes = words.saturating_mul(8);
+    match machine_memory() {
+        Some(memory) if bytes > memory => Err(BitmapError::ExceedsMemory {
+            pages,
+            bytes,
+            memory,
+        }),
+        _ => Ok(()),
+    }
+}
 
 /// A dirty bitmap over pages `[0, npages)`.
 #[derive(Debug, PartialEq, Eq)]
@@ -21,8 +70,9 @@ pub struct DirtyBitmap {
 }
 
 impl DirtyBitmap {
-    /// A clean bitmap. The words are lazily zeroed: pages of the allocation that are never
-    /// written are never backed by memory.
+    /// A clean bitmap. The words are reserved and lazily zeroed: pages of them that are never
+    /// written are never backed by memory, so the bitmap may be larger than the machine's
+    /// memory.
     pub fn new(npages: u64) -> Result<Self, BitmapError> {
         if npages > MAX_PAGES {
             return Err(BitmapError::TooLarge {
@@ -34,10 +84,13 @@ impl DirtyBitmap {
         Ok(Self { words, npages })
     }
 
-    /// A bitmap with every page dirty (the state at the start of a migration).
+    /// A bitmap with every page dirty (the state at the start of a migration). This writes
+    /// every word, so it is refused with `ExceedsMemory` (before allocating anything) when the
+    /// words are more than the machine's memory.
     pub fn new_dirty(npages: u64) -> Result<Self, BitmapError> {
+        check_commit(npages, npages.div_ceil(WORD_BITS))?;
         let mut bm = Self::new(npages)?;
-        bm.set_all();
+        bm.set_all()?;
         Ok(bm)
     }
 
@@ -93,17 +146,22 @@ impl DirtyBitmap {
         }
     }
 
-    /// Sets pages `[start, start + n)`, returning how many were newly set.
+    /// Sets pages `[start, start + n)`, returning how many were newly set. Refused with
+    /// `ExceedsMemory` when the range's words are more than the machine's memory.
     pub fn set_range(&mut self, start: u64, n: u64) -> Result<u64, BitmapError> {
         let end = self.check_range(start, n)?;
+        check_commit(n, span_words(start, end))?;
         Ok(self.set_span(start, end))
     }
 
     /// Sets every range `[starts[i], starts[i] + counts[i])` (overlaps allowed) and returns how
     /// many pages were newly set: a guest's writes, or a dirty log made from ranges. Every
-    /// range is checked before any is set.
+    /// range is checked before any is set, each as [`set_range`](Self::set_range) checks it.
     pub fn set_ranges(&mut self, starts: &[u64], counts: &[u64]) -> Result<u64, BitmapError> {
         self.check_ranges(starts, counts)?;
+        for (&start, &n) in starts.iter().zip(counts) {
+            check_commit(n, span_words(start, start + n))?;
+        }
         Ok(starts
             .iter()
             .zip(counts)
@@ -176,11 +234,10 @@ impl DirtyBitmap {
         Ok(was)
     }
 
-    /// Marks every page dirty, returning how many were newly set.
-    pub fn set_all(&mut self) -> u64 {
-        let npages = self.npages;
-        // Cannot fail: the whole range is inside by definition.
-        self.set_range(0, npages).unwrap_or(0)
+    /// Marks every page dirty, returning how many were newly set. Refused with
+    /// `ExceedsMemory` when the bitmap's words are more than the machine's memory.
+    pub fn set_all(&mut self) -> Result<u64, BitmapError> {
+        self.set_range(0, self.npages)
     }
 
     /// Marks every page clean, returning how many were set.
@@ -284,6 +341,87 @@ impl DirtyBitmap {
             }
         };
         found.min(end)
+    }
+
+    /// The bitmap's non-zero chunks (see [`SparseImage`]); untouched stretches are skipped
+    /// with the search kernel, so an image of a huge sparse bitmap costs one scan.
+    pub fn sparse_image(&self) -> SparseImage {
+        let mut image = SparseImage::default();
+        let mut at = 0;
+        while let Some(i) = Self::kernels().find_nonzero(&self.words[at..]) {
+            let chunk = (at + i) / IMAGE_CHUNK_WORDS;
+            let start = chunk * IMAGE_CHUNK_WORDS;
+            let end = (start + IMAGE_CHUNK_WORDS).min(self.words.len());
+            image
+                .chunks
+                .extend_from_slice(&(chunk as u64).to_le_bytes());
+            for w in &self.words[start..end] {
+                image.words.extend_from_slice(&w.to_le_bytes());
+            }
+            at = end;
+        }
+        image
+    }
+
+    /// Replaces the contents with a [`SparseImage`] (every page outside its chunks clean).
+    /// Everything is checked before anything changes: chunk indices ascending and inside the
+    /// bitmap, the words exactly as many as the chunks hold, and no bit past `npages`;
+    /// `BadImage` otherwise.
+    pub fn load_sparse_image(&mut self, chunks: &[u8], words: &[u8]) -> Result<(), BitmapError> {
+        let bad = |reason: String| Err(BitmapError::BadImage { reason });
+        if !chunks.len().is_multiple_of(8) || !words.len().is_multiple_of(8) {
+            return bad(format!(
+                "{} bytes of chunk indices and {} of words are not whole u64s",
+                chunks.len(),
+                words.len()
+            ));
+        }
+        let nwords = self.words.len();
+        let nchunks = nwords.div_ceil(IMAGE_CHUNK_WORDS);
+        let mut spans = Vec::with_capacity(chunks.len() / 8);
+        let mut expected = 0usize;
+        let mut previous: Option<u64> = None;
+        for raw in chunks.chunks_exact(8) {
+            let chunk = le_u64(raw);
+            if previous.is_some_and(|p| chunk <= p) {
+                return bad(format!("chunk {chunk} is not after chunk {previous:?}"));
+            }
+            let Some(start) = usize::try_from(chunk)
+                .ok()
+                .filter(|&c| c < nchunks)
+                .map(|c| c * IMAGE_CHUNK_WORDS)
+            else {
+                return bad(format!(
+                    "chunk {chunk} is past the bitmap's {nchunks} chunks"
+                ));
+            };
+            let end = (start + IMAGE_CHUNK_WORDS).min(nwords);
+            expected += end - start;
+            spans.push((start, end));
+            previous = Some(chunk);
+        }
+        if words.len() / 8 != expected {
+            return bad(format!(
+                "{} words for chunks that hold {expected}",
+                words.len() / 8
+            ));
+        }
+        let tail_bits = self.npages % WORD_BITS;
+        let reaches_tail = spans.last().is_some_and(|&(_, end)| end == nwords);
+        if tail_bits != 0 && reaches_tail && le_u64(&words[words.len() - 8..]) >> tail_bits != 0 {
+            return bad(format!(
+                "bits past the bitmap's {} pages are set",
+                self.npages
+            ));
+        }
+        Self::kernels().clear_count(&mut self.words);
+        let mut from = words.chunks_exact(8);
+        for (start, end) in spans {
+            for (dst, src) in self.words[start..end].iter_mut().zip(&mut from) {
+                *dst = le_u64(src);
+            }
+        }
+        Ok(())
     }
 
     /// Test-and-clears up to `max_pages` dirty pages at or after `start`, appending their pfns to

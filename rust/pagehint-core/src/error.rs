@@ -27,6 +27,23 @@ pub enum BitmapError {
         /// Bytes of words requested.
         bytes: u64,
     },
+    /// Setting these pages would write more bitmap words at once than the machine has memory
+    /// to back ([`machine_memory`](crate::words::machine_memory): RAM + swap). Refused before
+    /// anything is allocated or written, where the OOM killer would otherwise end the process.
+    ExceedsMemory {
+        /// Pages to be set.
+        pages: u64,
+        /// Bytes of words that writes.
+        bytes: u64,
+        /// The machine's memory in bytes.
+        memory: u64,
+    },
+    /// A [`SparseImage`](crate::bitmap::SparseImage) that does not fit the bitmap it is loaded
+    /// into, or is malformed.
+    BadImage {
+        /// What is wrong with it.
+        reason: String,
+    },
     /// Two arrays that go together have different lengths.
     LengthMismatch {
         /// Length of the first array (`starts`).
@@ -65,9 +82,24 @@ impl fmt::Display for BitmapError {
             Self::TooLarge { npages, max } => {
                 write!(f, "{npages} pages is more than the {max} a bitmap can hold")
             }
-            Self::AllocationFailed { bytes } => {
-                write!(f, "could not allocate {bytes} bytes of bitmap words")
-            }
+            Self::AllocationFailed { bytes } => write!(
+                f,
+                "could not reserve {bytes} bytes ({}) of bitmap words",
+                Gib(*bytes)
+            ),
+            Self::ExceedsMemory {
+                pages,
+                bytes,
+                memory,
+            } => write!(
+                f,
+                "setting {pages} pages at once writes {bytes} bytes ({}) of bitmap words, more \
+                 than this machine's {memory} bytes ({}) of memory (RAM + swap); create the \
+                 bitmap clean and set only what is dirty",
+                Gib(*bytes),
+                Gib(*memory)
+            ),
+            Self::BadImage { reason } => write!(f, "not an image of this bitmap: {reason}"),
             Self::LengthMismatch { left, right } => {
                 write!(f, "arrays of different lengths: {left} and {right}")
             }
@@ -88,6 +120,16 @@ impl fmt::Display for BitmapError {
 }
 
 impl std::error::Error for BitmapError {}
+
+/// A byte count in GiB with one decimal, for messages.
+struct Gib(u64);
+
+impl fmt::Display for Gib {
+    #[allow(clippy::cast_precision_loss)] // one decimal of a message
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:.1} GiB", self.0 as f64 / f64::from(1u32 << 30))
+    }
+}
 
 /// Why a `PAGEHINT_SIMD` request cannot be met.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -8,8 +8,9 @@
 //! that path, device side:
 //!
 //! - [`DirtyBitmap`]: one bit per guest page in the `KVM_GET_DIRTY_LOG` word layout (bit `i`
-//!   of `u64` word `j` is pfn `64*j + i`, as in QEMU's migration bitmap), lazily allocated so
-//!   a GiB-scale bitmap costs memory only where it is dirty.
+//!   of `u64` word `j` is pfn `64*j + i`, as in QEMU's migration bitmap), its words reserved
+//!   rather than committed so a bitmap may be larger than RAM and costs memory only where it
+//!   was written.
 //! - [`kernels`]: its bulk loops (count, clear, set, merge a dirty log, search), compiled per
 //!   instruction-set level (scalar, AVX2, AVX-512, NEON) and chosen once at run time by CPU
 //!   detection or `PAGEHINT_SIMD`.
@@ -41,7 +42,7 @@
 //! never undefined behaviour here, only input to validate. The queue readers put in the fences
 //! between ring fields that §2.7 and §2.8 require. A [`DirtyBitmap`] is `Send + Sync` and
 //! changes only through `&mut`; a queue reader is used by one thread at a time (its methods
-//! take `&mut self`). The `unsafe` code is the bitmap's allocation and `madvise`, a prefetch,
+//! take `&mut self`). The `unsafe` code is the bitmap's allocation (`mmap`, `sysinfo`) and `madvise`, a prefetch,
 //! and the calls into `#[target_feature]` kernels, which a [`Kernels`] table allows only
 //! after checking the CPU; each block states why it is sound.
 //!
@@ -119,7 +120,7 @@ pub mod test_utils;
 pub mod virtq;
 pub mod words;
 
-pub use bitmap::{DirtyBitmap, MAX_PAGES};
+pub use bitmap::{DirtyBitmap, IMAGE_CHUNK_WORDS, MAX_PAGES, SparseImage};
 pub use dirty_ring::{
     DirtyGfn, DirtyRing, HarvestOutcome, RingError, RingRejects, SlotPages, SlotTable,
     harvest as harvest_dirty_ring,

@@ -195,7 +195,8 @@ fn run(npages: u64, ops: &[Op]) -> Result<(), TestCaseError> {
                 s <= npages
             }
             Op::SetAll => {
-                bm.set_all();
+                let newly = m.0.iter().filter(|&&b| !b).count() as u64;
+                prop_assert_eq!(bm.set_all(), Ok(newly));
                 m.0.iter_mut().for_each(|b| *b = true);
                 true
             }
@@ -269,4 +270,174 @@ fn huge_bitmap_is_lazy_and_usable() {
     assert_eq!(bm.set_range(last - 99, 100), Ok(100));
     assert_eq!(bm.next_dirty(1 << 30), Ok(Some(last - 99)));
     assert_eq!(bm.count(last - 199, 200), Ok(100));
+}
+
+/// Pages of the smallest power-of-two bitmap whose words exceed the machine's memory, or
+/// `None` where that is unknown or the kernel charges every reservation (strict overcommit).
+fn bigger_than_memory() -> Option<u64> {
+    let memory = pagehint_core::words::machine_memory()?;
+    let mode = std::fs::read_to_string("/proc/sys/vm/overcommit_memory").ok()?;
+    if mode.trim() == "2" {
+        return None;
+    }
+    let mut npages = 1u64 << 20;
+    while npages / 8 <= memory {
+        npages <<= 1;
+    }
+    Some(npages)
+}
+
+#[test]
+fn bitmap_larger_than_memory_is_reserved_and_refuses_writing_it_all() {
+    let Some(npages) = bigger_than_memory() else {
+        return;
+    };
+    let mut bm = DirtyBitmap::new(npages).expect("reserving is not committing");
+    let last = npages - 1;
+    assert_eq!(bm.set_range(0, 3), Ok(3));
+    assert_eq!(bm.set_range(npages / 2 - 10, 20), Ok(20));
+    assert_eq!(bm.set_range(last - 99, 100), Ok(100));
+    assert_eq!(bm.count(npages / 2 - 64, 128), Ok(20));
+    assert_eq!(bm.next_dirty(3), Ok(Some(npages / 2 - 10)));
+    assert_eq!(bm.clear_range(npages / 8, npages / 4), Ok(0));
+
+    let memory = pagehint_core::words::machine_memory().expect("known above");
+    let all = BitmapError::ExceedsMemory {
+        pages: npages,
+        bytes: npages / 8,
+        memory,
+    };
+    assert_eq!(bm.set_all(), Err(all.clone()));
+    assert_eq!(bm.set_range(0, npages), Err(all));
+    assert!(matches!(
+        bm.set_ranges(&[0, 5], &[1, npages - 5]),
+        Err(BitmapError::ExceedsMemory { pages, .. }) if pages == npages - 5
+    ));
+    assert_eq!(
+        bm.count(0, npages),
+        Ok(123),
+        "a refused call changes nothing"
+    );
+    assert_eq!(
+        DirtyBitmap::new_dirty(npages),
+        Err(BitmapError::ExceedsMemory {
+            pages: npages,
+            bytes: npages / 8,
+            memory,
+        })
+    );
+    let text = DirtyBitmap::new_dirty(npages)
+        .expect_err("too large")
+        .to_string();
+    assert!(text.contains(&format!("{memory} bytes")), "{text}");
+}
+
+#[test]
+fn words_are_aligned_and_copies_equal() {
+    use pagehint_core::words::Words;
+    // Below, at and above the size from which Linux maps the words instead of allocating.
+    for len in [
+        1usize,
+        100,
+        (2 << 20) / 8 - 1,
+        (2 << 20) / 8,
+        (8 << 20) / 8 + 3,
+    ] {
+        let mut w = Words::zeroed(len).expect("small");
+        assert_eq!(w.len(), len);
+        assert!(w.iter().all(|&x| x == 0));
+        assert_eq!(w.as_ptr().align_offset(8), 0);
+        if len >= (2 << 20) / 8 && cfg!(target_os = "linux") {
+            assert_eq!(
+                w.as_ptr().align_offset(4096),
+                0,
+                "a mapping is page aligned"
+            );
+        }
+        w[0] = 1;
+        w[len - 1] |= 1 << 63;
+        let copy = w.try_clone().expect("small");
+        assert_eq!(copy, w);
+    }
+}
+
+proptest! {
+    #[test]
+    fn sparse_image_round_trips(
+        npages in prop_oneof![0u64..200, 32_700u64..32_900, 100_000u64..140_000],
+        ranges in vec((0u64..1_000_000, 0u64..3000), 0..12),
+    ) {
+        let mut bm = DirtyBitmap::new(npages).expect("small");
+        for (at, n) in ranges {
+            let start = at * npages / 1_000_000;
+            let _ = bm.set_range(start, n.min(npages - start));
+        }
+        let image = bm.sparse_image();
+        let nonzero = bm.words().chunks(512).filter(|c| c.iter().any(|&w| w != 0)).count();
+        prop_assert_eq!(image.chunks.len(), 8 * nonzero);
+        let mut copy = DirtyBitmap::new(npages).expect("small");
+        copy.set_range(npages / 2, npages / 3).expect("inside");
+        copy.load_sparse_image(&image.chunks, &image.words).expect("its own image");
+        prop_assert_eq!(&copy, &bm);
+    }
+}
+
+#[test]
+fn a_bad_sparse_image_changes_nothing() {
+    let npages = 512 * 64 * 2 + 100; // three chunks, the last of two words with a 36-bit tail
+    let mut src = DirtyBitmap::new(npages).expect("small");
+    src.set_range(5, 10).expect("inside");
+    src.set_range(npages - 1, 1).expect("inside");
+    let good = src.sparse_image();
+    assert_eq!(good.chunks.len(), 16);
+    assert_eq!(good.words.len(), 8 * (512 + 2));
+    let le = |v: &[u64]| v.iter().flat_map(|w| w.to_le_bytes()).collect::<Vec<u8>>();
+    let mut past_tail = good.words.clone();
+    let n = past_tail.len();
+    past_tail[n - 1] |= 0x80;
+    let cases: Vec<(Vec<u8>, Vec<u8>, &str)> = vec![
+        (good.chunks[..7].to_vec(), good.words.clone(), "whole u64s"),
+        (
+            good.chunks.clone(),
+            good.words[..good.words.len() - 4].to_vec(),
+            "whole u64s",
+        ),
+        (le(&[2, 0]), good.words.clone(), "is not after"),
+        (le(&[0, 0]), good.words.clone(), "is not after"),
+        (
+            le(&[0, 3]),
+            good.words.clone(),
+            "past the bitmap's 3 chunks",
+        ),
+        (
+            le(&[0, 1]),
+            good.words.clone(),
+            "words for chunks that hold 1024",
+        ),
+        (
+            good.chunks.clone(),
+            good.words[..good.words.len() - 8].to_vec(),
+            "hold 514",
+        ),
+        (good.chunks.clone(), past_tail, "bits past"),
+    ];
+    let mut bm = DirtyBitmap::new(npages).expect("small");
+    bm.set_range(1000, 3).expect("inside");
+    for (chunks, words, why) in cases {
+        match bm.load_sparse_image(&chunks, &words) {
+            Err(BitmapError::BadImage { reason }) => assert!(reason.contains(why), "{reason}"),
+            other => panic!("{why}: {other:?}"),
+        }
+        assert_eq!(
+            bm.count(0, npages),
+            Ok(3),
+            "{why}: a refused image changes nothing"
+        );
+    }
+    bm.load_sparse_image(&good.chunks, &good.words)
+        .expect("good");
+    assert_eq!(bm, src);
+    // An empty image clears.
+    bm.load_sparse_image(&[], &[]).expect("empty");
+    assert_eq!(bm.count_all(), 0);
 }

@@ -581,7 +581,7 @@ fn a_drain_without_an_applier_returns_hints_unapplied_and_stops_at_a_cmd_id<L: L
     let mut q = drv.queue(false).expect("queue");
     let map = drv.mem().map();
     let mut bitmap = DirtyBitmap::new(map.npages()).expect("bitmap");
-    bitmap.set_all();
+    bitmap.set_all().expect("a small bitmap fits");
     let mut applier = HintApplier::new(&mut bitmap, map).expect("fits");
     let (returned, _) = drain_hints(&mut q, &ram, &mut chain, Some(&mut applier), 100);
     assert_eq!(returned, 2);

@@ -262,6 +262,43 @@ fn add_used_refuses_ids_not_in_flight_without_breaking() {
 }
 
 #[test]
+fn add_used_batch_is_refused_whole() {
+    let rig = guest::packed(8);
+    rig.list(&[(DATA, 4, true)], 1);
+    rig.list(&[(DATA + 4, 4, true)], 4);
+    let ram = rig.ram();
+    let mut q = rig.queue(false).expect("queue");
+    let mut chain = Chain::new();
+    assert_eq!(q.pop(&ram, &mut chain), Some(Ok(1)));
+    assert_eq!(q.pop(&ram, &mut chain), Some(Ok(4)));
+    for (used, bad) in [
+        (
+            &[(4u16, 0u32), (1, 0), (4, 0)][..],
+            QueueError::BufferIdNotInFlight { id: 4 },
+        ),
+        (&[(1, 0), (2, 0)], QueueError::BufferIdNotInFlight { id: 2 }),
+        (
+            &[(1, 0), (8, 0)],
+            QueueError::BufferIdOutOfRange { id: 8, size: 8 },
+        ),
+    ] {
+        assert_eq!(q.add_used_batch(&ram, used), Err(bad), "{used:?}");
+        assert_eq!(
+            (q.next_used(), q.in_flight()),
+            (0, 2),
+            "{used:?}: nothing returned"
+        );
+    }
+    q.add_used_batch(&ram, &[(4, 2), (1, 3)])
+        .expect("both in flight");
+    assert_eq!(
+        (rig.slot(0), rig.slot(1)),
+        ((4, 2, AVAIL | USED | WRITE), (1, 3, AVAIL | USED | WRITE))
+    );
+    assert_eq!((q.next_used(), q.in_flight()), (2, 0));
+}
+
+#[test]
 fn set_indices_checks_its_range() {
     let rig = guest::packed(5);
     let mut q = rig.queue(false).expect("queue");

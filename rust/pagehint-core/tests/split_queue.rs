@@ -189,14 +189,96 @@ fn add_used_refuses_a_head_past_the_queue_without_breaking_it() {
     );
     assert!(!q.is_broken());
     assert_eq!(rig.used_idx(), 0);
+    rig.desc(3, DATA, 0x100, WRITE, 0);
+    rig.push(3);
+    assert_eq!(q.pop(&ram, &mut Chain::new()), Some(Ok(3)));
     q.add_used(&ram, 3, 17).expect("ok");
     assert_eq!((rig.used_idx(), rig.used(0)), (1, (3, 17)));
 }
 
 #[test]
+fn add_used_refuses_heads_not_in_flight_and_changes_nothing() {
+    let rig = guest::split(8);
+    let ram = rig.ram();
+    let mut q = rig.queue(false).expect("queue");
+    let mut chain = Chain::new();
+    // Nothing taken yet: no head can be returned.
+    assert_eq!(
+        q.add_used(&ram, 0, 0),
+        Err(QueueError::HeadNotInFlight { head: 0 })
+    );
+    for h in [2u16, 5] {
+        rig.desc(h, DATA, 0x100, WRITE, 0);
+        rig.push(h);
+    }
+    assert_eq!(q.pop(&ram, &mut chain), Some(Ok(2)));
+    assert_eq!(q.pop(&ram, &mut chain), Some(Ok(5)));
+    assert_eq!(q.in_flight(), 2);
+    for (heads, bad) in [
+        (&[3u16][..], QueueError::HeadNotInFlight { head: 3 }),
+        (&[2, 2], QueueError::HeadNotInFlight { head: 2 }),
+        (&[5, 2, 5], QueueError::HeadNotInFlight { head: 5 }),
+        (&[2, 8], QueueError::HeadOutOfRange { head: 8, size: 8 }),
+    ] {
+        assert_eq!(q.check_used(heads), Err(bad), "{heads:?}");
+        let used: Vec<(u16, u32)> = heads.iter().map(|&h| (h, 1)).collect();
+        assert_eq!(q.add_used_batch(&ram, &used), Err(bad), "{heads:?}");
+        assert_eq!((q.next_used(), rig.used_idx(), q.in_flight()), (0, 0, 2));
+    }
+    assert!(!q.is_broken());
+    // Returned in any order, each once.
+    q.add_used_batch(&ram, &[(5, 7), (2, 9)])
+        .expect("both in flight");
+    assert_eq!(
+        (rig.used(0), rig.used(1), rig.used_idx()),
+        ((5, 7), (2, 9), 2)
+    );
+    assert_eq!(
+        q.add_used(&ram, 5, 0),
+        Err(QueueError::HeadNotInFlight { head: 5 })
+    );
+    // A driver that makes a head available again while it is in flight (against the rules,
+    // served as QEMU serves it) has it in flight twice: it can be returned twice.
+    rig.push(2);
+    rig.push(2);
+    assert_eq!(q.pop(&ram, &mut chain), Some(Ok(2)));
+    assert_eq!(q.pop(&ram, &mut chain), Some(Ok(2)));
+    assert_eq!(
+        q.add_used_batch(&ram, &[(2, 0), (2, 0), (2, 0)]),
+        Err(QueueError::HeadNotInFlight { head: 2 })
+    );
+    q.add_used_batch(&ram, &[(2, 0), (2, 0)])
+        .expect("in flight twice");
+    assert_eq!(q.in_flight(), 0);
+}
+
+#[test]
+fn elements_in_flight_across_set_indices_are_returned_by_any_head() {
+    let rig = guest::split(8);
+    let ram = rig.ram();
+    let mut q = rig.queue(false).expect("queue");
+    // Restored with three elements in flight, taken by a reader whose heads are unknown.
+    q.set_indices(13, 10).expect("consistent");
+    assert_eq!(q.in_flight(), 3);
+    assert_eq!(
+        q.check_used(&[1, 2, 3, 4]),
+        Err(QueueError::HeadNotInFlight { head: 4 })
+    );
+    q.add_used_batch(&ram, &[(4, 0), (4, 0)])
+        .expect("two of the three");
+    q.add_used(&ram, 7, 0).expect("the third");
+    assert_eq!(
+        q.add_used(&ram, 7, 0),
+        Err(QueueError::HeadNotInFlight { head: 7 })
+    );
+    assert_eq!((q.next_used(), q.in_flight(), rig.used_idx()), (13, 0, 13));
+}
+
+#[test]
 fn a_queue_whose_rings_are_not_in_the_given_ram_breaks() {
     let rig = guest::split(8);
-    let q0 = rig.queue(false).expect("queue");
+    let mut q0 = rig.queue(false).expect("queue");
+    q0.set_indices(1, 0).expect("one element in flight");
     // The same queue used with a smaller guest RAM that lacks its rings.
     let small = TestRam::new(&[(0, 0x1000)], 4096).expect("map");
     let ram = small.ram();
@@ -340,6 +422,7 @@ fn needs_interrupt_without_event_idx_follows_no_interrupt() {
     let rig = guest::split(8);
     let ram = rig.ram();
     let mut q = rig.queue(false).expect("queue");
+    q.set_indices(2, 0).expect("two elements in flight");
     q.add_used(&ram, 0, 0).expect("ok");
     assert!(q.needs_interrupt(&ram));
     rig.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT);
@@ -355,6 +438,7 @@ fn needs_interrupt_with_event_idx_follows_used_event() {
     let rig = guest::split(8);
     let ram = rig.ram();
     let mut q = rig.queue(true).expect("queue");
+    q.set_indices(8, 0).expect("eight elements in flight");
     // The flag is ignored with EVENT_IDX.
     rig.set_avail_flags(VIRTQ_AVAIL_F_NO_INTERRUPT);
     // No decision yet: notify.
@@ -379,7 +463,7 @@ fn needs_interrupt_with_event_idx_follows_used_event() {
     // Nothing new: no interrupt.
     assert!(!q.needs_interrupt(&ram));
     // Across the 16-bit wrap.
-    q.set_indices(0, 65534).expect("consistent indices");
+    q.set_indices(1, 65534).expect("consistent indices");
     assert!(q.needs_interrupt(&ram)); // forgotten decision
     rig.set_used_event(65535);
     q.add_used(&ram, 0, 0).expect("ok");

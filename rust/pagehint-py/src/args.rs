@@ -54,6 +54,68 @@ impl<'a, 'py> FromPyObject<'a, 'py> for Pages {
     }
 }
 
+/// Any Python int, checked later against the range of the argument it is (see
+/// [`Int::unsigned`]), so that the refusal can name that argument: guest-physical addresses,
+/// sizes, ring indices, heads and limits. A non-int is a `TypeError`.
+#[derive(Debug, Clone, Copy)]
+pub struct Int(pub i128);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for Int {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        integer(&obj).map(Self)
+    }
+}
+
+impl Int {
+    /// The value as an unsigned integer up to `max`; a `ValueError` naming the argument
+    /// `name` when it is negative or larger.
+    pub fn unsigned(self, name: &str, max: u64) -> PyResult<u64> {
+        match u64::try_from(self.0) {
+            Ok(v) if v <= max => Ok(v),
+            _ if self.0 < 0 => Err(PyValueError::new_err(format!(
+                "{name} is negative ({})",
+                self.0
+            ))),
+            _ if max == u64::MAX => Err(PyValueError::new_err(format!(
+                "{name} is not below 2**64 ({})",
+                self.0
+            ))),
+            _ => Err(PyValueError::new_err(format!(
+                "{name} is more than {max} ({})",
+                self.0
+            ))),
+        }
+    }
+
+    /// A guest-physical address or a size in bytes: any value in `[0, 2**64)`.
+    pub fn u64(self, name: &str) -> PyResult<u64> {
+        self.unsigned(name, u64::MAX)
+    }
+
+    /// A 16-bit ring index or head.
+    pub fn u16(self, name: &str) -> PyResult<u16> {
+        let v = self.unsigned(name, u64::from(u16::MAX))?;
+        Ok(u16::try_from(v).unwrap_or(u16::MAX))
+    }
+
+    /// A 32-bit length.
+    pub fn u32(self, name: &str) -> PyResult<u32> {
+        let v = self.unsigned(name, u64::from(u32::MAX))?;
+        Ok(u32::try_from(v).unwrap_or(u32::MAX))
+    }
+
+    /// A count that only limits work: negative is a `ValueError`, anything larger than
+    /// `usize` saturates.
+    pub fn limit(self, name: &str) -> PyResult<usize> {
+        let v = self
+            .u64(name)
+            .or_else(|e| if self.0 < 0 { Err(e) } else { Ok(u64::MAX) })?;
+        Ok(usize::try_from(v).unwrap_or(usize::MAX))
+    }
+}
+
 /// A 1-D C-contiguous `uint64` array, borrowed read-only.
 pub fn u64_array<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArray1<'py, u64>> {
     let Ok(array) = obj.cast::<PyArray1<u64>>() else {

@@ -10,14 +10,16 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockE
 
 use numpy::PyArray1;
 use numpy::ndarray::ArrayView1;
-use pagehint_core::{BitmapError, DirtyBitmap, DirtyRing, SlotTable, advise_huge_pages};
+use pagehint_core::{
+    BitmapError, DirtyBitmap, DirtyRing, IMAGE_CHUNK_WORDS, SlotTable, advise_huge_pages,
+};
 
 /// From how many pages on `take_dirty` sizes its result exactly before taking.
 const LARGE_TAKE: usize = 1 << 20;
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::PyTuple;
+use pyo3::types::{PyBytes, PyTuple};
 
 use crate::args::{self, FetchIndex, Pages, Pfn};
 use crate::errors::{bitmap_err, ring_err};
@@ -200,6 +202,52 @@ impl PyDirtyBitmap {
         Ok(Self::wrap(bm))
     }
 
+    /// `copy.copy`: a copy, as `copy()`.
+    fn __copy__(&self, py: Python<'_>) -> PyResult<Self> {
+        self.copy(py)
+    }
+
+    /// `copy.deepcopy`: a copy, as `copy()` (a bitmap holds no Python objects).
+    fn __deepcopy__(&self, py: Python<'_>, _memo: &Bound<'_, PyAny>) -> PyResult<Self> {
+        self.copy(py)
+    }
+
+    /// Pickling: `(DirtyBitmap, (npages,), (512, chunks, words))`, the state being the bitmap's
+    /// non-zero 4 KiB chunks of words (`chunks`: their indices, `words`: their words, both as
+    /// little-endian u64 bytes), so a sparse bitmap pickles small whatever its size.
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
+        let py = slf.py();
+        let this = slf.get();
+        let image = this.heavy_read(py, DirtyBitmap::sparse_image);
+        let state = (
+            IMAGE_CHUNK_WORDS,
+            PyBytes::new(py, &image.chunks),
+            PyBytes::new(py, &image.words),
+        );
+        (slf.get_type(), (this.npages,), state).into_pyobject(py)
+    }
+
+    /// Unpickling: replaces the contents with a state made by `__reduce__` for a bitmap of
+    /// this size. `TypeError` for what is not such a state, `ValueError` for one that does not
+    /// fit this bitmap; nothing changes then.
+    fn __setstate__(&self, py: Python<'_>, state: &Bound<'_, PyAny>) -> PyResult<()> {
+        let (chunk_words, chunks, words): (usize, Bound<'_, PyBytes>, Bound<'_, PyBytes>) =
+            state.extract().map_err(|_| {
+                PyTypeError::new_err(
+                    "a DirtyBitmap state is (512, chunk indices, words): an int and two bytes",
+                )
+            })?;
+        if chunk_words != IMAGE_CHUNK_WORDS {
+            return Err(PyValueError::new_err(format!(
+                "a DirtyBitmap state in chunks of {chunk_words} words is not one this version \
+                 reads (chunks of {IMAGE_CHUNK_WORDS})"
+            )));
+        }
+        let (chunks, words) = (chunks.as_bytes(), words.as_bytes());
+        self.heavy_write(py, |bm| bm.load_sparse_image(chunks, words))
+            .map_err(bitmap_err)
+    }
+
     /// Sets pages `[start, start + n)`; returns how many were newly set.
     fn set_range(&self, py: Python<'_>, start: Pfn, n: Pages) -> PyResult<u64> {
         let start = start.0;
@@ -238,9 +286,12 @@ impl PyDirtyBitmap {
             .map_err(bitmap_err)
     }
 
-    /// Marks every page dirty.
-    fn set_all(&self, py: Python<'_>) {
-        self.heavy_write(py, DirtyBitmap::set_all);
+    /// Marks every page dirty; `MemoryError` when the words are more than the machine's
+    /// memory.
+    fn set_all(&self, py: Python<'_>) -> PyResult<()> {
+        self.heavy_write(py, DirtyBitmap::set_all)
+            .map(drop)
+            .map_err(bitmap_err)
     }
 
     /// Marks every page clean.

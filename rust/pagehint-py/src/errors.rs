@@ -5,14 +5,18 @@ use pyo3::PyErr;
 use pyo3::exceptions::{PyIndexError, PyMemoryError, PyValueError};
 
 /// Maps a core error to the exception its contract names: a page outside the bitmap is an
-/// `IndexError`, a malformed request a `ValueError`, a refused allocation a `MemoryError`.
+/// `IndexError`, a malformed request a `ValueError`, a refused allocation, or pages to set
+/// whose words the machine's memory cannot hold at once, a `MemoryError`.
 pub fn bitmap_err(e: BitmapError) -> PyErr {
     match e {
         BitmapError::OutOfRange { .. } | BitmapError::LogPastEnd { .. } => {
             PyIndexError::new_err(e.to_string())
         }
-        BitmapError::AllocationFailed { .. } => PyMemoryError::new_err(e.to_string()),
+        BitmapError::AllocationFailed { .. } | BitmapError::ExceedsMemory { .. } => {
+            PyMemoryError::new_err(e.to_string())
+        }
         BitmapError::TooLarge { .. }
+        | BitmapError::BadImage { .. }
         | BitmapError::LengthMismatch { .. }
         | BitmapError::MisalignedOffset { .. }
         | BitmapError::MapLargerThanBitmap { .. } => PyValueError::new_err(e.to_string()),

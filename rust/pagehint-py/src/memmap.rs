@@ -4,8 +4,9 @@ use numpy::{PyArray2, PyArrayMethods, PyUntypedArrayMethods};
 use pagehint_core::MemoryMap;
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::types::PyTuple;
 
-use crate::args::Pfn;
+use crate::args::{Int, Pfn};
 use crate::bitmap::PyDirtyBitmap;
 use crate::errors::{bitmap_err, map_err, not_ram_err, past_map_err};
 use crate::results::{PyHintResult, ranges_array};
@@ -26,9 +27,19 @@ impl PyMemoryMap {
 #[pymethods]
 impl PyMemoryMap {
     #[new]
-    #[pyo3(signature = (regions, page_size = 4096))]
-    fn new(regions: Vec<(u64, u64)>, page_size: u64) -> PyResult<Self> {
-        MemoryMap::new(&regions, page_size)
+    #[pyo3(signature = (regions, page_size = Int(4096)), text_signature = "(regions, page_size=4096)")]
+    fn new(regions: Vec<(Int, Int)>, page_size: Int) -> PyResult<Self> {
+        let regions = regions
+            .iter()
+            .enumerate()
+            .map(|(i, &(gpa, size))| {
+                Ok((
+                    gpa.u64(&format!("regions[{i}] gpa"))?,
+                    size.u64(&format!("regions[{i}] size"))?,
+                ))
+            })
+            .collect::<PyResult<Vec<_>>>()?;
+        MemoryMap::new(&regions, page_size.u64("page_size")?)
             .map(Self::wrap)
             .map_err(map_err)
     }
@@ -37,11 +48,18 @@ impl PyMemoryMap {
     /// splits RAM around the PCI hole (q35 puts 2 GiB below 4 GiB once RAM reaches 2.75 GiB,
     /// pc 3 GiB once it reaches 3.5 GiB).
     #[staticmethod]
-    #[pyo3(signature = (ram_bytes, *, below_4g = 2_147_483_648, page_size = 4096))]
-    fn x86(ram_bytes: u64, below_4g: u64, page_size: u64) -> PyResult<Self> {
-        MemoryMap::x86(ram_bytes, below_4g, page_size)
-            .map(Self::wrap)
-            .map_err(map_err)
+    #[pyo3(
+        signature = (ram_bytes, *, below_4g = Int(2_147_483_648), page_size = Int(4096)),
+        text_signature = "(ram_bytes, *, below_4g=2147483648, page_size=4096)"
+    )]
+    fn x86(ram_bytes: Int, below_4g: Int, page_size: Int) -> PyResult<Self> {
+        MemoryMap::x86(
+            ram_bytes.u64("ram_bytes")?,
+            below_4g.u64("below_4g")?,
+            page_size.u64("page_size")?,
+        )
+        .map(Self::wrap)
+        .map_err(map_err)
     }
 
     /// Pages of RAM (the bitmap a migration of this guest needs).
@@ -68,9 +86,11 @@ impl PyMemoryMap {
         self.map.regions().iter().map(|r| (r.gpa, r.size)).collect()
     }
 
-    /// The bitmap page of a guest-physical address; `ValueError` for an address in a hole.
-    fn pfn_of(&self, gpa: Pfn) -> PyResult<u64> {
-        self.map.pfn_of(gpa.0).ok_or_else(|| not_ram_err(gpa.0))
+    /// The bitmap page of a guest-physical address; `ValueError` for an address in a hole
+    /// (or a negative one).
+    fn pfn_of(&self, gpa: Int) -> PyResult<u64> {
+        let gpa = gpa.u64("gpa")?;
+        self.map.pfn_of(gpa).ok_or_else(|| not_ram_err(gpa))
     }
 
     /// The guest-physical address of a bitmap page; `IndexError` past the last page.
@@ -100,6 +120,23 @@ impl PyMemoryMap {
 
     fn __eq__(&self, other: &Bound<'_, PyAny>) -> bool {
         other.cast::<Self>().is_ok_and(|o| o.get().map == self.map)
+    }
+
+    /// `copy.copy`: an equal map.
+    fn __copy__(&self) -> Self {
+        Self::wrap(self.map.clone())
+    }
+
+    /// `copy.deepcopy`: an equal map (a map holds no Python objects).
+    fn __deepcopy__(&self, _memo: &Bound<'_, PyAny>) -> Self {
+        Self::wrap(self.map.clone())
+    }
+
+    /// Pickling: `(MemoryMap, (regions, page_size))`.
+    fn __reduce__<'py>(slf: &Bound<'py, Self>) -> PyResult<Bound<'py, PyTuple>> {
+        let map = &slf.get().map;
+        let regions: Vec<(u64, u64)> = map.regions().iter().map(|r| (r.gpa, r.size)).collect();
+        (slf.get_type(), (regions, map.page_size())).into_pyobject(slf.py())
     }
 }
 

@@ -5,17 +5,18 @@
 use std::sync::atomic::AtomicU8;
 use std::sync::{Mutex, MutexGuard, PoisonError};
 
-use numpy::PyArray1;
+use numpy::{PyArray1, PyUntypedArray};
 use pagehint_core::free_page::{DrainStop, drain_hints};
 use pagehint_core::virtq::{
     Chain, PackedQueue, PoppedElements, QueueError, SplitQueue, Virtqueue, pop_batch,
 };
 use pagehint_core::{GuestRam, HintApplier, HintOutcome, MemoryMap};
-use pyo3::buffer::PyBuffer;
+use pyo3::buffer::{PyBuffer, PyUntypedBuffer};
 use pyo3::exceptions::{PyTypeError, PyValueError};
 use pyo3::prelude::*;
-use pyo3::types::{PyDict, PyTuple};
+use pyo3::types::{PyDict, PyMemoryView, PyTuple, PyWeakrefReference};
 
+use crate::args::Int;
 use crate::bitmap::PyDirtyBitmap;
 use crate::errors::{bitmap_err, queue_err, ram_size_err};
 use crate::memmap::PyMemoryMap;
@@ -47,18 +48,99 @@ fn writable_buffer(mem: &Bound<'_, PyAny>) -> PyResult<PyBuffer<u8>> {
     Ok(buf)
 }
 
-/// A queue size as the readers take it; `ValueError` past 16 bits.
-fn queue_size(size: u32) -> PyResult<u16> {
-    u16::try_from(size)
-        .map_err(|_| PyValueError::new_err(format!("queue size {size} is more than 32768")))
+/// What keeps guest RAM where it is beyond the queue's own buffer export, found by walking
+/// from `mem` through the objects whose memory it shows (a numpy array's `base`, a
+/// memoryview's `obj`):
+///
+/// - a weak reference to each numpy array: numpy does not count buffer exports, so
+///   `ndarray.resize(..., refcheck=False)` would free memory the queue reads, but it refuses
+///   to resize an array that has weak references (`ValueError`);
+/// - a buffer export of the object at the end, when it is not `mem` itself (say the `mmap` or
+///   `bytearray` under `np.frombuffer`): then it too refuses to close or resize
+///   (`BufferError`) while the queue lives, whether or not numpy holds an export of it.
+#[derive(Debug)]
+struct Pins {
+    _weakrefs: Vec<Py<PyWeakrefReference>>,
+    _export: Option<PyUntypedBuffer>,
+}
+
+impl Pins {
+    /// Far more links than any real chain has; bounds the walk over a pathological one.
+    const MAX_DEPTH: usize = 64;
+
+    fn take(mem: &Bound<'_, PyAny>) -> PyResult<Self> {
+        let mut weakrefs = Vec::new();
+        let mut obj = mem.clone();
+        for _ in 0..Self::MAX_DEPTH {
+            let next = if let Ok(array) = obj.cast::<PyUntypedArray>() {
+                weakrefs.push(PyWeakrefReference::new(array)?.unbind());
+                array.getattr("base")?
+            } else if obj.cast::<PyMemoryView>().is_ok() {
+                obj.getattr("obj")?
+            } else {
+                break;
+            };
+            if next.is_none() {
+                break;
+            }
+            obj = next;
+        }
+        let export = if obj.is(mem) {
+            None
+        } else {
+            PyUntypedBuffer::get(&obj).ok()
+        };
+        Ok(Self {
+            _weakrefs: weakrefs,
+            _export: export,
+        })
+    }
+}
+
+/// A queue size as the readers take it; `ValueError` when negative or past 16 bits (the
+/// readers refuse 32769 to 65535 themselves).
+fn queue_size(size: Int) -> PyResult<u16> {
+    if size.0 < 0 {
+        return Err(PyValueError::new_err(format!(
+            "queue size {} is negative",
+            size.0
+        )));
+    }
+    u16::try_from(size.0)
+        .map_err(|_| PyValueError::new_err(format!("queue size {} is more than 32768", size.0)))
+}
+
+/// `heads` and `lens` of `add_used`, checked as 16-bit heads and 32-bit lengths of equal
+/// number; `ValueError` naming the first bad one.
+fn used_pairs(heads: &[Int], lens: &[Int]) -> PyResult<Vec<(u16, u32)>> {
+    if heads.len() != lens.len() {
+        return Err(PyValueError::new_err(format!(
+            "heads and lens differ in length: {} and {}",
+            heads.len(),
+            lens.len()
+        )));
+    }
+    heads
+        .iter()
+        .zip(lens)
+        .enumerate()
+        .map(|(i, (h, l))| {
+            Ok((
+                h.u16(&format!("heads[{i}]"))?,
+                l.u32(&format!("lens[{i}]"))?,
+            ))
+        })
+        .collect()
 }
 
 /// What both queue classes hold: the buffer export (held for the queue's life, so the memory
-/// cannot move or shrink: a `bytearray` refuses to resize while exported), the map, and the
-/// reader with its reusable chain behind a lock.
+/// cannot move or shrink: a `bytearray` refuses to resize and an `mmap` to close while
+/// exported), what pins the objects behind it (`Pins`: numpy arrays do not count
+/// exports), the map, and the reader with its reusable chain behind a lock.
 #[derive(Debug)]
 struct QueueCore<Q> {
     mem: PyBuffer<u8>,
+    _pins: Pins,
     map: MemoryMap,
     state: Mutex<(Q, Chain)>,
 }
@@ -69,11 +151,13 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
         memmap: &Bound<'_, PyMemoryMap>,
         make: impl FnOnce(&GuestRam<'_>) -> Result<Q, QueueError>,
     ) -> PyResult<Self> {
+        let pins = Pins::take(mem)?;
         let mem = writable_buffer(mem)?;
         let map = memmap.get().map.clone();
         let queue = make(&guest_ram(&mem, &map)?).map_err(queue_err)?;
         Ok(Self {
             mem,
+            _pins: pins,
             map,
             state: Mutex::new((queue, Chain::new())),
         })
@@ -104,23 +188,11 @@ impl<Q: Virtqueue + Send> QueueCore<Q> {
         }))
     }
 
-    fn add_used(&self, py: Python<'_>, heads: &[u16], lens: &[u32]) -> PyResult<()> {
-        if heads.len() != lens.len() {
-            return Err(PyValueError::new_err(format!(
-                "heads and lens differ in length: {} and {}",
-                heads.len(),
-                lens.len()
-            )));
-        }
+    fn add_used(&self, py: Python<'_>, heads: &[Int], lens: &[Int]) -> PyResult<()> {
+        let used = used_pairs(heads, lens)?;
         let ram = guest_ram(&self.mem, &self.map)?;
-        py.detach(|| {
-            let mut guard = self.lock();
-            heads
-                .iter()
-                .zip(lens)
-                .try_for_each(|(&h, &l)| guard.0.add_used(&ram, h, l))
-        })
-        .map_err(queue_err)
+        py.detach(|| self.lock().0.add_used_batch(&ram, &used))
+            .map_err(queue_err)
     }
 
     fn drain_hints(
@@ -206,9 +278,12 @@ macro_rules! queue_methods {
             /// elements count against `max_elements` too (a guest cannot keep the call going);
             /// they are counted in `rejected`, already returned used with length 0, and absent
             /// from the result.
-            #[pyo3(signature = (max_elements = 65536))]
-            fn pop(&self, py: Python<'_>, max_elements: usize) -> PyResult<PyElements> {
-                let popped = self.core.pop(py, max_elements)?;
+            #[pyo3(
+                signature = (max_elements = Int(65536)),
+                text_signature = "($self, max_elements=65536)"
+            )]
+            fn pop(&self, py: Python<'_>, max_elements: Int) -> PyResult<PyElements> {
+                let popped = self.core.pop(py, max_elements.limit("max_elements")?)?;
                 Ok(PyElements::from_popped(py, popped))
             }
 
@@ -217,9 +292,9 @@ macro_rules! queue_methods {
             fn pop_batch<'py>(
                 &self,
                 py: Python<'py>,
-                max_elements: usize,
+                max_elements: Int,
             ) -> PyResult<Bound<'py, PyTuple>> {
-                let p = self.core.pop(py, max_elements)?;
+                let p = self.core.pop(py, max_elements.limit("max_elements")?)?;
                 PyTuple::new(
                     py,
                     [
@@ -232,8 +307,10 @@ macro_rules! queue_methods {
                 )
             }
 
-            /// Returns elements to the driver: `heads[i]` with `lens[i]` bytes written.
-            fn add_used(&self, py: Python<'_>, heads: Vec<u16>, lens: Vec<u32>) -> PyResult<()> {
+            /// Returns elements to the driver: `heads[i]` with `lens[i]` bytes written. The
+            /// whole batch is checked first: a head that is not in flight (or given more
+            /// often than it is) is a `ValueError` and nothing is returned.
+            fn add_used(&self, py: Python<'_>, heads: Vec<Int>, lens: Vec<Int>) -> PyResult<()> {
                 self.core.add_used(py, &heads, &lens)
             }
 
@@ -246,14 +323,18 @@ macro_rules! queue_methods {
             /// applied (a device outside its START state). `record=True` also returns the page
             /// ranges cleared (`ranges`), for a VMM that clears the hypervisor's dirty log where
             /// hints landed.
-            #[pyo3(signature = (bitmap, max_elements = 65536, *, record = false))]
+            #[pyo3(
+                signature = (bitmap, max_elements = Int(65536), *, record = false),
+                text_signature = "($self, bitmap, max_elements=65536, *, record=False)"
+            )]
             fn drain_hints(
                 &self,
                 py: Python<'_>,
                 bitmap: Option<&Bound<'_, PyDirtyBitmap>>,
-                max_elements: usize,
+                max_elements: Int,
                 record: bool,
             ) -> PyResult<PyHintDrain> {
+                let max_elements = max_elements.limit("max_elements")?;
                 self.core.drain_hints(py, bitmap, max_elements, record)
             }
 
@@ -269,10 +350,11 @@ macro_rules! queue_methods {
 ///
 /// `SplitQueue(mem, memmap, size, desc_gpa, avail_gpa, used_gpa, *, event_idx=False)`: `mem`
 /// is a `bytearray`, `mmap` or numpy `uint8` array laid out by `memmap` (it may be written by
-/// the guest concurrently). Construction checks the size (a power of two up to 32768), ring
-/// alignment and that the rings are RAM (`ValueError` otherwise). Every guest-written field is
-/// validated: a bad element is counted in `rejected` and returned used with length 0; a bad
-/// ring index stops the queue and sets `error`.
+/// the guest concurrently). The queue holds `mem` for its whole life and keeps it from being
+/// resized, closed or freed (see `Pins`). Construction checks the size (a power of two up to
+/// 32768), ring alignment and that the rings are RAM (`ValueError` otherwise). Every
+/// guest-written field is validated: a bad element is counted in `rejected` and returned used
+/// with length 0; a bad ring index stops the queue and sets `error`.
 #[derive(Debug)]
 #[pyclass(name = "SplitQueue", module = "pagehint._core", frozen, subclass)]
 pub struct PySplitQueue {
@@ -285,13 +367,16 @@ queue_methods!(PySplitQueue {
     fn new(
         mem: &Bound<'_, PyAny>,
         memmap: &Bound<'_, PyMemoryMap>,
-        size: u32,
-        desc_gpa: u64,
-        avail_gpa: u64,
-        used_gpa: u64,
+        size: Int,
+        desc_gpa: Int,
+        avail_gpa: Int,
+        used_gpa: Int,
         event_idx: bool,
     ) -> PyResult<Self> {
         let size = queue_size(size)?;
+        let desc_gpa = desc_gpa.u64("desc_gpa")?;
+        let avail_gpa = avail_gpa.u64("avail_gpa")?;
+        let used_gpa = used_gpa.u64("used_gpa")?;
         let core = QueueCore::new(mem, memmap, |ram| {
             SplitQueue::new(ram, size, desc_gpa, avail_gpa, used_gpa, event_idx)
         })?;
@@ -311,8 +396,11 @@ queue_methods!(PySplitQueue {
     }
 
     /// Resumes at the given indices (e.g. from a saved device state or a dump); `ValueError`
-    /// for a used index ahead of the available one or more than a queue behind it.
-    fn set_indices(&self, last_avail: u16, next_used: u16) -> PyResult<()> {
+    /// for a used index ahead of the available one or more than a queue behind it. The
+    /// `last_avail - next_used` elements then in flight may be returned by any heads.
+    fn set_indices(&self, last_avail: Int, next_used: Int) -> PyResult<()> {
+        let last_avail = last_avail.u16("last_avail")?;
+        let next_used = next_used.u16("next_used")?;
         self.core.lock().0.set_indices(last_avail, next_used).map_err(queue_err)
     }
 });
@@ -334,13 +422,16 @@ queue_methods!(PyPackedQueue {
     fn new(
         mem: &Bound<'_, PyAny>,
         memmap: &Bound<'_, PyMemoryMap>,
-        size: u32,
-        desc_gpa: u64,
-        driver_event_gpa: u64,
-        device_event_gpa: u64,
+        size: Int,
+        desc_gpa: Int,
+        driver_event_gpa: Int,
+        device_event_gpa: Int,
         event_idx: bool,
     ) -> PyResult<Self> {
         let size = queue_size(size)?;
+        let desc_gpa = desc_gpa.u64("desc_gpa")?;
+        let driver_event_gpa = driver_event_gpa.u64("driver_event_gpa")?;
+        let device_event_gpa = device_event_gpa.u64("device_event_gpa")?;
         let core = QueueCore::new(mem, memmap, |ram| {
             PackedQueue::new(ram, size, desc_gpa, driver_event_gpa, device_event_gpa, event_idx)
         })?;
@@ -361,14 +452,17 @@ queue_methods!(PyPackedQueue {
         (g.0.next_used(), g.0.used_wrap())
     }
 
-    /// Resumes at the given slots and wrap counters (e.g. from a saved device state).
+    /// Resumes at the given slots and wrap counters (e.g. from a saved device state), with
+    /// nothing in flight.
     fn set_indices(
         &self,
-        next_avail: u16,
+        next_avail: Int,
         avail_wrap: bool,
-        next_used: u16,
+        next_used: Int,
         used_wrap: bool,
     ) -> PyResult<()> {
+        let next_avail = next_avail.u16("next_avail")?;
+        let next_used = next_used.u16("next_used")?;
         self.core
             .lock()
             .0

@@ -120,7 +120,9 @@ pub struct Kernels {
     take: TakeFn,
 }
 
-/// Instantiates every generic kernel inside functions compiled with `$features`.
+/// Instantiates every generic kernel inside functions compiled with `$features` (x86_64 only:
+/// aarch64 runs the baseline, which is NEON already).
+#[cfg(target_arch = "x86_64")]
 macro_rules! instantiate {
     ($features:literal) => {
         use crate::kernels::generic;

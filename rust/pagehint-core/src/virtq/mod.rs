@@ -384,6 +384,13 @@ pub enum QueueError {
         /// The buffer id passed to `add_used`.
         id: u16,
     },
+    /// Split ring: `add_used` with a head that is not in flight (or more times than it is;
+    /// caller misuse, the queue is not broken). Returning it would hand the driver a chain it
+    /// did not make available (Linux: "id %u is not a head!").
+    HeadNotInFlight {
+        /// The head passed to `add_used`.
+        head: u16,
+    },
     /// Packed ring: a descriptor after the first of a NEXT-linked list is not available in
     /// the lap it is read in (§2.8 "Next Flag: Descriptor Chaining": "The driver always makes
     /// the first descriptor in the list available after the rest of the list has been written
@@ -469,6 +476,7 @@ impl fmt::Display for QueueError {
                 write!(f, "buffer id {id} made available again while in flight")
             }
             Self::BufferIdNotInFlight { id } => write!(f, "buffer id {id} is not in flight"),
+            Self::HeadNotInFlight { head } => write!(f, "head {head} is not in flight"),
             Self::ChainDescNotAvailable { index, wrap } => write!(
                 f,
                 "descriptor {index} inside a list is not available for wrap counter {}",
@@ -629,6 +637,13 @@ pub trait Virtqueue {
     fn pop(&mut self, ram: &GuestRam<'_>, chain: &mut Chain) -> Option<Result<u16, ElementError>>;
     /// Returns element `id` with `len` bytes written.
     fn add_used(&mut self, ram: &GuestRam<'_>, id: u16, len: u32) -> Result<(), QueueError>;
+    /// Checks, changing nothing, that every id of `ids` could be returned now (see
+    /// [`SplitQueue::check_used`] and [`PackedQueue::check_used`]).
+    fn check_used(&self, ids: &[u16]) -> Result<(), QueueError>;
+    /// Returns every `(id, len)` of `used`, in order, or none of them (see
+    /// [`SplitQueue::add_used_batch`]).
+    fn add_used_batch(&mut self, ram: &GuestRam<'_>, used: &[(u16, u32)])
+    -> Result<(), QueueError>;
     /// Whether the driver wants an interrupt for what was used since the last decision.
     fn needs_interrupt(&mut self, ram: &GuestRam<'_>) -> bool;
     /// Why the queue stopped, if it did.
@@ -656,6 +671,16 @@ macro_rules! impl_virtqueue {
                 len: u32,
             ) -> Result<(), QueueError> {
                 <$q>::add_used(self, ram, id, len)
+            }
+            fn check_used(&self, ids: &[u16]) -> Result<(), QueueError> {
+                <$q>::check_used(self, ids)
+            }
+            fn add_used_batch(
+                &mut self,
+                ram: &GuestRam<'_>,
+                used: &[(u16, u32)],
+            ) -> Result<(), QueueError> {
+                <$q>::add_used_batch(self, ram, used)
             }
             fn needs_interrupt(&mut self, ram: &GuestRam<'_>) -> bool {
                 <$q>::needs_interrupt(self, ram)

@@ -613,6 +613,48 @@ impl PackedQueue {
         Ok(())
     }
 
+    /// Returns every `(id, len)` of `used`, in order, or none of them: the whole batch is
+    /// checked first ([`check_used`](Self::check_used)), so a id not in flight (or given
+    /// more often than it is) changes nothing. A ring write that fails midway breaks the
+    /// queue, as in [`add_used`](Self::add_used).
+    pub fn add_used_batch(
+        &mut self,
+        ram: &GuestRam<'_>,
+        used: &[(u16, u32)],
+    ) -> Result<(), QueueError> {
+        let ids: Vec<u16> = used.iter().map(|&(id, _)| id).collect();
+        self.check_used(&ids)?;
+        used.iter()
+            .try_for_each(|&(id, len)| self.add_used(ram, id, len))
+    }
+
+    /// Checks, changing nothing, that `ids` could all be returned now, in any order: each below
+    /// the queue size, in flight, and given once. The error of a broken queue,
+    /// `BufferIdOutOfRange` or `BufferIdNotInFlight` otherwise; an empty batch is always fine.
+    pub fn check_used(&self, ids: &[u16]) -> Result<(), QueueError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        if let Some(e) = self.error {
+            return Err(e);
+        }
+        let mut sorted = ids.to_vec();
+        sorted.sort_unstable();
+        for run in sorted.chunk_by(|a, b| a == b) {
+            let id = run[0];
+            let Some(&descs) = self.in_flight.get(usize::from(id)) else {
+                return Err(QueueError::BufferIdOutOfRange {
+                    id,
+                    size: self.size,
+                });
+            };
+            if descs == 0 || run.len() > 1 {
+                return Err(QueueError::BufferIdNotInFlight { id });
+            }
+        }
+        Ok(())
+    }
+
     /// Whether the driver wants a used-buffer notification now, for the used descriptors
     /// written since the last call. Reads the driver area (flags, then off_wrap):
     ///

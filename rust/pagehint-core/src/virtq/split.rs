@@ -118,6 +118,13 @@ pub struct SplitQueue {
     next_used: u16,
     /// Used index at the last interrupt decision, if any (QEMU's `signalled_used`).
     signalled_used: Option<u16>,
+    /// How many times each head was taken and not yet returned; `size` entries. (A driver
+    /// that makes a head available again while it is in flight breaks the ring's rules, but
+    /// QEMU serves it, and so does this reader: the head is then in flight twice.)
+    in_flight: Vec<u32>,
+    /// Sum of `in_flight`. The elements in flight number `last_avail - next_used`; those not
+    /// counted here were in flight before the last `set_indices`, with heads unknown.
+    known_in_flight: u32,
     error: Option<QueueError>,
     counts: RejectCounts,
 }
@@ -176,6 +183,8 @@ impl SplitQueue {
             shadow_avail: 0,
             next_used: 0,
             signalled_used: None,
+            in_flight: vec![0; usize::from(size)],
+            known_in_flight: 0,
             error: None,
             counts: RejectCounts::default(),
         })
@@ -237,7 +246,12 @@ impl SplitQueue {
     /// EVENT_IDX says yes, as QEMU does after loading a queue). A broken queue stays broken.
     /// Refuses (changing nothing) a used index ahead of the available one or more than a queue
     /// behind it, as QEMU's `virtio_load` does: elements in flight cannot exceed the queue.
-    pub const fn set_indices(&mut self, last_avail: u16, next_used: u16) -> Result<(), QueueError> {
+    ///
+    /// The `last_avail - next_used` elements in flight then were taken before, by a reader
+    /// whose heads this one cannot know (the device that took them knows): until they are
+    /// returned, [`add_used`](Self::add_used) accepts that many heads it did not take itself,
+    /// as QEMU trusts a loaded device (`vq->inuse`).
+    pub fn set_indices(&mut self, last_avail: u16, next_used: u16) -> Result<(), QueueError> {
         if last_avail.wrapping_sub(next_used) > self.size {
             return Err(QueueError::IndicesInconsistent {
                 last_avail,
@@ -249,7 +263,19 @@ impl SplitQueue {
         self.shadow_avail = last_avail;
         self.next_used = next_used;
         self.signalled_used = None;
+        self.in_flight.fill(0);
+        self.known_in_flight = 0;
         Ok(())
+    }
+
+    /// Elements in flight: taken and not yet returned.
+    pub const fn in_flight(&self) -> u16 {
+        self.last_avail.wrapping_sub(self.next_used)
+    }
+
+    /// Elements in flight since before the last `set_indices`, whose heads are unknown.
+    fn unknown_in_flight(&self) -> u32 {
+        u32::from(self.in_flight()).saturating_sub(self.known_in_flight)
     }
 
     fn fail<T>(&mut self, e: QueueError) -> Option<T> {
@@ -337,7 +363,12 @@ impl SplitQueue {
             }
         }
         match self.read_chain(ram, layout, head, chain) {
-            Ok(()) => Some(Ok(head)),
+            Ok(()) => {
+                let taken = &mut self.in_flight[usize::from(head)];
+                *taken = taken.saturating_add(1);
+                self.known_in_flight = self.known_in_flight.saturating_add(1);
+                Some(Ok(head))
+            }
             Err(Fault::Element(e)) => {
                 self.counts.record(&e);
                 if let Err(q) = self.push_used(ram, head, 0) {
@@ -437,21 +468,74 @@ impl SplitQueue {
 
     /// Returns element `head` to the driver with `len` bytes written: writes the used
     /// element, a Release fence, then the used index. Refuses (changing nothing) a `head` at
-    /// or past the queue size, and does nothing on a broken queue; a failing ring write
-    /// breaks the queue.
+    /// or past the queue size or not in flight (see [`check_used`](Self::check_used)), and
+    /// does nothing on a broken queue; a failing ring write breaks the queue.
     pub fn add_used(&mut self, ram: &GuestRam<'_>, head: u16, len: u32) -> Result<(), QueueError> {
+        self.check_used(&[head])?;
+        self.push_used(ram, head, len).inspect_err(|&e| {
+            self.error = Some(e);
+        })?;
+        let taken = &mut self.in_flight[usize::from(head)];
+        if *taken > 0 {
+            *taken -= 1;
+            self.known_in_flight -= 1;
+        }
+        Ok(())
+    }
+
+    /// Returns every `(head, len)` of `used`, in order, or none of them: the whole batch is
+    /// checked first ([`check_used`](Self::check_used)), so a head not in flight (or given
+    /// more often than it is) changes nothing. A ring write that fails midway breaks the
+    /// queue, as in [`add_used`](Self::add_used).
+    pub fn add_used_batch(
+        &mut self,
+        ram: &GuestRam<'_>,
+        used: &[(u16, u32)],
+    ) -> Result<(), QueueError> {
+        let heads: Vec<u16> = used.iter().map(|&(head, _)| head).collect();
+        self.check_used(&heads)?;
+        used.iter()
+            .try_for_each(|&(head, len)| self.add_used(ram, head, len))
+    }
+
+    /// Checks, changing nothing, that `heads` could all be returned now, in any order: each
+    /// below the queue size and in flight at least as many times as it appears, where heads
+    /// this reader did not take count against the elements in flight since the last
+    /// [`set_indices`](Self::set_indices). The error of a broken queue, `HeadOutOfRange` or
+    /// `HeadNotInFlight` otherwise; an empty batch is always fine (nothing to return).
+    pub fn check_used(&self, heads: &[u16]) -> Result<(), QueueError> {
+        if heads.is_empty() {
+            return Ok(());
+        }
         if let Some(e) = self.error {
             return Err(e);
         }
-        if head >= self.size {
+        let mut unknown = self.unknown_in_flight();
+        if let &[head] = heads {
+            // add_used's own check, without sorting.
+            return self.check_times(head, 1, &mut unknown);
+        }
+        let mut sorted = heads.to_vec();
+        sorted.sort_unstable();
+        sorted.chunk_by(|a, b| a == b).try_for_each(|run| {
+            let times = u32::try_from(run.len()).unwrap_or(u32::MAX);
+            self.check_times(run[0], times, &mut unknown)
+        })
+    }
+
+    /// Whether `head` can be returned `times` more times, taking what its own count lacks
+    /// from `unknown` (elements in flight whose heads are unknown).
+    fn check_times(&self, head: u16, times: u32, unknown: &mut u32) -> Result<(), QueueError> {
+        let Some(&taken) = self.in_flight.get(usize::from(head)) else {
             return Err(QueueError::HeadOutOfRange {
                 head,
                 size: self.size,
             });
-        }
-        self.push_used(ram, head, len).inspect_err(|&e| {
-            self.error = Some(e);
-        })
+        };
+        *unknown = unknown
+            .checked_sub(times.saturating_sub(taken))
+            .ok_or(QueueError::HeadNotInFlight { head })?;
+        Ok(())
     }
 
     /// Whether the driver wants a used-buffer notification now, for the elements returned
