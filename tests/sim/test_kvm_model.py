@@ -242,10 +242,11 @@ def test_compare_puts_measured_against_predicted() -> None:
     assert Comparison("downtime", True, 2.0, 1.0).to_dict() == {
         "figure": "downtime",
         "hints": True,
-        "measured": 2.0,
-        "predicted": 1.0,
+        "measured": 2000.0,  # JSON times are ms
+        "predicted": 1000.0,
         "difference": -0.5,
     }
+    assert Comparison("pages_skipped", False, 0.0, 1.0).to_dict()["difference"] is None
 
 
 @pytest.mark.parametrize("log_mode", ["classic", "manual", "ring"])

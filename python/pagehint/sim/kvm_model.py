@@ -178,11 +178,11 @@ class KvmRunParams:
         return self.written_blocks - min(self.free_blocks, self.written_blocks)
 
     def timing(self) -> dict[str, float | None]:
-        """The machine's figures the prediction used (JSON names)."""
+        """The machine's figures the prediction used (JSON names; steps/s, bytes/s, ms)."""
         return {
             "step-rate": self.steps_per_s,
             "sender-rate": self.sender_rate,
-            "startup-wait": self.startup_wait,
+            "startup-wait": self.startup_wait * 1000,  # ms, as every JSON time
         }
 
     @property
@@ -345,13 +345,19 @@ class Comparison:
         return (self.predicted - self.measured) / self.measured
 
     def to_dict(self) -> dict[str, Any]:
+        """JSON: times in ms (as QMP gives them); an infinite difference is null."""
+        scale = 1000.0 if self.figure in _TIMES else 1.0
+        difference = self.difference
         return {
             "figure": self.figure,
             "hints": self.hints,
-            "measured": self.measured,
-            "predicted": self.predicted,
-            "difference": self.difference,
+            "measured": self.measured * scale,
+            "predicted": self.predicted * scale,
+            "difference": None if math.isinf(difference) else difference,
         }
+
+
+_TIMES = ("total_time", "downtime")
 
 
 _FIGURES = ("transferred", "pages_skipped", "total_time", "downtime", "dirty_sync_count")
