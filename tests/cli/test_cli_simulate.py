@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from pagehint.sim import (
     run_scenario,
     shipped_scenarios,
 )
+from pagehint.sim.estimate import MachineLimits
 
 GiB = 1 << 30
 HEADER = 8  # QEMU's page header (WireFormat.page_header_bytes)
@@ -766,6 +768,86 @@ def test_the_file_is_named_and_an_override_the_option(
     assert refused(capsys, path, "--param", "size=-1") == (
         "--param size=-1: must be more than 0, not -1"
     )
+
+
+# -- 4b. runs too big for this machine, refused before they start -------------------------------
+
+
+@pytest.mark.usefixtures("no_run")
+def test_a_guest_bigger_than_this_machine_is_refused_at_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--memory 1P used to run for 34 s to a MemoryError: now it is refused with the estimate
+    and the machine's figure, before anything is allocated."""
+    t0 = time.perf_counter()
+    message = refused(capsys, "--memory", "1P")
+    assert time.perf_counter() - t0 < 5
+    assert re.fullmatch(
+        r"scenario default: the run would need about 2\.34 TiB of memory; "
+        r"this machine has [\d.]+ [GMT]iB \(MemAvailable\)",
+        message,
+    ), message
+
+
+SMALL_MACHINE = MachineLimits(
+    memory=2 * GiB,
+    memory_source="MemAvailable",
+    address_space=1 << 47,
+    address_space_source="a process's address space",
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--memory", "1T", "--workload", "idle"],
+            "the run would need about 2.5 GiB of memory; this machine has 2 GiB (MemAvailable)",
+        ),
+        (
+            ["--bandwidth", "1bit"],
+            "the run would need about 125 TiB of memory, 2.15e+12 pages written in one step; "
+            "this machine has 2 GiB (MemAvailable)",
+        ),
+        (
+            [
+                "--workload",
+                "steady-writer",
+                "--param",
+                "working_set=1G",
+                "--param",
+                "pages_per_s=1e12",
+            ],
+            "the run would need about 6.26 TiB of memory, 1.08e+11 pages written in one step; "
+            "this machine has 2 GiB (MemAvailable)",
+        ),
+        (
+            ["--param", "pages_per_s=2e8"],  # 800 GB/s of writes
+            "the runs would take about 1.39 h (1.91e+07 pages sent, 1.25e+10 written, "
+            "645 steps, 34.4 s simulated); the limit is 1 h",
+        ),
+    ],
+)
+@pytest.mark.usefixtures("no_run")
+def test_runs_too_big_are_refused_with_the_figure_and_the_limit(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    message: str,
+) -> None:
+    monkeypatch.setattr(cli_simulate, "machine_limits", lambda: SMALL_MACHINE)
+    assert refused(capsys, *args) == f"scenario default: {message}"
+
+
+@pytest.mark.usefixtures("no_run")
+def test_a_history_that_would_take_days_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A hog allocating 6 GiB at 1 byte/s runs a step per simulated second."""
+    path = write(tmp_path, "slow.toml", '[[history]]\nkind = "memory-hog"\nsize = "6G"\nrate = 1\n')
+    message = refused(capsys, path)
+    assert message.startswith("scenario slow: the runs would take about 7.46 days (")
+    assert message.endswith("1.29e+10 steps, 13.1 s simulated); the limit is 1 h")
 
 
 # -- 5. custom scenario with published figures --------------------------------------------------

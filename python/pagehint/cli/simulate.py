@@ -15,6 +15,7 @@ from rich.table import Table
 
 from pagehint.cli.report import comparison_table, run_both
 from pagehint.migration import MigrationResult
+from pagehint.sim.estimate import estimate_run, machine_limits
 from pagehint.sim.scenario import (
     WORKLOADS,
     Scenario,
@@ -50,7 +51,7 @@ def add_parser(sub: Any) -> None:
         "oracle and prints the figures side by side. Options override the scenario's keys; "
         "their values are read as in a scenario file (a TOML value; a bare word is a "
         "string). Exit status 1 if any page was lost, 2 for a scenario or option that is not "
-        "valid.",
+        "valid, or runs too big for this machine (refused before they start).",
     )
     p.add_argument(
         "scenario",
@@ -201,6 +202,8 @@ def run(args: argparse.Namespace) -> int:
             s = load_scenario(str(path))
             console.print(f"[bold]{escape(name)}[/bold]: {escape(s.description)}")
         return 0
+    # Everything is checked before the runs: the scenario, the options, the plot and
+    # whether the runs fit this machine.
     try:
         s = _scenario(args)
     except ScenarioError as e:
@@ -211,6 +214,9 @@ def run(args: argparse.Namespace) -> int:
             from pagehint.cli.plot import plot_rounds
         except ImportError as e:
             return _fail(f"--plot needs matplotlib ({e}); pip install 'pagehint[plot]'")
+    refusal = estimate_run(s).refusal(machine_limits())
+    if refusal is not None:
+        return _fail(f"scenario {s.name}: {refusal}")
     show = not args.no_progress and not args.json and err.is_terminal
     off, on = run_both(
         lambda hints, progress: run_scenario(s, hints=hints, progress=progress),
