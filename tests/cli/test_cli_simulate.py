@@ -981,6 +981,40 @@ def test_plot_without_matplotlib_exits_2_before_running(
     assert not png.exists()
 
 
+def test_plot_without_a_suffix_reports_the_file_it_wrote(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """matplotlib adds .png to a name without a suffix: the message names that file."""
+    pytest.importorskip("matplotlib")
+    status, out, err = simulate(capsys, "--memory", "1G", "--plot", str(tmp_path / "out"))
+    assert (status, err) == (0, "")
+    assert f"plot written to {tmp_path / 'out.png'}" in " ".join(out.split())
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+    svg = tmp_path / "rounds.SVG"
+    assert simulate(capsys, "--memory", "1G", "--plot", str(svg))[0] == 0
+    assert svg.read_text().lstrip().startswith("<?xml")
+
+
+@pytest.mark.usefixtures("no_run")
+def test_a_plot_that_cannot_be_written_is_refused_before_running(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    missing = tmp_path / "no" / "such" / "dir" / "out.png"
+    assert refused(capsys, "--plot", str(missing)) == (
+        f"--plot {missing}: no directory {str(missing.parent)!r}"
+    )
+    assert refused(capsys, "--plot", str(tmp_path / "out.xyz")).startswith(
+        f"--plot {tmp_path / 'out.xyz'}: matplotlib writes no 'xyz' files (it writes "
+    )
+    (tmp_path / "d.png").mkdir()
+    assert refused(capsys, "--plot", str(tmp_path / "d.png")) == (
+        f"--plot {tmp_path / 'd.png'}: {str(tmp_path / 'd.png')!r} is a directory"
+    )
+    assert refused(capsys, "--plot", "") == "--plot '': not a file name"
+    assert list(tmp_path.iterdir()) == [tmp_path / "d.png"]
+
+
 # -- 7. parsers ----------------------------------------------------------------------------------
 
 

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tomllib
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -50,8 +52,8 @@ def add_parser(sub: Any) -> None:
         "none) twice, with free page hinting off and on, checks both with the nothing-lost "
         "oracle and prints the figures side by side. Options override the scenario's keys; "
         "their values are read as in a scenario file (a TOML value; a bare word is a "
-        "string). Exit status 1 if any page was lost, 2 for a scenario or option that is not "
-        "valid, or runs too big for this machine (refused before they start).",
+        "string). Exit status 1 if any page was lost, 2 for a scenario, option or output path "
+        "that is not valid, or runs too big for this machine (refused before they start).",
     )
     p.add_argument(
         "scenario",
@@ -76,7 +78,12 @@ def add_parser(sub: Any) -> None:
     for dest, option, _key, text in _KEY_OPTIONS[2:]:
         p.add_argument(option, dest=dest, help=text)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--plot", metavar="PNG", help="plot per-round figures (needs matplotlib)")
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="plot per-round figures to FILE (PNG unless its suffix names another format "
+        "matplotlib writes; needs matplotlib)",
+    )
     p.add_argument("--no-progress", action="store_true", help="never show a progress line")
     p.set_defaults(func=run)
 
@@ -148,6 +155,34 @@ def _scenario(args: argparse.Namespace) -> Scenario:
     return replace(s, published={}, description=f"{describe(s)} (overridden)")
 
 
+def plot_path(arg: str) -> Path:
+    """The file ``--plot ARG`` writes: ARG, or ARG.png without a suffix (as matplotlib does);
+    ``ScenarioError`` if matplotlib cannot write that format or the file cannot be written
+    there."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(arg)
+    if not arg or not path.name:
+        raise ScenarioError(f"--plot {arg!r}: not a file name")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    fmt = path.suffix[1:].lower()
+    if not fmt:
+        path = path.with_name(path.name + ".png")
+    elif fmt not in formats:
+        raise ScenarioError(
+            f"--plot {arg}: matplotlib writes no {fmt!r} files "
+            f"(it writes {', '.join(sorted(formats))})"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise ScenarioError(f"--plot {arg}: no directory {str(parent)!r}")
+    if path.is_dir():
+        raise ScenarioError(f"--plot {arg}: {str(path)!r} is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ScenarioError(f"--plot {arg}: cannot write {str(path)!r}")
+    return path
+
+
 def describe(s: Scenario) -> str:
     """What a scenario runs, in one line."""
     params = ", ".join(f"{k}={v}" for k, v in s.workload.params.items())
@@ -208,12 +243,16 @@ def run(args: argparse.Namespace) -> int:
         s = _scenario(args)
     except ScenarioError as e:
         return _fail(str(e))
-    if args.plot:
-        # Before the runs, not after: a missing matplotlib should not cost a whole simulation.
+    png: Path | None = None
+    if args.plot is not None:
         try:
             from pagehint.cli.plot import plot_rounds
         except ImportError as e:
             return _fail(f"--plot needs matplotlib ({e}); pip install 'pagehint[plot]'")
+        try:
+            png = plot_path(args.plot)
+        except ScenarioError as e:
+            return _fail(str(e))
     refusal = estimate_run(s).refusal(machine_limits())
     if refusal is not None:
         return _fail(f"scenario {s.name}: {refusal}")
@@ -257,8 +296,8 @@ def run(args: argparse.Namespace) -> int:
             err.print(
                 f"[red]{lost} pages lost: the destination differs where no hint excuses it[/red]"
             )
-    if args.plot:
-        plot_rounds(s.name, off, on, args.plot)
+    if png is not None:
+        plot_rounds(s.name, off, on, str(png))
         if not args.json:
-            console.print(f"plot written to {args.plot}")
+            console.print(f"plot written to {escape(str(png))}")
     return 1 if failed or lost else 0
