@@ -185,7 +185,8 @@ class RunEstimate:
     def refusal(self, limits: MachineLimits) -> str | None:
         """Why the run should not start on a machine with ``limits``, with the figure and the
         limit, in one line; None if it fits."""
-        if limits.memory is not None and self.memory > limits.memory:
+        # Written so that a figure that is not a number (inf * 0) is refused too.
+        if limits.memory is not None and not self.memory <= limits.memory:
             step = (
                 f", {self.step_pages:.3g} pages written in one step"
                 if self.step_pages * _INDEX_BYTES > self.memory / 2
@@ -195,12 +196,12 @@ class RunEstimate:
                 f"the run would need about {_bytes(self.memory)} of memory{step}; "
                 f"this machine has {_bytes(limits.memory)} ({limits.memory_source})"
             )
-        if self.address_space > limits.address_space:
+        if not self.address_space <= limits.address_space:
             return (
                 f"the run would map about {_bytes(self.address_space)}; this machine allows "
                 f"{_bytes(limits.address_space)} ({limits.address_space_source})"
             )
-        if self.seconds > limits.seconds:
+        if not self.seconds <= limits.seconds:
             return (
                 f"the runs would take about {_duration(self.seconds)} "
                 f"({self.pages_sent:.3g} pages sent, {self.pages_written:.3g} written, "
@@ -243,7 +244,7 @@ def _rates(
             0.0,
             npages,
             step_bytes=8.0 * blocks,
-            step_pages=w.kernel_pages,
+            step_pages=min(w.kernel_pages, kernel_pages),
         )
     if isinstance(w, KernelCompile):
         rate = (w.alloc_bytes_per_s + w.cache_bytes_per_s) / block
@@ -330,7 +331,7 @@ def estimate_run(s: Scenario) -> RunEstimate:
         _PAGE_BYTES * npages
         + _BLOCK_BYTES * nblocks
         + _ORACLE_BYTES * min(npages, _ORACLE_CHUNK)
-        + _INDEX_BYTES * pc.batch_pages
+        + _INDEX_BYTES * min(pc.batch_pages, npages)
         + _INDEX_BYTES * step_pages
         + r.step_bytes
         + r.kept_bytes

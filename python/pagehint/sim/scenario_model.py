@@ -80,6 +80,13 @@ PAGE_SIZES = tuple(sorted(HINT_BLOCK_BYTES))
 """Linux's base page sizes the guest model knows (4 KiB; 16 and 64 KiB on arm64)."""
 TOML_INT_MAX = 2**63 - 1
 """The largest integer a TOML file can hold: what a scenario written back must say."""
+MAX_RATE = 1e15
+"""The most any per-second figure may say (a PB/s, 10^15 pages/s): rates beyond any machine,
+bounded so that rate times time stays a finite float."""
+MIN_LINK_RATE = 1.0
+"""The least a link or a sender moves: a byte per second."""
+MAX_SECONDS = 1e9
+"""The longest duration a scenario may name (some 32 years)."""
 
 
 class ScenarioError(ValueError):
@@ -156,9 +163,14 @@ def _size(value: Any) -> Any:
     return parse_size(value) if isinstance(value, str) else value
 
 
-def _number(parse: Any) -> Any:
+def _number(parse: Any, unit: str, low: float, high: float) -> Any:
     def convert(value: Any) -> Any:
-        return parse(value) if isinstance(value, str) else value
+        if not isinstance(value, str):
+            return value  # numbers go to the strict float check and its range
+        number = parse(value)
+        if not low <= number <= high:
+            raise ValueError(f"{value!r} is {number:g} {unit}: not within {low:g} to {high:g}")
+        return number
 
     return convert
 
@@ -173,7 +185,7 @@ _SIZE_SCHEMA: dict[str, Any] = {
 }
 _RATE_SCHEMA: dict[str, Any] = {
     "anyOf": [
-        {"type": "number", "exclusiveMinimum": 0},
+        {"type": "number", "minimum": MIN_LINK_RATE, "maximum": MAX_RATE},
         {"type": "string", "pattern": r"^\s*[0-9]*\.?[0-9]+\s*[kKmMgGtTpP]?([iI]?[bB]|bit)?\s*$"},
     ],
     "description": "bytes per second: a number, or 10Gbit (bits, powers of 1000), "
@@ -181,7 +193,7 @@ _RATE_SCHEMA: dict[str, Any] = {
 }
 _SECONDS_SCHEMA: dict[str, Any] = {
     "anyOf": [
-        {"type": "number", "minimum": 0},
+        {"type": "number", "minimum": 0, "maximum": MAX_SECONDS},
         {"type": "string", "pattern": r"^\s*[0-9]*\.?[0-9]+\s*(ms|s)?\s*$"},
     ],
     "description": "seconds: a number, or 300ms, 0.3s",
@@ -194,19 +206,28 @@ PositiveSize = Annotated[
     int, BeforeValidator(_size), Field(gt=0, le=TOML_INT_MAX), WithJsonSchema(_SIZE_SCHEMA)
 ]
 Rate = Annotated[
-    float, BeforeValidator(_number(parse_rate)), Field(gt=0), WithJsonSchema(_RATE_SCHEMA)
+    float,
+    BeforeValidator(_number(parse_rate, "bytes/s", MIN_LINK_RATE, MAX_RATE)),
+    Field(ge=MIN_LINK_RATE, le=MAX_RATE),
+    WithJsonSchema(_RATE_SCHEMA),
 ]
 Seconds = Annotated[
-    float, BeforeValidator(_number(parse_seconds)), Field(ge=0), WithJsonSchema(_SECONDS_SCHEMA)
+    float,
+    BeforeValidator(_number(parse_seconds, "s", 0, MAX_SECONDS)),
+    Field(ge=0, le=MAX_SECONDS),
+    WithJsonSchema(_SECONDS_SCHEMA),
 ]
 PositiveSeconds = Annotated[
-    float, BeforeValidator(_number(parse_seconds)), Field(gt=0), WithJsonSchema(_SECONDS_SCHEMA)
+    float,
+    BeforeValidator(_number(parse_seconds, "s", 0, MAX_SECONDS)),
+    Field(gt=0, le=MAX_SECONDS),
+    WithJsonSchema(_SECONDS_SCHEMA),
 ]
 Count = Annotated[int, Field(ge=0, le=TOML_INT_MAX)]
 PositiveCount = Annotated[int, Field(ge=1, le=TOML_INT_MAX)]
 Fraction01 = Annotated[float, Field(ge=0.0, le=1.0)]
-PerSecond = Annotated[float, Field(ge=0.0)]
-PositivePerSecond = Annotated[float, Field(gt=0.0)]
+PerSecond = Annotated[float, Field(ge=0.0, le=MAX_RATE)]
+PositivePerSecond = Annotated[float, Field(gt=0.0, le=MAX_RATE)]
 
 _POISON_NAMES: dict[str, int | None] = {
     "none": None,
@@ -627,6 +648,10 @@ def _allowed(loc: tuple[str | int, ...], doc: Mapping[str, Any]) -> list[str]:
     return list(model.model_fields) if model is not None else []
 
 
+def _bound(value: Any) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def _message(err: Mapping[str, Any]) -> str:
     kind, value, ctx = err["type"], err.get("input"), err.get("ctx") or {}
     shown = _show(value)
@@ -643,13 +668,13 @@ def _message(err: Mapping[str, Any]) -> str:
     if kind == "finite_number":
         return f"must be a finite number, not {shown}"
     if kind == "greater_than":
-        return f"must be more than {ctx['gt']}, not {shown}"
+        return f"must be more than {_bound(ctx['gt'])}, not {shown}"
     if kind == "greater_than_equal":
-        return f"must be at least {ctx['ge']}, not {shown}"
+        return f"must be at least {_bound(ctx['ge'])}, not {shown}"
     if kind == "less_than_equal":
-        return f"must be at most {ctx['le']}, not {shown}"
+        return f"must be at most {_bound(ctx['le'])}, not {shown}"
     if kind == "less_than":
-        return f"must be less than {ctx['lt']}, not {shown}"
+        return f"must be less than {_bound(ctx['lt'])}, not {shown}"
     if kind == "literal_error":
         return f"must be {ctx['expected']}, not {shown}"
     if kind in ("model_type", "model_attributes_type", "dict_type"):
