@@ -455,6 +455,7 @@ ERRORS: list[tuple[list[str], str]] = [
     (["--memory=-1G"], "--memory -1G: not a size: '-1G' (try 8G, 512MiB, 4096)"),
     (["--memory", "0"], "--memory 0: must be more than 0, not 0"),
     (["--memory", ""], "--memory : not a size: '' (try 8G, 512MiB, 4096)"),
+    (["--memory", "\n"], "--memory \\n: not a size: '\\n' (try 8G, 512MiB, 4096)"),
     (
         ["--memory", "8P"],
         "--memory 8P: 9007199254740992 bytes is more than the 4 PiB of a 52-bit guest-physical "

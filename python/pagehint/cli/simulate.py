@@ -196,9 +196,11 @@ def describe(s: Scenario) -> str:
 
 
 def _fail(msg: str) -> int:
-    """A usage or scenario error: the message on stderr (plain text, not rich markup, which
-    would eat ``[guest]`` or ``pagehint[plot]``), exit status 2."""
-    print(f"pagehint simulate: {msg}", file=sys.stderr)
+    """A usage or scenario error: the message on stderr in one line (plain text, not rich
+    markup, which would eat ``[guest]`` or ``pagehint[plot]``; what cannot be printed, such
+    as a newline in an option's value or a file's name, escaped), exit status 2."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+    print(f"pagehint simulate: {line}", file=sys.stderr)
     return 2
 
 

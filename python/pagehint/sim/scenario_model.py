@@ -158,7 +158,7 @@ def parse_seconds(value: int | float | str) -> float:
 def _size(value: Any) -> Any:
     # A string becomes an int; a float is refused (no float for an integer); anything else
     # goes to the strict int check.
-    if isinstance(value, float):
+    if isinstance(value, (float, bool)):
         raise ValueError(f"not a size: {value!r} (a whole number of bytes, or 8G, 512MiB)")
     return parse_size(value) if isinstance(value, str) else value
 
