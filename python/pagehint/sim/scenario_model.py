@@ -183,6 +183,10 @@ _SIZE_SCHEMA: dict[str, Any] = {
     ],
     "description": "bytes: a whole number, or a string with a unit (8G, 512MiB, 4096)",
 }
+_POSITIVE_SIZE_SCHEMA: dict[str, Any] = {
+    **_SIZE_SCHEMA,
+    "anyOf": [{"type": "integer", "minimum": 1}, _SIZE_SCHEMA["anyOf"][1]],
+}
 _RATE_SCHEMA: dict[str, Any] = {
     "anyOf": [
         {"type": "number", "minimum": MIN_LINK_RATE, "maximum": MAX_RATE},
@@ -203,7 +207,7 @@ Size = Annotated[
     int, BeforeValidator(_size), Field(ge=0, le=TOML_INT_MAX), WithJsonSchema(_SIZE_SCHEMA)
 ]
 PositiveSize = Annotated[
-    int, BeforeValidator(_size), Field(gt=0, le=TOML_INT_MAX), WithJsonSchema(_SIZE_SCHEMA)
+    int, BeforeValidator(_size), Field(gt=0, le=TOML_INT_MAX), WithJsonSchema(_POSITIVE_SIZE_SCHEMA)
 ]
 Rate = Annotated[
     float,
@@ -330,7 +334,7 @@ class GuestTable(_Model):
     """The boot free list: shuffled, or the lowest address handed out first."""
     init_on_alloc: bool = True
     """Linux's init_on_alloc: the allocator zeroes every block it hands out."""
-    poison: Poison = None
+    poison: Poison = Field(default=None, json_schema_extra={"default": "none"})
     log_mode: Literal["classic", "manual", "ring"] = "classic"
     """The KVM dirty log: classic, manual (KVM_CLEAR_DIRTY_LOG) or ring."""
     seed: Count = 1
