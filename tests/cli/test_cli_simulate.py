@@ -20,6 +20,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,7 @@ from pagehint.sim import (
     run_scenario,
     shipped_scenarios,
 )
+from pagehint.sim.estimate import MachineLimits
 
 GiB = 1 << 30
 HEADER = 8  # QEMU's page header (WireFormat.page_header_bytes)
@@ -437,35 +439,110 @@ def write(tmp_path: Path, name: str, text: str) -> str:
     return str(path)
 
 
+SHIPPED = "default, wang-v37-bzimage-8g, wang-v37-idle-128g, wang-v37-idle-8g"
+WORKLOAD_KINDS = "idle, memory-hog, steady-writer, kernel-compile, write-free, used-writer"
+
+# Every option error: the whole of stderr after "pagehint simulate: ".
 ERRORS: list[tuple[list[str], str]] = [
-    (["nosuch"], "no scenario 'nosuch': not a file, nor one of"),
-    (["--memory", "banana"], "not a size: 'banana'"),
+    (["nosuch"], f"no scenario 'nosuch': not a file, nor one of {SHIPPED}"),
+    (["--memory", "banana"], "--memory banana: not a size: 'banana' (try 8G, 512MiB, 4096)"),
+    (["--memory", "4097"], "--memory 4097: 4097 bytes is not a whole number of 4096-byte pages"),
+    (["--memory", "inf"], "--memory inf: not a size: inf (a whole number of bytes, or 8G, 512MiB)"),
+    (
+        ["--memory", "1e30"],
+        "--memory 1e30: not a size: 1e+30 (a whole number of bytes, or 8G, 512MiB)",
+    ),
+    (["--memory=-1G"], "--memory -1G: not a size: '-1G' (try 8G, 512MiB, 4096)"),
+    (["--memory", "0"], "--memory 0: must be more than 0, not 0"),
+    (["--memory", ""], "--memory : not a size: '' (try 8G, 512MiB, 4096)"),
+    (["--memory", "\n"], "--memory \\n: not a size: '\\n' (try 8G, 512MiB, 4096)"),
+    (
+        ["--memory", "8P"],
+        "--memory 8P: 9007199254740992 bytes is more than the 4 PiB of a 52-bit guest-physical "
+        "space",
+    ),
+    (
+        ["--memory", "4M"],
+        "--memory 4M: 4 MiB of x86 RAM holds 1 whole 4 MiB block(s); the guest needs at least two",
+    ),
+    (
+        ["--memory", "0.1G"],
+        "--memory 0.1G: not a size: '0.1G' is 1.07374e+08 bytes, not a whole number",
+    ),
+    (["--layout", "arm"], "--layout arm: must be 'x86' or 'flat', not 'arm'"),
     (["--param", "working_set"], "--param takes KEY=VALUE, not 'working_set'"),
-    (["--workload", "idle", "--param", "foo=1"], "workload 'idle' has unknown parameters ['foo']"),
+    (["--param", "=1"], "--param takes KEY=VALUE, not '=1'"),
+    (["--param", "kind=idle"], "--param kind=...: the workload is --workload's to say"),
+    (["--param", "pages_per_s=nan"], "--param pages_per_s=nan: must be a finite number, not nan"),
+    (["--param", "pages_per_s=inf"], "--param pages_per_s=inf: must be a finite number, not inf"),
+    (["--param", "pages_per_s=-5"], "--param pages_per_s=-5: must be at least 0, not -5"),
+    (["--param", "pages_per_s=fast"], "--param pages_per_s=fast: must be a number, not 'fast'"),
+    (
+        ["--workload", "idle", "--param", "foo=1"],
+        "--param foo=1: unknown key (this table takes kind, pages_per_s)",
+    ),
     (
         ["--workload", "steady-writer", "--param", "working_set=1G"],
-        "workload 'steady-writer' needs 'pages_per_s'",
+        "--workload steady-writer: pages_per_s: missing (required)",
     ),
-    (["--bandwidth", "fast"], "not a rate: 'fast'"),
-    (["--bandwidth", "0"], "bandwidth must be positive"),
-    (["--downtime", "soon"], "not a duration: 'soon'"),
-    (["--memory", "0"], "scenario default:"),
-    (["--memory", "1G", "--seed", "-1"], "scenario default:"),
+    (
+        ["--workload", "used-writer", "--param", "pages_per_s=1", "--param", "kernel_pages=1.5"],
+        "--param kernel_pages=1.5: must be an integer, not 1.5",
+    ),
+    (
+        ["--workload", "nope"],
+        f"--workload nope: kind 'nope' is not a workload: one of {WORKLOAD_KINDS}",
+    ),
+    (["--bandwidth", "fast"], "--bandwidth fast: not a rate: 'fast' (try 10Gbit, 1.25GB, 100G)"),
+    (["--bandwidth", "0"], "--bandwidth 0: must be at least 1, not 0"),
+    (["--bandwidth", "nan"], "--bandwidth nan: must be a finite number, not nan"),
+    (["--bandwidth", "1bit"], "--bandwidth 1bit: '1bit' is 0.125 bytes/s: not within 1 to 1e+15"),
+    (["--bandwidth", "2P"], "--bandwidth 2P: '2P' is 2.2518e+15 bytes/s: not within 1 to 1e+15"),
+    (["--downtime", "1e10"], "--downtime 1e10: must be at most 1e+09, not 10000000000.0"),
+    (["--param", "pages_per_s=1e16"], "--param pages_per_s=1e16: must be at most 1e+15, not 1e+16"),
+    (["--downtime", "soon"], "--downtime soon: not a duration: 'soon' (try 300ms, 0.3s)"),
+    (["--downtime=-1"], "--downtime -1: must be at least 0, not -1"),
+    (
+        ["--log-mode", "dirty-ring"],
+        "--log-mode dirty-ring: must be 'classic', 'manual' or 'ring', not 'dirty-ring'",
+    ),
+    (["--strategy", "fast"], "--strategy fast: must be 'safe' or 'qemu', not 'fast'"),
+    (["--seed", "-1"], "--seed -1: must be at least 0, not -1"),
+    (["--seed", "1.5"], "--seed 1.5: must be an integer, not 1.5"),
+    (["--seed", "x"], "--seed x: must be an integer, not 'x'"),
+    (["--seed", "true"], "--seed true: must be an integer, not True"),
 ]
 
 
+@pytest.fixture
+def no_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any simulation fails the test: what is refused is refused before the runs."""
+
+    def no_run(s: Scenario, **kw: Any) -> MigrationResult:
+        raise AssertionError("simulated although the command should have refused")
+
+    monkeypatch.setattr(cli_simulate, "run_scenario", no_run)
+
+
+def refused(capsys: pytest.CaptureFixture[str], *args: str) -> str:
+    """``pagehint simulate ARGS`` exits 2 with one line on stderr and nothing on stdout;
+    returns the line without the command's name."""
+    status, out, err = simulate(capsys, *args)
+    assert (status, out) == (2, ""), err
+    assert err.startswith("pagehint simulate: ") and err.endswith("\n")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    return err.removeprefix("pagehint simulate: ").removesuffix("\n")
+
+
 @pytest.mark.parametrize(("args", "message"), ERRORS, ids=[" ".join(a) for a, _ in ERRORS])
+@pytest.mark.usefixtures("no_run")
 def test_bad_arguments_exit_2(
     capsys: pytest.CaptureFixture[str], args: list[str], message: str
 ) -> None:
-    status, out, err = simulate(capsys, *args)
-    assert status == 2
-    assert out == ""
-    assert err.startswith("pagehint simulate: ")
-    assert message in err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    assert refused(capsys, *args) == message
 
 
+# Every scenario file error: (name, text, stderr after "pagehint simulate: PATH: ").
 TOML_ERRORS: list[tuple[str, str, str]] = [
     (
         "unknown-key",
@@ -474,7 +551,15 @@ TOML_ERRORS: list[tuple[str, str, str]] = [
         memory = "1G"
         bogus = 1
         """,
-        "unknown scenario keys: {'[guest]': {'bogus': 1}}",
+        "[guest] bogus: unknown key (this table takes memory, layout, below_4g, page_size, "
+        "block_bytes, used, used_data, free_order, init_on_alloc, poison, log_mode, seed, "
+        "hint_rate, device_rate)",
+    ),
+    (
+        "unknown-top-level-key",
+        "bogus = 1",
+        "bogus: unknown key (this table takes name, description, published, guest, history, "
+        "workload, link, migration)",
     ),
     (
         "missing-param",
@@ -485,7 +570,7 @@ TOML_ERRORS: list[tuple[str, str, str]] = [
         kind = "memory-hog"
         rate = "1G"
         """,
-        "workload 'memory-hog' needs 'size'",
+        "[workload] size: missing (required)",
     ),
     (
         "history-without-kind",
@@ -493,7 +578,37 @@ TOML_ERRORS: list[tuple[str, str, str]] = [
         [[history]]
         size = "1G"
         """,
-        "a workload needs a kind",
+        f"[[history]] #1: a workload needs a kind: one of {WORKLOAD_KINDS}",
+    ),
+    (
+        "history-rate-0",  # it used to hang forever
+        """
+        [[history]]
+        kind = "memory-hog"
+        size = "6G"
+        rate = 0
+        """,
+        "[[history]] #1 rate: must be more than 0, not 0",
+    ),
+    (
+        "history-not-an-array",
+        """
+        [history]
+        kind = "idle"
+        """,
+        "[[history]]: must be an array of tables ([[...]]), not a table",
+    ),
+    (
+        "free-more-than-write",
+        """
+        [[history]]
+        kind = "idle"
+        [[history]]
+        kind = "write-free"
+        write = "1G"
+        free = "2G"
+        """,
+        "[[history]] #2 free: 2147483648 bytes is more than write (1073741824)",
     ),
     (
         "bad-strategy",
@@ -501,7 +616,82 @@ TOML_ERRORS: list[tuple[str, str, str]] = [
         [migration]
         strategy = "fast"
         """,
-        "strategy must be 'safe' or 'qemu', not 'fast'",
+        "[migration] strategy: must be 'safe' or 'qemu', not 'fast'",
+    ),
+    (
+        "string-for-postcopy",  # it used to be read as true
+        """
+        [migration]
+        postcopy = "no"
+        """,
+        "[migration] postcopy: must be true or false, not 'no'",
+    ),
+    (
+        "string-for-init-on-alloc",  # it used to be read as true
+        """
+        [guest]
+        init_on_alloc = "false"
+        """,
+        "[guest] init_on_alloc: must be true or false, not 'false'",
+    ),
+    ("float-for-seed", "[guest]\nseed = 1.5", "[guest] seed: must be an integer, not 1.5"),
+    (
+        "inf-memory",
+        "[guest]\nmemory = inf",
+        "[guest] memory: not a size: inf (a whole number of bytes, or 8G, 512MiB)",
+    ),
+    (
+        "huge-memory",
+        "[guest]\nmemory = 1e30",
+        "[guest] memory: not a size: 1e+30 (a whole number of bytes, or 8G, 512MiB)",
+    ),
+    (
+        "negative-memory",
+        "[guest]\nmemory = -4096",
+        "[guest] memory: must be more than 0, not -4096",
+    ),
+    (
+        "memory-4097",  # it used to be blamed on below_4g
+        "[guest]\nmemory = 4097",
+        "[guest] memory: 4097 bytes is not a whole number of 4096-byte pages",
+    ),
+    (
+        "negative-page-size",
+        "[guest]\npage_size = -4096",
+        "[guest] page_size: must be 4096, 16384 or 65536, not -4096",
+    ),
+    (
+        "nan-hint-rate",
+        "[guest]\nhint_rate = nan",
+        "[guest] hint_rate: must be a finite number, not nan",
+    ),
+    (
+        "negative-header",  # it used to shrink `transferred`
+        "[link]\npage_header_bytes = -8",
+        "[link] page_header_bytes: must be at least 0, not -8",
+    ),
+    (
+        "below-4g-past-memory",
+        """
+        [guest]
+        memory = "1G"
+        below_4g = "2G"
+        """,
+        "[guest] below_4g: 2 GiB is more than the memory (1 GiB) or 4 GiB",
+    ),
+    (
+        "below-4g-flat",
+        """
+        [guest]
+        layout = "flat"
+        below_4g = "1G"
+        """,
+        "[guest] below_4g: only the x86 layout has RAM below a PCI hole",
+    ),
+    (
+        "block-not-a-power-of-two",
+        '[guest]\nblock_bytes = "3M"',
+        "[guest] block_bytes: 3145728 is not a power of two of at least 4096 (the page size)",
     ),
     (
         "bad-layout",
@@ -510,16 +700,26 @@ TOML_ERRORS: list[tuple[str, str, str]] = [
         memory = "1G"
         layout = "arm"
         """,
-        "scenario bad-layout: layout must be 'x86' or 'flat', not 'arm'",
+        "[guest] layout: must be 'x86' or 'flat', not 'arm'",
+    ),
+    ("bad-used", "[guest]\nused = 1.5", "[guest] used: must be at most 1, not 1.5"),
+    (
+        "bad-poison",
+        '[guest]\npoison = "yes"',
+        "[guest] poison: must be none, init_on_free, page_poison or a u32 (0 to 0xFFFFFFFF), "
+        "not 'yes'",
+    ),
+    ("guest-not-a-table", "guest = 3", "[guest]: must be a table, not 3"),
+    ("name-not-a-string", "name = 5", "name: must be a string, not 5"),
+    (
+        "published-not-a-number",
+        '[published]\ntotal_time_off_ms = "x"',
+        "[published] total_time_off_ms: must be a number, not 'x'",
     ),
     (
-        "bad-used",
-        """
-        [guest]
-        memory = "1G"
-        used = 1.5
-        """,
-        "scenario bad-used: used is a fraction of RAM, not 1.5",
+        "zero-iteration-time",
+        "[link]\niteration_time = 0",
+        "[link] iteration_time: must be more than 0, not 0",
     ),
     (
         "not-toml",
@@ -527,7 +727,7 @@ TOML_ERRORS: list[tuple[str, str, str]] = [
         [guest
         memory =
         """,
-        "pagehint simulate: ",
+        "not valid TOML: Expected ']' at the end of a table declaration (at line 2, column 7)",
     ),
 ]
 
@@ -535,23 +735,124 @@ TOML_ERRORS: list[tuple[str, str, str]] = [
 @pytest.mark.parametrize(
     ("name", "text", "message"), TOML_ERRORS, ids=[n for n, _, _ in TOML_ERRORS]
 )
+@pytest.mark.usefixtures("no_run")
 def test_bad_scenario_files_exit_2(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, name: str, text: str, message: str
 ) -> None:
-    status, out, err = simulate(capsys, write(tmp_path, f"{name}.toml", text))
-    assert status == 2
-    assert out == ""
-    assert err.startswith("pagehint simulate: ")
-    assert message in err
-    assert err.count("\n") == 1 and "Traceback" not in err
+    path = write(tmp_path, f"{name}.toml", text)
+    assert refused(capsys, path) == f"{path}: {message}"
 
 
-def test_argparse_choices_exit_2(capsys: pytest.CaptureFixture[str]) -> None:
-    for args in (["--workload", "nope"], ["--log-mode", "dirty-ring"], ["--seed", "x"]):
-        with pytest.raises(SystemExit) as e:
-            main(["simulate", *args])
-        assert e.value.code == 2
-        assert "invalid" in capsys.readouterr().err
+@pytest.mark.usefixtures("no_run")
+def test_undecodable_and_unreadable_files_name_the_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path = tmp_path / "latin1.toml"
+    path.write_bytes(b'description = "caf\xe9"\n')
+    assert refused(capsys, str(path)) == (
+        f"{path}: not UTF-8, so not TOML (invalid continuation byte at byte 18)"
+    )
+    assert refused(capsys, str(tmp_path)) == (
+        f"no scenario {str(tmp_path)!r}: not a file, nor one of {SHIPPED}"
+    )
+
+
+def test_the_file_is_named_and_an_override_the_option(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """An error in a key the command line set names the option; one in the file names the
+    file, even when an override brings it out."""
+    path = write(tmp_path, "two.toml", '[guest]\nmemory = "2G"\nbelow_4g = "2G"\n')
+    assert refused(capsys, path, "--memory", "1G") == (
+        f"{path}: [guest] below_4g: 2 GiB is more than the memory (1 GiB) or 4 GiB"
+    )
+    path = write(tmp_path, "hog.toml", '[workload]\nkind = "memory-hog"\nsize = "1G"\n')
+    assert refused(capsys, path, "--param", "rate=0") == (
+        "--param rate=0: must be more than 0, not 0"
+    )
+    assert refused(capsys, path, "--param", "size=-1") == (
+        "--param size=-1: must be more than 0, not -1"
+    )
+
+
+# -- 4b. runs too big for this machine, refused before they start -------------------------------
+
+
+@pytest.mark.usefixtures("no_run")
+def test_a_guest_bigger_than_this_machine_is_refused_at_once(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """--memory 1P used to run for 34 s to a MemoryError: now it is refused with the estimate
+    and the machine's figure, before anything is allocated."""
+    t0 = time.perf_counter()
+    message = refused(capsys, "--memory", "1P")
+    assert time.perf_counter() - t0 < 5
+    assert re.fullmatch(
+        r"scenario default: the run would need about 2\.34 TiB of memory; "
+        r"this machine has [\d.]+ [GMT]iB \(MemAvailable\)",
+        message,
+    ), message
+
+
+SMALL_MACHINE = MachineLimits(
+    memory=2 * GiB,
+    memory_source="MemAvailable",
+    address_space=1 << 47,
+    address_space_source="a process's address space",
+)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (
+            ["--memory", "1T", "--workload", "idle"],
+            "the run would need about 2.5 GiB of memory; this machine has 2 GiB (MemAvailable)",
+        ),
+        (
+            ["--bandwidth", "8bit"],  # a byte per second, with the default's 2,000 pages/s
+            "the run would need about 15.7 TiB of memory, 2.69e+11 pages written in one step; "
+            "this machine has 2 GiB (MemAvailable)",
+        ),
+        (
+            [
+                "--workload",
+                "steady-writer",
+                "--param",
+                "working_set=1G",
+                "--param",
+                "pages_per_s=1e12",
+            ],
+            "the run would need about 6.26 TiB of memory, 1.08e+11 pages written in one step; "
+            "this machine has 2 GiB (MemAvailable)",
+        ),
+        (
+            ["--param", "pages_per_s=2e8"],  # 800 GB/s of writes
+            "the runs would take about 1.39 h (1.91e+07 pages sent, 1.25e+10 written, "
+            "645 steps, 34.4 s simulated); the limit is 1 h",
+        ),
+    ],
+)
+@pytest.mark.usefixtures("no_run")
+def test_runs_too_big_are_refused_with_the_figure_and_the_limit(
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    message: str,
+) -> None:
+    monkeypatch.setattr(cli_simulate, "machine_limits", lambda: SMALL_MACHINE)
+    assert refused(capsys, *args) == f"scenario default: {message}"
+
+
+@pytest.mark.usefixtures("no_run")
+def test_a_history_that_would_take_days_is_refused(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """A hog allocating 6 GiB at 1 byte/s runs a step per simulated second."""
+    path = write(tmp_path, "slow.toml", '[[history]]\nkind = "memory-hog"\nsize = "6G"\nrate = 1\n')
+    message = refused(capsys, path)
+    assert message.startswith("scenario slow: the runs would take about 7.46 days (")
+    assert message.endswith("1.29e+10 steps, 13.1 s simulated); the limit is 1 h")
 
 
 # -- 5. custom scenario with published figures --------------------------------------------------
@@ -685,6 +986,40 @@ def test_plot_without_matplotlib_exits_2_before_running(
     assert not png.exists()
 
 
+def test_plot_without_a_suffix_reports_the_file_it_wrote(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """matplotlib adds .png to a name without a suffix: the message names that file."""
+    pytest.importorskip("matplotlib")
+    status, out, err = simulate(capsys, "--memory", "1G", "--plot", str(tmp_path / "out"))
+    assert (status, err) == (0, "")
+    assert f"plot written to {tmp_path / 'out.png'}" in " ".join(out.split())
+    assert [p.name for p in tmp_path.iterdir()] == ["out.png"]
+    svg = tmp_path / "rounds.SVG"
+    assert simulate(capsys, "--memory", "1G", "--plot", str(svg))[0] == 0
+    assert svg.read_text().lstrip().startswith("<?xml")
+
+
+@pytest.mark.usefixtures("no_run")
+def test_a_plot_that_cannot_be_written_is_refused_before_running(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    pytest.importorskip("matplotlib")
+    missing = tmp_path / "no" / "such" / "dir" / "out.png"
+    assert refused(capsys, "--plot", str(missing)) == (
+        f"--plot {missing}: no directory {str(missing.parent)!r}"
+    )
+    assert refused(capsys, "--plot", str(tmp_path / "out.xyz")).startswith(
+        f"--plot {tmp_path / 'out.xyz'}: matplotlib writes no 'xyz' files (it writes "
+    )
+    (tmp_path / "d.png").mkdir()
+    assert refused(capsys, "--plot", str(tmp_path / "d.png")) == (
+        f"--plot {tmp_path / 'd.png'}: {str(tmp_path / 'd.png')!r} is a directory"
+    )
+    assert refused(capsys, "--plot", "") == "--plot '': not a file name"
+    assert list(tmp_path.iterdir()) == [tmp_path / "d.png"]
+
+
 # -- 7. parsers ----------------------------------------------------------------------------------
 
 
@@ -793,6 +1128,7 @@ def test_python_m_pagehint_simulate() -> None:
 
 
 def test_python_m_pagehint_simulate_error() -> None:
+    """A real process: one line, exit status 2, no traceback."""
     p = subprocess.run(
         [sys.executable, "-m", "pagehint", "simulate", "--memory", "banana"],
         capture_output=True,
@@ -802,4 +1138,6 @@ def test_python_m_pagehint_simulate_error() -> None:
     )
     assert p.returncode == 2
     assert p.stdout == ""
-    assert p.stderr == "pagehint simulate: not a size: 'banana' (try 8G, 512MiB, 4096)\n"
+    assert p.stderr == (
+        "pagehint simulate: --memory banana: not a size: 'banana' (try 8G, 512MiB, 4096)\n"
+    )

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+import tomllib
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -14,17 +17,29 @@ from rich.table import Table
 
 from pagehint.cli.report import comparison_table, run_both
 from pagehint.migration import MigrationResult
+from pagehint.sim.estimate import estimate_run, machine_limits
 from pagehint.sim.scenario import (
     WORKLOADS,
     Scenario,
-    WorkloadSpec,
+    ScenarioError,
     load_scenario,
-    parse_rate,
-    parse_seconds,
-    parse_size,
+    read_scenario,
     reduction,
     run_scenario,
+    scenario_from_dict,
     shipped_scenarios,
+)
+from pagehint.sim.scenario_model import scenario_json_schema
+
+# Options that set one key of the scenario: (argparse dest, option, key path, help).
+_KEY_OPTIONS: tuple[tuple[str, str, tuple[str, str], str], ...] = (
+    ("memory", "--memory", ("guest", "memory"), "guest RAM, e.g. 8G or 1T"),
+    ("layout", "--layout", ("guest", "layout"), "RAM layout: x86 (with the PCI hole) or flat"),
+    ("bandwidth", "--bandwidth", ("link", "bandwidth"), "link speed, e.g. 10Gbit or 1.25GB"),
+    ("downtime", "--downtime", ("link", "max_downtime"), "maximum downtime, e.g. 300ms"),
+    ("log_mode", "--log-mode", ("guest", "log_mode"), "KVM dirty log: classic, manual or ring"),
+    ("strategy", "--strategy", ("migration", "strategy"), "hinting strategy: safe or qemu"),
+    ("seed", "--seed", ("guest", "seed"), "guest seed (an integer, not negative)"),
 )
 
 
@@ -35,7 +50,10 @@ def add_parser(sub: Any) -> None:
         help="migrate a simulated guest with free page hinting off and on, side by side",
         description="Runs a scenario (a shipped one by name, or a TOML file; 'default' if "
         "none) twice, with free page hinting off and on, checks both with the nothing-lost "
-        "oracle and prints the figures side by side. Exit status 1 if any page was lost.",
+        "oracle and prints the figures side by side. Options override the scenario's keys; "
+        "their values are read as in a scenario file (a TOML value; a bare word is a "
+        "string). Exit status 1 if any page was lost, 2 for a scenario, option or output path "
+        "that is not valid, or runs too big for this machine (refused before they start).",
     )
     p.add_argument(
         "scenario",
@@ -44,9 +62,12 @@ def add_parser(sub: Any) -> None:
         help="shipped scenario name or TOML file (default: default)",
     )
     p.add_argument("--list", action="store_true", help="list the shipped scenarios and exit")
-    p.add_argument("--memory", help="guest RAM, e.g. 8G or 1T")
-    p.add_argument("--layout", choices=["x86", "flat"], help="RAM layout (x86: PCI hole)")
-    p.add_argument("--workload", choices=WORKLOADS, help="what the guest runs meanwhile")
+    p.add_argument(
+        "--schema", action="store_true", help="print the scenario file's JSON schema and exit"
+    )
+    for dest, option, _key, text in _KEY_OPTIONS[:2]:
+        p.add_argument(option, dest=dest, help=text)
+    p.add_argument("--workload", help=f"what the guest runs meanwhile: {', '.join(WORKLOADS)}")
     p.add_argument(
         "--param",
         action="append",
@@ -54,53 +75,112 @@ def add_parser(sub: Any) -> None:
         metavar="KEY=VALUE",
         help="a workload parameter, e.g. working_set=2G or pages_per_s=50000",
     )
-    p.add_argument("--bandwidth", help="link speed, e.g. 10Gbit or 1.25GB (bytes/s)")
-    p.add_argument("--downtime", help="maximum downtime, e.g. 300ms")
-    p.add_argument("--log-mode", choices=["classic", "manual", "ring"], help="KVM dirty log mode")
-    p.add_argument("--strategy", choices=["safe", "qemu"], help="hinting strategy")
-    p.add_argument("--seed", type=int, help="guest seed")
+    for dest, option, _key, text in _KEY_OPTIONS[2:]:
+        p.add_argument(option, dest=dest, help=text)
     p.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    p.add_argument("--plot", metavar="PNG", help="plot per-round figures (needs matplotlib)")
+    p.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="plot per-round figures to FILE (PNG unless its suffix names another format "
+        "matplotlib writes; needs matplotlib)",
+    )
     p.add_argument("--no-progress", action="store_true", help="never show a progress line")
     p.set_defaults(func=run)
 
 
-def _scenario(args: argparse.Namespace) -> Scenario:
-    s = load_scenario(args.scenario)
-    guest: dict[str, Any] = {}
-    if args.memory:
-        guest["memory"] = parse_size(args.memory)
-    if args.layout:
-        guest["layout"] = args.layout
-    if args.log_mode:
-        guest["log_mode"] = args.log_mode
-    if args.seed is not None:
-        guest["seed"] = args.seed
-    if args.workload or args.param:
-        params = dict(s.workload.params) if not args.workload else {}
+def _value(text: str) -> Any:
+    """A command-line value as a scenario file would hold it: a TOML number, boolean or
+    string (``50000``, ``1.5``, ``true``, ``"x"``), else the text itself (``8G``, ``flat``)."""
+    try:
+        parsed = tomllib.loads(f"v = {text}")
+    except tomllib.TOMLDecodeError:
+        return text
+    value = parsed.get("v")
+    return value if len(parsed) == 1 and isinstance(value, (int, float, str)) else text
+
+
+def _table(doc: dict[str, Any], name: str) -> dict[str, Any] | None:
+    """The document's table ``name`` to override keys in (a copy), or None if the file has
+    something else there (the model then says what is wrong with the file)."""
+    table = doc.get(name, {})
+    if not isinstance(table, dict):
+        return None
+    copy = dict(table)
+    doc[name] = copy
+    return copy
+
+
+def _overridden(
+    doc: dict[str, Any], args: argparse.Namespace
+) -> tuple[dict[str, Any], dict[tuple[str | int, ...], str]]:
+    """The scenario document with the command line's overrides, and which option set which
+    key (for the model's messages)."""
+    doc = dict(doc)
+    options: dict[tuple[str | int, ...], str] = {}
+    for dest, option, (table_name, key), _text in _KEY_OPTIONS:
+        text = getattr(args, dest)
+        if text is None:
+            continue
+        table = _table(doc, table_name)
+        if table is not None:
+            table[key] = _value(str(text))
+        options[(table_name, key)] = f"{option} {text}"
+    if args.workload is not None or args.param:
+        raw = doc.get("workload", {"kind": "idle"})
+        table = {} if not isinstance(raw, dict) or args.workload is not None else dict(raw)
+        if args.workload is not None:
+            table["kind"] = _value(args.workload)
+            options[("workload",)] = f"--workload {args.workload}"
+        elif "kind" not in table:
+            table["kind"] = "idle"
         for kv in args.param:
-            key, sep, value = kv.partition("=")
-            if not sep:
-                raise ValueError(f"--param takes KEY=VALUE, not {kv!r}")
-            params[key] = value
-        spec = WorkloadSpec(args.workload or s.workload.kind, params)
-        spec.build()
-        guest["workload"] = spec
-    pc: dict[str, Any] = {}
-    link: dict[str, Any] = {}
-    if args.bandwidth:
-        link["bandwidth"] = parse_rate(args.bandwidth)
-    if args.downtime:
-        pc["max_downtime"] = parse_seconds(args.downtime)
-    if args.strategy:
-        pc["strategy"] = args.strategy
-    if not (guest or pc or link):
+            key, sep, text = kv.partition("=")
+            if not sep or not key.strip():
+                raise ScenarioError(f"--param takes KEY=VALUE, not {kv!r}")
+            if key == "kind":
+                raise ScenarioError("--param kind=...: the workload is --workload's to say")
+            table[key] = _value(text)
+            options[("workload", key)] = f"--param {kv}"
+        doc["workload"] = table
+    return doc, options
+
+
+def _scenario(args: argparse.Namespace) -> Scenario:
+    path, doc = read_scenario(args.scenario)
+    doc, options = _overridden(doc, args)
+    s = scenario_from_dict(doc, name=path.stem, source=str(path), options=options)
+    if not options:
         return s
     # Overridden: the scenario's own description and published figures no longer apply.
-    out = replace(
-        s, precopy=replace(s.precopy, **pc), link=replace(s.link, **link), published={}, **guest
-    )
-    return replace(out, description=f"{describe(out)} (overridden)")
+    return replace(s, published={}, description=f"{describe(s)} (overridden)")
+
+
+def plot_path(arg: str) -> Path:
+    """The file ``--plot ARG`` writes: ARG, or ARG.png without a suffix (as matplotlib does);
+    ``ScenarioError`` if matplotlib cannot write that format or the file cannot be written
+    there."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(arg)
+    if not arg or not path.name:
+        raise ScenarioError(f"--plot {arg!r}: not a file name")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    fmt = path.suffix[1:].lower()
+    if not fmt:
+        path = path.with_name(path.name + ".png")
+    elif fmt not in formats:
+        raise ScenarioError(
+            f"--plot {arg}: matplotlib writes no {fmt!r} files "
+            f"(it writes {', '.join(sorted(formats))})"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise ScenarioError(f"--plot {arg}: no directory {str(parent)!r}")
+    if path.is_dir():
+        raise ScenarioError(f"--plot {arg}: {str(path)!r} is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ScenarioError(f"--plot {arg}: cannot write {str(path)!r}")
+    return path
 
 
 def describe(s: Scenario) -> str:
@@ -116,9 +196,11 @@ def describe(s: Scenario) -> str:
 
 
 def _fail(msg: str) -> int:
-    """A usage or scenario error: the message on stderr (plain text, not rich markup, which
-    would eat ``[guest]`` or ``pagehint[plot]``), exit status 2."""
-    print(f"pagehint simulate: {msg}", file=sys.stderr)
+    """A usage or scenario error: the message on stderr in one line (plain text, not rich
+    markup, which would eat ``[guest]`` or ``pagehint[plot]``; what cannot be printed, such
+    as a newline in an option's value or a file's name, escaped), exit status 2."""
+    line = "".join(c if c.isprintable() else repr(c)[1:-1] for c in msg)
+    print(f"pagehint simulate: {line}", file=sys.stderr)
     return 2
 
 
@@ -149,34 +231,41 @@ def _published(s: Scenario, off: MigrationResult, on: MigrationResult) -> Table 
 def run(args: argparse.Namespace) -> int:
     console = Console(stderr=False)
     err = Console(stderr=True)
+    if args.schema:
+        print(json.dumps(scenario_json_schema(), indent=2))
+        return 0
     if args.list:
         for name, path in sorted(shipped_scenarios().items()):
             s = load_scenario(str(path))
             console.print(f"[bold]{escape(name)}[/bold]: {escape(s.description)}")
         return 0
+    # Everything is checked before the runs: the scenario, the options, the plot and
+    # whether the runs fit this machine.
     try:
         s = _scenario(args)
-    except (ValueError, FileNotFoundError) as e:
+    except ScenarioError as e:
         return _fail(str(e))
-    if args.plot:
-        # Before the runs, not after: a missing matplotlib should not cost a whole simulation.
+    png: Path | None = None
+    if args.plot is not None:
         try:
             from pagehint.cli.plot import plot_rounds
         except ImportError as e:
             return _fail(f"--plot needs matplotlib ({e}); pip install 'pagehint[plot]'")
+        try:
+            png = plot_path(args.plot)
+        except ScenarioError as e:
+            return _fail(str(e))
+    refusal = estimate_run(s).refusal(machine_limits())
+    if refusal is not None:
+        return _fail(f"scenario {s.name}: {refusal}")
     show = not args.no_progress and not args.json and err.is_terminal
-    try:
-        off, on = run_both(
-            lambda hints, progress: run_scenario(s, hints=hints, progress=progress),
-            show=show,
-            console=err,
-            page_size=s.page_size,
-            clock="simulated",
-        )
-    except ValueError as e:
-        # Building the guest found the scenario impossible (memory, layout, used, seed...);
-        # failures during the migration itself are a result, not raised.
-        return _fail(f"scenario {s.name}: {e}")
+    off, on = run_both(
+        lambda hints, progress: run_scenario(s, hints=hints, progress=progress),
+        show=show,
+        console=err,
+        page_size=s.page_size,
+        clock="simulated",
+    )
     failed = [r for r in (off, on) if r.status != "completed"]
     lost = sum(r.lost_pages or 0 for r in (off, on))
     if args.json:
@@ -209,8 +298,8 @@ def run(args: argparse.Namespace) -> int:
             err.print(
                 f"[red]{lost} pages lost: the destination differs where no hint excuses it[/red]"
             )
-    if args.plot:
-        plot_rounds(s.name, off, on, args.plot)
+    if png is not None:
+        plot_rounds(s.name, off, on, str(png))
         if not args.json:
-            console.print(f"plot written to {args.plot}")
+            console.print(f"plot written to {escape(str(png))}")
     return 1 if failed or lost else 0

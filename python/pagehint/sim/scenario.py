@@ -1,6 +1,10 @@
 """Scenarios (TOML) that describe a guest, its history, its workload during migration and
 the link, and ``run_scenario``, which migrates one over the simulated link.
 
+What a valid scenario is, is ``pagehint.sim.scenario_model``'s alone: files are read through
+it (``scenario_from_dict``, ``load_scenario``) and every ``Scenario`` is checked against it
+when it is made, however it is made.
+
 ``run_scenario(scenario, hints=...)`` builds the guest afresh from the scenario's seed, so the
 runs with hints off and on start from the same memory.
 """
@@ -10,7 +14,7 @@ from __future__ import annotations
 import json
 import re
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
@@ -26,102 +30,51 @@ from pagehint.migration import (
     Progress,
     WireFormat,
 )
-from pagehint.sim.guest import PAGE_POISON, SimulatedGuest
+from pagehint.sim.guest import SimulatedGuest
 from pagehint.sim.link import LinkModel, SimulatedLink
-from pagehint.sim.source import DEVICE_RATE, GUEST_HINT_RATE, SimulatedDestination, SimulatedSource
-from pagehint.sim.workloads import (
-    Idle,
-    KernelCompile,
-    MemoryHog,
-    SteadyWriter,
-    UsedWriter,
-    Workload,
-    WriteFree,
+from pagehint.sim.scenario_model import (
+    WORKLOADS,
+    ScenarioError,
+    parse_rate,
+    parse_seconds,
+    parse_size,
+    ram_regions,
+    validate_document,
+    validate_workload,
 )
+from pagehint.sim.source import DEVICE_RATE, GUEST_HINT_RATE, SimulatedDestination, SimulatedSource
+from pagehint.sim.workloads import MemoryHog, Workload
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?b|bit)?\s*$", re.IGNORECASE)
-_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4, "p": 5}
-
-
-def parse_size(value: int | float | str, *, binary: bool = True) -> int:
-    """Bytes from ``8G``, ``8GiB``, ``512M``, ``4096``... (K/M/G/T in powers of 1024, unless
-    ``binary=False``)."""
-    if isinstance(value, (int, float)):
-        return int(value)
-    m = _SIZE.match(value)
-    if not m or (m.group(3) or "").lower() == "bit":
-        raise ValueError(f"not a size: {value!r} (try 8G, 512MiB, 4096)")
-    base = 1024 if binary or (m.group(3) or "").lower() == "ib" else 1000
-    return int(float(m.group(1)) * base ** _POWERS[m.group(2).lower()])
-
-
-def parse_rate(value: int | float | str) -> float:
-    """Bytes per second: ``10Gbit`` (network bits, powers of 1000), ``2.5GB`` (bytes, powers
-    of 1000), ``100G`` or ``100GiB`` (bytes, powers of 1024, as QEMU's ``migrate_set_speed``
-    reads it), or a number of bytes."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    m = _SIZE.match(value)
-    if not m:
-        raise ValueError(f"not a rate: {value!r} (try 10Gbit, 1.25GB, 100G)")
-    unit = (m.group(3) or "").lower()
-    power = _POWERS[m.group(2).lower()]
-    if unit == "bit":
-        return float(m.group(1)) * float(1000**power) / 8
-    if unit == "b":
-        return float(m.group(1)) * float(1000**power)
-    return float(m.group(1)) * float(1024**power)
-
-
-def parse_seconds(value: int | float | str) -> float:
-    """Seconds from ``300ms``, ``0.3s``, ``0.3``."""
-    if isinstance(value, (int, float)):
-        return float(value)
-    m = re.match(r"^\s*([0-9]*\.?[0-9]+)\s*(ms|s)?\s*$", value)
-    if not m:
-        raise ValueError(f"not a duration: {value!r} (try 300ms, 0.3s)")
-    return float(m.group(1)) / (1000 if m.group(2) == "ms" else 1)
-
-
-WORKLOADS = ("idle", "memory-hog", "steady-writer", "kernel-compile", "write-free", "used-writer")
+__all__ = [
+    "WORKLOADS",
+    "Scenario",
+    "ScenarioError",
+    "WorkloadSpec",
+    "load_scenario",
+    "parse_rate",
+    "parse_seconds",
+    "parse_size",
+    "read_scenario",
+    "reduction",
+    "run_scenario",
+    "scenario_from_dict",
+    "scenario_to_dict",
+    "scenario_to_toml",
+    "shipped_scenarios",
+]
 
 
 @dataclass(frozen=True)
 class WorkloadSpec:
-    """A workload by name with its parameters (sizes as strings allowed)."""
+    """A workload by name with its parameters, as a scenario file gives them (sizes as
+    strings allowed); ``build()`` checks them against the workload's model
+    (``pagehint.sim.scenario_model``) and makes the workload."""
 
     kind: str = "idle"
     params: dict[str, Any] = field(default_factory=dict)
 
     def build(self) -> Workload:
-        p = dict(self.params)
-        try:
-            if self.kind == "idle":
-                return Idle(float(p.pop("pages_per_s", 0.0)))
-            if self.kind == "memory-hog":
-                rate = p.pop("rate", None)
-                return MemoryHog(
-                    parse_size(p.pop("size")), None if rate is None else parse_size(rate)
-                )
-            if self.kind == "steady-writer":
-                return SteadyWriter(parse_size(p.pop("working_set")), float(p.pop("pages_per_s")))
-            if self.kind == "kernel-compile":
-                d = KernelCompile()
-                return KernelCompile(
-                    alloc_bytes_per_s=parse_size(p.pop("alloc_bytes_per_s", d.alloc_bytes_per_s)),
-                    lifetime_s=float(p.pop("lifetime_s", d.lifetime_s)),
-                    cache_bytes_per_s=parse_size(p.pop("cache_bytes_per_s", d.cache_bytes_per_s)),
-                )
-            if self.kind == "write-free":
-                return WriteFree(parse_size(p.pop("write")), parse_size(p.pop("free", 0)))
-            if self.kind == "used-writer":
-                return UsedWriter(float(p.pop("pages_per_s")), int(p.pop("kernel_pages", 0)))
-        except KeyError as e:
-            raise ValueError(f"workload {self.kind!r} needs {e.args[0]!r}") from None
-        finally:
-            if p and self.kind in WORKLOADS:
-                raise ValueError(f"workload {self.kind!r} has unknown parameters {sorted(p)}")
-        raise ValueError(f"unknown workload {self.kind!r}; one of {', '.join(WORKLOADS)}")
+        return validate_workload(self.kind, self.params).build()
 
 
 @dataclass(frozen=True)
@@ -155,89 +108,81 @@ class Scenario:
     link: LinkModel = field(default_factory=LinkModel)
     published: dict[str, Any] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # Every scenario, however made, is one the model accepts.
+        validate_document(_document(self), source=f"scenario {self.name}")
+
     def memmap(self) -> _core.MemoryMap:
+        regions = ram_regions(self.layout, self.memory, self.below_4g)
         if self.layout == "x86":
-            below = min(self.memory, 2 << 30) if self.below_4g is None else self.below_4g
-            return _core.MemoryMap.x86(self.memory, below_4g=below, page_size=self.page_size)
-        if self.layout == "flat":
-            return _core.MemoryMap([(0, self.memory)], page_size=self.page_size)
-        raise ValueError(f"layout must be 'x86' or 'flat', not {self.layout!r}")
+            return _core.MemoryMap.x86(
+                self.memory, below_4g=regions[0][1], page_size=self.page_size
+            )
+        return _core.MemoryMap(regions, page_size=self.page_size)
 
 
-def scenario_from_dict(d: dict[str, Any], name: str = "custom") -> Scenario:
-    """A scenario from parsed TOML (see the shipped ``pagehint/scenarios/*.toml``)."""
-    d = dict(d)
-    guest = dict(d.pop("guest", {}))
-    link = dict(d.pop("link", {}))
-    mig = dict(d.pop("migration", {}))
-    poison = guest.pop("poison", "none")
-    kw: dict[str, Any] = {
-        "name": d.pop("name", name),
-        "description": d.pop("description", ""),
-        "published": dict(d.pop("published", {})),
-    }
-    for key in ("memory", "below_4g", "block_bytes"):
-        if key in guest:
-            kw[key] = parse_size(guest.pop(key))
-    for key in ("layout", "log_mode", "free_order"):
-        if key in guest:
-            kw[key] = guest.pop(key)
-    for key, conv in (
-        ("page_size", int),
-        ("used", float),
-        ("used_data", float),
-        ("init_on_alloc", bool),
-        ("seed", int),
-        ("hint_rate", float),
-        ("device_rate", float),
-    ):
-        if key in guest:
-            kw[key] = conv(guest.pop(key))
-    kw["poison"] = (
-        {"none": None, "init_on_free": 0, "page_poison": PAGE_POISON}.get(poison, poison)
-        if isinstance(poison, str)
-        else int(poison)
+def scenario_from_dict(
+    d: Mapping[str, Any],
+    name: str = "custom",
+    *,
+    source: str | None = None,
+    options: Mapping[tuple[str | int, ...], str] | None = None,
+) -> Scenario:
+    """A scenario from parsed TOML (see the shipped ``pagehint/scenarios/*.toml``), checked
+    against the model (``pagehint.sim.scenario_model``): ``ScenarioError`` (a ``ValueError``)
+    in one line naming ``source`` (default: ``scenario NAME``) and the key, or the
+    command-line option in ``options`` that set it."""
+    doc = validate_document(d, source=source or f"scenario {name}", options=options)
+    g, link, mig = doc.guest, doc.link, doc.migration
+    raw_workload = d.get("workload", {"kind": "idle"})
+    return Scenario(
+        name=doc.name if doc.name is not None else name,
+        description=doc.description,
+        memory=g.memory,
+        layout=g.layout,
+        below_4g=g.below_4g,
+        page_size=g.page_size,
+        block_bytes=g.block_bytes,
+        used=g.used,
+        used_data=g.used_data,
+        free_order=g.free_order,
+        init_on_alloc=g.init_on_alloc,
+        poison=g.poison,
+        log_mode=g.log_mode,
+        seed=g.seed,
+        hint_rate=g.hint_rate,
+        device_rate=g.device_rate,
+        # The workloads' parameters as written: what ``describe`` shows and a file says back.
+        history=tuple(_spec(w) for w in d.get("history", [])),
+        workload=_spec(raw_workload),
+        precopy=PrecopyConfig(
+            max_downtime=link.max_downtime,
+            max_rounds=link.max_rounds,
+            iteration_time=link.iteration_time,
+            batch_pages=link.batch_pages,
+            strategy=mig.strategy,
+            postcopy=mig.postcopy,
+        ),
+        link=LinkModel(
+            bandwidth=link.bandwidth,
+            scan_rate=link.scan_rate,
+            wire=WireFormat(
+                page_header_bytes=link.page_header_bytes,
+                zero_page_bytes=link.zero_page_bytes,
+                batch_header_bytes=link.batch_header_bytes,
+            ),
+            setup_time=link.setup_time,
+            switchover_time=link.switchover_time,
+            startup_wait=link.startup_wait,
+            startup_buffer=link.startup_buffer,
+        ),
+        published=dict(d.get("published", {})),
     )
-    if isinstance(kw["poison"], str):
-        raise ValueError(
-            f"poison must be none, init_on_free, page_poison or a number, not {poison!r}"
-        )
-    kw["history"] = tuple(_workload(w) for w in d.pop("history", []))
-    if "workload" in d:
-        kw["workload"] = _workload(d.pop("workload"))
-    pc: dict[str, Any] = {}
-    lm: dict[str, Any] = {}
-    wire: dict[str, Any] = {}
-    for key in ("bandwidth", "scan_rate"):
-        if key in link:
-            lm[key] = parse_rate(link.pop(key))
-    for key in ("setup_time", "switchover_time", "startup_wait"):
-        if key in link:
-            lm[key] = parse_seconds(link.pop(key))
-    for key in ("page_header_bytes", "zero_page_bytes", "batch_header_bytes"):
-        if key in link:
-            wire[key] = int(link.pop(key))
-    if "startup_buffer" in link:
-        lm["startup_buffer"] = parse_size(link.pop("startup_buffer"))
-    for key in ("max_downtime", "iteration_time"):
-        if key in link:
-            pc[key] = parse_seconds(link.pop(key))
-    for key in ("max_rounds", "batch_pages"):
-        if key in link:
-            pc[key] = int(link.pop(key))
-    for key in ("strategy", "postcopy"):
-        if key in mig:
-            pc[key] = mig.pop(key)
-    leftovers = {
-        k: v
-        for k, v in (("top level", d), ("[guest]", guest), ("[link]", link), ("[migration]", mig))
-        if v
-    }
-    if leftovers:
-        raise ValueError(f"unknown scenario keys: {leftovers}")
-    kw["precopy"] = PrecopyConfig(**pc)
-    kw["link"] = LinkModel(wire=WireFormat(**wire), **lm)
-    return Scenario(**kw)
+
+
+def _spec(d: Mapping[str, Any]) -> WorkloadSpec:
+    params = dict(d)
+    return WorkloadSpec(str(params.pop("kind")), params)
 
 
 def scenario_to_dict(s: Scenario) -> dict[str, Any]:
@@ -245,9 +190,13 @@ def scenario_to_dict(s: Scenario) -> dict[str, Any]:
     means the same if a default changes): ``scenario_from_dict(scenario_to_dict(s)) == s``.
     ``ValueError`` for what a scenario file cannot say (``clear_chunk_pages`` other than the
     default; ``hints``, which ``run_scenario`` sets, is left out)."""
-    pc, link = s.precopy, s.link
-    if pc.clear_chunk_pages != PrecopyConfig.clear_chunk_pages:
+    if s.precopy.clear_chunk_pages != PrecopyConfig.clear_chunk_pages:
         raise ValueError("a scenario file cannot set clear_chunk_pages")
+    return _document(s)
+
+
+def _document(s: Scenario) -> dict[str, Any]:
+    pc, link = s.precopy, s.link
     guest: dict[str, Any] = {"memory": s.memory, "layout": s.layout}
     if s.below_4g is not None:
         guest["below_4g"] = s.below_4g
@@ -329,37 +278,38 @@ def scenario_to_toml(s: Scenario) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _workload(d: dict[str, Any]) -> WorkloadSpec:
-    d = dict(d)
-    kind = d.pop("kind", None)
-    if kind is None:
-        raise ValueError(f"a workload needs a kind ({', '.join(WORKLOADS)})")
-    spec = WorkloadSpec(str(kind), d)
-    spec.build()  # fail now, not mid-run
-    return spec
-
-
 def shipped_scenarios() -> dict[str, Path]:
     """The scenarios shipped with pagehint, by name."""
     root = resources.files("pagehint.sim") / "scenarios"
     return {Path(str(p)).stem: Path(str(p)) for p in root.iterdir() if str(p).endswith(".toml")}
 
 
-def load_scenario(name_or_path: str) -> Scenario:
-    """A shipped scenario by name, or a TOML file."""
+def read_scenario(name_or_path: str) -> tuple[Path, dict[str, Any]]:
+    """The file of a shipped scenario (by name) or a TOML file, and its parsed document;
+    ``ScenarioError`` (one line, naming the file) if it cannot be found, read or parsed."""
     shipped = shipped_scenarios()
     path = shipped.get(name_or_path, Path(name_or_path))
     if not path.is_file():
-        raise FileNotFoundError(
+        raise ScenarioError(
             f"no scenario {name_or_path!r}: not a file, nor one of {', '.join(sorted(shipped))}"
         )
-    with open(path, "rb") as f:
-        try:
-            return scenario_from_dict(tomllib.load(f), name=path.stem)
-        except tomllib.TOMLDecodeError as e:
-            raise ValueError(f"{path}: not valid TOML: {e}") from None
-        except (TypeError, AttributeError) as e:
-            raise ValueError(f"{path}: malformed scenario ({e})") from None
+    try:
+        with open(path, "rb") as f:
+            return path, tomllib.load(f)
+    except tomllib.TOMLDecodeError as e:
+        raise ScenarioError(f"{path}: not valid TOML: {e}") from None
+    except UnicodeDecodeError as e:
+        raise ScenarioError(
+            f"{path}: not UTF-8, so not TOML ({e.reason} at byte {e.start})"
+        ) from None
+    except OSError as e:
+        raise ScenarioError(f"{path}: cannot read it: {e.strerror}") from None
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    """A shipped scenario by name, or a TOML file (``ScenarioError`` if it is not valid)."""
+    path, doc = read_scenario(name_or_path)
+    return scenario_from_dict(doc, name=path.stem, source=str(path))
 
 
 def run_scenario(
