@@ -201,11 +201,16 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError("--bandwidth must be positive")
     except ValueError as e:
         return _fail(str(e))
+    png = None
     if args.plot:
         try:
-            from pagehint.cli.plot import plot_rounds
+            from pagehint.cli.plot import plot_path, plot_rounds
         except ImportError as e:
             return _fail(f"--plot needs matplotlib ({e}); pip install 'pagehint[plot]'")
+        try:
+            png = plot_path(args.plot)  # refused before the runs, not after
+        except ValueError as e:
+            return _fail(str(e))
     show = not args.no_progress and not args.json and err.is_terminal
 
     # Each run's send timeline, for the simulator's prediction (--predict).
@@ -306,10 +311,10 @@ def run(args: argparse.Namespace) -> int:
         if prediction is not None and rows is not None:
             console.print(prediction_table("the simulator's prediction of these runs", rows))
             console.print(measured_figures(prediction), markup=False)
-    if args.plot:
-        plot_rounds("migrate-kvm", off.result, on.result, args.plot)
+    if png is not None:
+        plot_rounds("migrate-kvm", off.result, on.result, str(png))
         if not args.json:
-            console.print(f"plot written to {args.plot}")
+            console.print(f"plot written to {png}", markup=False)
     return 1 if failed or lost or bad else 0
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import matplotlib
 
@@ -12,6 +14,34 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from pagehint.migration import MigrationResult, RoundStats
+
+
+def plot_path(arg: str) -> Path:
+    """The file ``--plot ARG`` writes: ARG, or ARG.png without a suffix (as matplotlib does);
+    ``ValueError`` if matplotlib cannot write that format or the file cannot be written
+    there."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    path = Path(arg)
+    if not arg or not path.name:
+        raise ValueError(f"--plot {arg!r}: not a file name")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    fmt = path.suffix[1:].lower()
+    if not fmt:
+        path = path.with_name(path.name + ".png")
+    elif fmt not in formats:
+        raise ValueError(
+            f"--plot {arg}: matplotlib writes no {fmt!r} files "
+            f"(it writes {', '.join(sorted(formats))})"
+        )
+    parent = path.parent
+    if not parent.is_dir():
+        raise ValueError(f"--plot {arg}: no directory {str(parent)!r}")
+    if path.is_dir():
+        raise ValueError(f"--plot {arg}: {str(path)!r} is a directory")
+    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ValueError(f"--plot {arg}: cannot write {str(path)!r}")
+    return path
 
 
 def y_scale(values: Sequence[int]) -> str:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tomllib
 from dataclasses import replace
@@ -155,34 +154,6 @@ def _scenario(args: argparse.Namespace) -> Scenario:
     return replace(s, published={}, description=f"{describe(s)} (overridden)")
 
 
-def plot_path(arg: str) -> Path:
-    """The file ``--plot ARG`` writes: ARG, or ARG.png without a suffix (as matplotlib does);
-    ``ScenarioError`` if matplotlib cannot write that format or the file cannot be written
-    there."""
-    from matplotlib.backend_bases import FigureCanvasBase
-
-    path = Path(arg)
-    if not arg or not path.name:
-        raise ScenarioError(f"--plot {arg!r}: not a file name")
-    formats = FigureCanvasBase.get_supported_filetypes()
-    fmt = path.suffix[1:].lower()
-    if not fmt:
-        path = path.with_name(path.name + ".png")
-    elif fmt not in formats:
-        raise ScenarioError(
-            f"--plot {arg}: matplotlib writes no {fmt!r} files "
-            f"(it writes {', '.join(sorted(formats))})"
-        )
-    parent = path.parent
-    if not parent.is_dir():
-        raise ScenarioError(f"--plot {arg}: no directory {str(parent)!r}")
-    if path.is_dir():
-        raise ScenarioError(f"--plot {arg}: {str(path)!r} is a directory")
-    if not os.access(parent, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ScenarioError(f"--plot {arg}: cannot write {str(path)!r}")
-    return path
-
-
 def describe(s: Scenario) -> str:
     """What a scenario runs, in one line."""
     params = ", ".join(f"{k}={v}" for k, v in s.workload.params.items())
@@ -248,12 +219,12 @@ def run(args: argparse.Namespace) -> int:
     png: Path | None = None
     if args.plot is not None:
         try:
-            from pagehint.cli.plot import plot_rounds
+            from pagehint.cli.plot import plot_path, plot_rounds
         except ImportError as e:
             return _fail(f"--plot needs matplotlib ({e}); pip install 'pagehint[plot]'")
         try:
             png = plot_path(args.plot)
-        except ScenarioError as e:
+        except ValueError as e:
             return _fail(str(e))
     refusal = estimate_run(s).refusal(machine_limits())
     if refusal is not None:
