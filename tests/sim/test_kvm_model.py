@@ -33,25 +33,14 @@ from pagehint.sim.kvm_model import (
     simulate_kvm_run,
     step_rate,
 )
+from pagehint.sim.scenario import guest_after_history
 
 DEFAULTS = KvmRunParams(step_rate=400.0)
 
 
 def guest_before_migrating(p: KvmRunParams) -> SimulatedGuest:
     """The scenario's guest after its history, as run_scenario builds it."""
-    s = kvm_scenario(p)
-    guest = SimulatedGuest(
-        s.memmap(),
-        seed=s.seed,
-        used=s.used,
-        used_data=s.used_data,
-        free_order=s.free_order,
-        init_on_alloc=s.init_on_alloc,
-        block_bytes=s.block_bytes,
-    )
-    for spec in s.history:
-        guest.run(spec.build(), 0.0)
-    return guest
+    return guest_after_history(kvm_scenario(p))
 
 
 def test_the_scenario_has_the_kvm_guests_shape() -> None:

@@ -312,17 +312,11 @@ def load_scenario(name_or_path: str) -> Scenario:
     return scenario_from_dict(doc, name=path.stem, source=str(path))
 
 
-def run_scenario(
-    scenario: Scenario,
-    *,
-    hints: bool,
-    progress: Callable[[Progress], None] | None = None,
-) -> MigrationResult:
-    """Builds the scenario's guest and migrates it once, with hints on or off, checking the
-    result with the nothing-lost oracle."""
-    memmap = scenario.memmap()
+def guest_after_history(scenario: Scenario) -> SimulatedGuest:
+    """The scenario's guest, built from its seed, after its ``[[history]]`` ran (a memory hog
+    to its end): what a migration of it starts from."""
     guest = SimulatedGuest(
-        memmap,
+        scenario.memmap(),
         seed=scenario.seed,
         used=scenario.used,
         used_data=scenario.used_data,
@@ -337,6 +331,19 @@ def run_scenario(
         guest.run(w, 0.0)
         while isinstance(w, MemoryHog) and not w.done:
             guest.run(w, 1.0)
+    return guest
+
+
+def run_scenario(
+    scenario: Scenario,
+    *,
+    hints: bool,
+    progress: Callable[[Progress], None] | None = None,
+) -> MigrationResult:
+    """Builds the scenario's guest and migrates it once, with hints on or off, checking the
+    result with the nothing-lost oracle."""
+    guest = guest_after_history(scenario)
+    memmap = guest.memmap
     device = FreePageHintDevice(guest.ram, memmap)
     guest.driver.attach(device)
     guest.log.get()  # the guest ran before migration; dirty tracking starts now
