@@ -63,3 +63,23 @@ def test_a_library_import_with_a_bad_pagehint_simd_still_raises_value_error() ->
     )
     assert out.returncode == 1
     assert out.stderr.splitlines()[-1].startswith("ValueError: PAGEHINT_SIMD=")
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([], "pagehint: the following arguments are required: command (see pagehint --help)"),
+        (["fly"], "pagehint: argument command: invalid choice: 'fly'"),
+        (["simulate", "--memory"], "pagehint simulate: argument --memory: expected one argument"),
+        (["migrate-kvm", "--log-mode", "x"], "pagehint migrate-kvm: argument --log-mode: invalid"),
+        (["simulate", "--bogus"], "pagehint: unrecognized arguments: --bogus"),
+    ],
+)
+def test_a_command_line_argparse_refuses_is_one_line_and_exit_2(
+    capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert (exit_.value.code, out) == (2, "")
+    assert err.startswith(message) and err.count("\n") == 1, err

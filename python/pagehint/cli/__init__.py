@@ -8,14 +8,23 @@ import argparse
 import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from pagehint import __version__, simd_level
 from pagehint.cli import info, lost_write_kvm, migrate_kvm, simulate
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with its refusals in one line (the usage is one ``--help`` away), exit 2,
+    as every other refusal of the command line."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser, exposed for tests and docs."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pagehint",
         description="Free-page-hint-aware live migration toolkit.",
     )
