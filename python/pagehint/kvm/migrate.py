@@ -192,23 +192,19 @@ class DestinationProcess:
         self.writer = StreamWriter(ours, memmap.page_size)
         self.reader = StreamReader(ours, memmap.page_size, memmap.npages)
         self.pages_sent = 0
-        self._guard(
-            lambda: self.writer.send_json(
-                Kind.HELLO,
-                {
-                    "version": VERSION,
-                    "page_size": memmap.page_size,
-                    "npages": memmap.npages,
-                    "regions": [list(r) for r in memmap.regions],
-                    "vcpus": vcpus,
-                    "mmio_base": mmio_base,
-                },
-            )
-        )
-        # The destination builds its VM first: pages sent before it reads would wait in the
-        # socket while the guest runs on, and be sent again.
+        hello = {
+            "version": VERSION,
+            "page_size": memmap.page_size,
+            "npages": memmap.npages,
+            "regions": [list(r) for r in memmap.regions],
+            "vcpus": vcpus,
+            "mmio_base": mmio_base,
+        }
         ours.settimeout(timeout)
         try:
+            self._guard(lambda: self.writer.send_json(Kind.HELLO, hello))
+            # The destination builds its VM first: pages sent before it reads would wait in
+            # the socket while the guest runs on, and be sent again.
             self._expect(Kind.READY)
         except BaseException:
             self.close()
@@ -264,7 +260,6 @@ class DestinationProcess:
         state = source.save_state()
         self._guard(lambda: self.writer.send_json(Kind.STATE, state))
         self._guard(self.writer.send_end)
-        self.sock.settimeout(self.timeout)
         digests = self._expect(Kind.DIGESTS).digests
         resumed = time.monotonic()
         lost = source.lost_pages(digests)
