@@ -16,7 +16,7 @@ use pagehint_core::test_utils::{
 use pagehint_core::virtq::{
     Chain, Desc, PackedQueue, QueueError, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE,
     RING_EVENT_FLAGS_ENABLE, Ring, VIRTQ_DESC_F_AVAIL as AVAIL, VIRTQ_DESC_F_INDIRECT as INDIRECT,
-    VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_USED as USED, VIRTQ_DESC_F_WRITE as WRITE,
+    VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_USED as USED, VIRTQ_DESC_F_WRITE as WRITE, Virtqueue,
 };
 use proptest::prelude::*;
 

@@ -11,7 +11,7 @@ use pagehint_core::test_utils::{
 use pagehint_core::virtq::{
     Chain, QueueError, Ring, SplitQueue, VIRTQ_AVAIL_F_NO_INTERRUPT,
     VIRTQ_DESC_F_INDIRECT as INDIRECT, VIRTQ_DESC_F_NEXT as NEXT, VIRTQ_DESC_F_WRITE as WRITE,
-    vring_need_event,
+    Virtqueue, vring_need_event,
 };
 use proptest::prelude::*;
 

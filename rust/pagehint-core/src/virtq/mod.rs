@@ -640,10 +640,20 @@ pub trait Virtqueue {
     /// Checks, changing nothing, that every id of `ids` could be returned now (see
     /// [`SplitQueue::check_used`] and [`PackedQueue::check_used`]).
     fn check_used(&self, ids: &[u16]) -> Result<(), QueueError>;
-    /// Returns every `(id, len)` of `used`, in order, or none of them (see
-    /// [`SplitQueue::add_used_batch`]).
-    fn add_used_batch(&mut self, ram: &GuestRam<'_>, used: &[(u16, u32)])
-    -> Result<(), QueueError>;
+    /// Returns every `(id, len)` of `used`, in order, or none of them: the whole batch is
+    /// checked first ([`check_used`](Self::check_used)), so an id not in flight (or given
+    /// more often than it is) changes nothing. A ring write that fails midway breaks the
+    /// queue, as in [`add_used`](Self::add_used).
+    fn add_used_batch(
+        &mut self,
+        ram: &GuestRam<'_>,
+        used: &[(u16, u32)],
+    ) -> Result<(), QueueError> {
+        let ids: Vec<u16> = used.iter().map(|&(id, _)| id).collect();
+        self.check_used(&ids)?;
+        used.iter()
+            .try_for_each(|&(id, len)| self.add_used(ram, id, len))
+    }
     /// Whether the driver wants an interrupt for what was used since the last decision.
     fn needs_interrupt(&mut self, ram: &GuestRam<'_>) -> bool;
     /// Why the queue stopped, if it did.
@@ -674,13 +684,6 @@ macro_rules! impl_virtqueue {
             }
             fn check_used(&self, ids: &[u16]) -> Result<(), QueueError> {
                 <$q>::check_used(self, ids)
-            }
-            fn add_used_batch(
-                &mut self,
-                ram: &GuestRam<'_>,
-                used: &[(u16, u32)],
-            ) -> Result<(), QueueError> {
-                <$q>::add_used_batch(self, ram, used)
             }
             fn needs_interrupt(&mut self, ram: &GuestRam<'_>) -> bool {
                 <$q>::needs_interrupt(self, ram)

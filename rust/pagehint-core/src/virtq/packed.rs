@@ -613,21 +613,6 @@ impl PackedQueue {
         Ok(())
     }
 
-    /// Returns every `(id, len)` of `used`, in order, or none of them: the whole batch is
-    /// checked first ([`check_used`](Self::check_used)), so a id not in flight (or given
-    /// more often than it is) changes nothing. A ring write that fails midway breaks the
-    /// queue, as in [`add_used`](Self::add_used).
-    pub fn add_used_batch(
-        &mut self,
-        ram: &GuestRam<'_>,
-        used: &[(u16, u32)],
-    ) -> Result<(), QueueError> {
-        let ids: Vec<u16> = used.iter().map(|&(id, _)| id).collect();
-        self.check_used(&ids)?;
-        used.iter()
-            .try_for_each(|&(id, len)| self.add_used(ram, id, len))
-    }
-
     /// Checks, changing nothing, that `ids` could all be returned now, in any order: each below
     /// the queue size, in flight, and given once. The error of a broken queue,
     /// `BufferIdOutOfRange` or `BufferIdNotInFlight` otherwise; an empty batch is always fine.

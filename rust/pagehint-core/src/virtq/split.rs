@@ -483,21 +483,6 @@ impl SplitQueue {
         Ok(())
     }
 
-    /// Returns every `(head, len)` of `used`, in order, or none of them: the whole batch is
-    /// checked first ([`check_used`](Self::check_used)), so a head not in flight (or given
-    /// more often than it is) changes nothing. A ring write that fails midway breaks the
-    /// queue, as in [`add_used`](Self::add_used).
-    pub fn add_used_batch(
-        &mut self,
-        ram: &GuestRam<'_>,
-        used: &[(u16, u32)],
-    ) -> Result<(), QueueError> {
-        let heads: Vec<u16> = used.iter().map(|&(head, _)| head).collect();
-        self.check_used(&heads)?;
-        used.iter()
-            .try_for_each(|&(head, len)| self.add_used(ram, head, len))
-    }
-
     /// Checks, changing nothing, that `heads` could all be returned now, in any order: each
     /// below the queue size and in flight at least as many times as it appears, where heads
     /// this reader did not take count against the elements in flight since the last
