@@ -97,6 +97,7 @@ def _peer(hints: U64Array, starts: U64Array, counts: U64Array, impl: str) -> Pee
             lambda: bm2.clear_ranges(starts, counts),
             bm2.set_all,
             bm2.words,
+            role="floor",  # apply_hints decodes, then does this: its floor, not a competitor
         )
     w = np.full(nwords, ALL_ONES, dtype=np.uint64)
     blocks_view = w.reshape(NBLOCKS, BLOCK_WORDS)

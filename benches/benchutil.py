@@ -101,8 +101,10 @@ class Peer:
 
     ``run`` does the timed work and returns what is compared with pagehint's result; ``reset``
     restores the input state (run before every round, untimed); ``state`` returns the words after
-    ``run`` (for operations that mutate). ``role`` is ``pagehint``, ``peer`` or ``limit`` (a limit
-    does different work on the same bytes and is not checked).
+    ``run`` (for operations that mutate). ``role`` is ``pagehint``, ``peer`` (a competitor,
+    checked against pagehint), ``floor`` (what pagehint's own work cannot go below: pagehint's
+    plainer path or the bare memory accesses; not a competitor) or ``limit`` (a plain memory
+    pass over the same bytes). Floors and limits do other work and are not checked.
     """
 
     label: str
@@ -126,12 +128,12 @@ def check_then_measure(
     words), then times it. ``nbytes`` is the bitmap bytes the operation covers (for GB/s);
     ``report.py`` reads ``impl``, ``role``, ``label`` and ``bytes`` from the JSON's ``extra_info``.
     """
-    if peer.role not in ("pagehint", "peer", "limit"):
+    if peer.role not in ("pagehint", "peer", "floor", "limit"):
         raise ValueError(f"unknown role {peer.role!r}")
     if peer.reset is not None:
         peer.reset()
     result, one_call_s = timed(peer.run)
-    if peer.role != "limit":
+    if peer.role in ("pagehint", "peer"):
         assert_same(impl, result, expected_result)
         if expected_state is not None:
             assert peer.state is not None, f"{impl}: no state to check"

@@ -4,8 +4,10 @@
 Usage, from anywhere (paths are taken relative to this file):
 
     python benches/report.py                  # full run, for the README table (~1.5 min here)
-    python benches/report.py --quick          # CI: informational (~30 s here); or set
+    python benches/report.py --quick          # few rounds (~30 s here); or set
                                               # PAGEHINT_BENCH_QUICK=1
+    python benches/report.py --gate           # CI: full run, then the gate (benches/gate.py,
+                                              # benches/ceilings.toml); exit 3 if it fails
     python benches/report.py --json out.json --markdown out.md   # keep the raw data / tables
     python benches/report.py --from-json out.json                # only re-format
     python benches/report.py -k count -- -x   # a pytest -k filter; args after -- go to pytest
@@ -21,12 +23,15 @@ each round, untimed). Rounds come from a time budget per benchmark, not from
 ``--benchmark-min-rounds``/``--benchmark-max-time`` (pedantic ignores those): full mode gives
 each 2 s and 5 to 60 rounds plus a warm-up round, quick mode 0.25 s and 1 to 5 rounds. Before
 timing, each peer's result (and final bitmap) is checked against pagehint's: a disagreement fails
-the run (exit status != 0). Timings never fail it.
+the run (exit status != 0). Timings fail it only under ``--gate``: pagehint slower than a
+peer of its group, or a ratio over its ceiling, in every attempt (a failed check's groups are
+run again, ``--retries`` times); ratios in one run, never absolute times.
 
 Columns: median time; that time divided by pagehint's in the same group (> 1: slower than
 pagehint); GB/s of bitmap covered (the bitmap's bytes, or the hinted blocks' for clear_ranges,
 per second, whatever else the operation reads or writes). Under each table: pagehint's time
-divided by the limit's (how far pagehint is from a plain memory pass over the same bytes).
+divided by the limit's (how far pagehint is from a plain memory pass over the same bytes) and by
+the floor's where the group has one (what pagehint's own work cannot go below).
 """
 
 from __future__ import annotations
@@ -38,12 +43,19 @@ import shlex
 import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 BENCHES = Path(__file__).resolve().parent
 ROOT = BENCHES.parent
+if __package__ in (None, ""):  # run as a script: make the `benches` package importable
+    sys.path.insert(0, str(ROOT))
+
+from benches import gate  # noqa: E402
+
+CEILINGS = BENCHES / "ceilings.toml"
 QUICK_ENV = "PAGEHINT_BENCH_QUICK"  # read by benches/benchutil.py too
 
 
@@ -62,22 +74,34 @@ def _env_quick() -> bool:
     return os.environ.get(QUICK_ENV, "").strip().lower() not in ("", "0", "false", "no")
 
 
-def run_pytest(json_path: Path, quick: bool, keyword: str | None, extra: list[str]) -> int:
+def run_pytest(
+    json_path: Path,
+    quick: bool,
+    keyword: str | None,
+    extra: list[str],
+    nodes: list[str] | None = None,
+) -> int:
+    """Runs the suite (or only ``nodes``, pytest node ids relative to benches/)."""
+    targets = [f"benches/{n}" for n in nodes] if nodes else ["benches"]
     cmd = [
         sys.executable,
         "-m",
         "pytest",
-        "benches",
+        *targets,
         "-p",
         "no:cacheprovider",
         f"--benchmark-json={json_path}",
     ]
     if quick:
         cmd.append("--pagehint-quick")
-    if keyword:
+    if keyword and not nodes:
         cmd += ["-k", keyword]
     cmd += extra
-    print(f"+ (cd {ROOT} && {shlex.join(['python', *cmd[1:]])})")
+    rest = cmd[3 + len(targets) :]
+    if len(targets) > 3:  # a re-run of many nodes: the first few say which
+        targets = [*targets[:3], f"...{len(targets) - 3} more"]
+    shown = shlex.join(["python", "-m", "pytest", *targets, *rest])
+    print(f"+ (cd {ROOT} && {shown})")
     sys.stdout.flush()
     env = dict(os.environ)
     if quick:
@@ -123,7 +147,7 @@ def fmt_ratio(r: float) -> str:
 
 
 def _order(row: Row) -> tuple[int, float]:
-    return ({"pagehint": 0, "peer": 1, "limit": 2}.get(row.role, 1), row.median_s)
+    return ({"pagehint": 0, "peer": 1, "floor": 2, "limit": 3}.get(row.role, 1), row.median_s)
 
 
 def group_table(group: str, rows: list[Row]) -> tuple[str, dict[str, Any]]:
@@ -153,11 +177,14 @@ def group_table(group: str, rows: list[Row]) -> tuple[str, dict[str, Any]]:
                 summary[prefix] = best.median_s / ph.median_s
         if limit and limit.median_s > 0:
             summary["limit"] = ph.median_s / limit.median_s
-            lines += [
-                "",
-                f"pagehint / limit: {fmt_ratio(ph.median_s / limit.median_s)}"
-                f" (pagehint {fmt_ms(ph.median_s)} ms, limit {fmt_ms(limit.median_s)} ms)",
-            ]
+        refs = [r for r in rows if r.role in ("floor", "limit") and r.median_s > 0]
+        if refs:
+            lines.append("")
+        for ref in refs:
+            lines.append(
+                f"pagehint / {ref.role}: {fmt_ratio(ph.median_s / ref.median_s)}"
+                f" (pagehint {fmt_ms(ph.median_s)} ms, {ref.role} {fmt_ms(ref.median_s)} ms)  "
+            )
     return "\n".join(lines), summary
 
 
@@ -219,6 +246,21 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markdown", type=Path, help="also write the tables to this file")
     ap.add_argument("--from-json", type=Path, help="format this JSON; run nothing")
     ap.add_argument("-k", dest="keyword", help="pytest -k expression selecting benchmarks")
+    ap.add_argument(
+        "--gate",
+        nargs="?",
+        type=Path,
+        const=CEILINGS,
+        metavar="CEILINGS",
+        help="fail (exit 3) when pagehint is slower than a peer or over a ceiling "
+        f"(default file: {CEILINGS.relative_to(ROOT)}); failed checks are run again",
+    )
+    ap.add_argument(
+        "--retries",
+        type=int,
+        default=2,
+        help="times a failed gate check is run again before it counts (default 2)",
+    )
     args, extra = ap.parse_known_args(argv)
     if extra and extra[0] == "--":
         extra = extra[1:]
@@ -244,7 +286,74 @@ def main(argv: list[str] | None = None) -> int:
         args.markdown.write_text(text, encoding="utf-8")
     if status:
         print(f"pytest exit status {status}: see the failures above", file=sys.stderr)
-    return status
+        return status
+    if args.gate is None:
+        return 0
+    rerun = None
+    if not args.from_json:
+
+        def rerun(nodes: list[str], attempt: int) -> dict[str, Any]:
+            path = json_path.parent / f"gate-retry-{attempt}.json"
+            if run_pytest(path, args.quick, None, extra, nodes=nodes):
+                raise gate.GateError("the re-run failed: see above")
+            with path.open(encoding="utf-8") as f:
+                retried: dict[str, Any] = json.load(f)
+            return retried
+
+    return run_gate(args.gate, data, full_run=not args.keyword, retries=args.retries, rerun=rerun)
+
+
+def run_gate(
+    ceilings_path: Path,
+    data: dict[str, Any],
+    *,
+    full_run: bool,
+    retries: int,
+    rerun: Callable[[list[str], int], dict[str, Any]] | None,
+) -> int:
+    """Judges ``data`` against the peers and the ceilings; a failed check's groups are run again
+    (``rerun(nodes, attempt)`` gives the new run's JSON; None: judge ``data`` alone)."""
+    try:
+        ceilings = gate.load_ceilings(ceilings_path)
+        rows = gate.timings(data)
+        missing = gate.missing_groups(rows, ceilings) if full_run else []
+        attempts = [gate.judge(rows, ceilings)]
+        for attempt in range(1, retries + 1 if rerun else 1):
+            failing = [v for v, failed in gate.final(attempts) if failed]
+            if not failing or rerun is None:
+                break
+            print(f"\ngate: {len(failing)} check(s) failed; running their groups again")
+            retried = rerun(gate.nodes_of(rows, {g for v in failing for g in v.groups}), attempt)
+            attempts.append(gate.judge(gate.timings(retried), ceilings))
+    except gate.GateError as e:
+        print(f"gate: {e}", file=sys.stderr)
+        return 1
+    results = gate.final(attempts)
+    print()
+    print(gate_table(results, len(attempts)))
+    for group in missing:
+        print(f"gate: {ceilings_path.name} names a group this run lacks: {group}", file=sys.stderr)
+    failed = sum(failed for _, failed in results)
+    if failed:
+        print(f"gate: {failed} check(s) failed in every attempt", file=sys.stderr)
+        return 3
+    return 1 if missing else 0
+
+
+def gate_table(results: list[tuple[gate.Verdict, bool]], attempts: int) -> str:
+    lines = [
+        f"### Gate ({attempts} attempt(s); the best attempt of each check shown)",
+        "",
+        "| check | ratio | ceiling | verdict | times |",
+        "|---|--:|--:|---|---|",
+    ]
+    for v, failed in results:
+        verdict = "**FAILED**" if failed else ("pass" if v.passed else "pass on re-run")
+        check = v.check.replace("|", "\\|")
+        lines.append(
+            f"| {check} | {fmt_ratio(v.value)} | {fmt_ratio(v.limit)} | {verdict} | {v.detail} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
