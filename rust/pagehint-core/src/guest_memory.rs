@@ -219,12 +219,20 @@ impl RamArea<'_> {
         self.bytes?.get(at..at.checked_add(n)?)
     }
 
-    /// The guest-physical address at `offset`.
-    fn gpa(&self, offset: u64) -> Result<u64, OutsideRam> {
-        self.gpa.checked_add(offset).ok_or(OutsideRam {
+    /// `access` of guest RAM at the address of `offset`: the way of an area that is not one
+    /// run of the buffer, kept out of line so the resolved way stays small enough to inline.
+    #[cold]
+    #[inline(never)]
+    fn by_gpa<T>(
+        &self,
+        offset: u64,
+        access: impl FnOnce(&GuestRam<'_>, u64) -> Result<T, OutsideRam>,
+    ) -> Result<T, OutsideRam> {
+        let gpa = self.gpa.checked_add(offset).ok_or(OutsideRam {
             gpa: self.gpa,
             len: offset,
-        })
+        })?;
+        access(&self.ram, gpa)
     }
 
     /// [`GuestRam::read_u16`] at `offset`.
@@ -232,7 +240,7 @@ impl RamArea<'_> {
     pub fn read_u16(&self, offset: u64) -> Result<u16, OutsideRam> {
         match self.bytes_at(offset, 2) {
             Some(b) => Ok(u16::load_le(b)),
-            None => self.ram.read_u16(self.gpa(offset)?),
+            None => self.by_gpa(offset, |ram, gpa| ram.read_u16(gpa)),
         }
     }
 
@@ -244,7 +252,7 @@ impl RamArea<'_> {
                 v.store_le(b);
                 Ok(())
             }
-            None => self.ram.write_u16(self.gpa(offset)?, v),
+            None => self.by_gpa(offset, |ram, gpa| ram.write_u16(gpa, v)),
         }
     }
 
@@ -259,7 +267,7 @@ impl RamArea<'_> {
                 }
                 Ok(out)
             }
-            None => self.ram.read_u64s(self.gpa(offset)?),
+            None => self.by_gpa(offset, |ram, gpa| ram.read_u64s(gpa)),
         }
     }
 
@@ -277,7 +285,7 @@ impl RamArea<'_> {
                 }
                 Ok(())
             }
-            None => self.ram.write_u32s(self.gpa(offset)?, words),
+            None => self.by_gpa(offset, |ram, gpa| ram.write_u32s(gpa, words)),
         }
     }
 }

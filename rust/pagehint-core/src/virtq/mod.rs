@@ -811,7 +811,12 @@ pub(crate) fn push_buffer(
     if len == 0 {
         return Err(ElementError::ZeroLengthBuffer { addr });
     }
-    if layout.pieces(addr, u64::from(len)).is_none() {
+    // Usually inside one region: one lookup; otherwise checked piece by piece.
+    let end = addr.checked_add(u64::from(len));
+    let in_one_region = layout
+        .region_of(addr)
+        .is_some_and(|r| end.is_some_and(|end| end <= r.end()));
+    if !in_one_region && layout.pieces(addr, u64::from(len)).is_none() {
         return Err(ElementError::BufferOutsideRam { addr, len });
     }
     chain.push(Desc {
