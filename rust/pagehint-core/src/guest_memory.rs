@@ -307,10 +307,14 @@ macro_rules! word {
                 let p = b.as_ptr().cast::<$atomic>();
                 if b.len() == size_of::<Self>() && p.is_aligned() {
                     // SAFETY: `p` points to `b`'s `size_of::<Self>()` bytes, which outlive the
-                    // borrow, aligned for `$atomic`, which has the size of `Self`. Every access
-                    // to guest RAM here is atomic; the guest writes from outside this program
-                    // (hardware makes an aligned access of this size single-copy atomic), so
-                    // the wider access is as race-free as the byte ones.
+                    // borrow, and is aligned for `$atomic`, which has the size of `Self` and
+                    // the in-memory representation of the `AtomicU8`s it covers. The only
+                    // writer racing with it is the guest: a vCPU or another process, outside
+                    // the Rust abstract machine, whose stores the hardware keeps single-copy
+                    // atomic per aligned word (this crate's simulated guest runs on the
+                    // device's thread, so it never races). Rust's model leaves racing atomics
+                    // of mixed sizes undefined; the readers access each ring field with its
+                    // own width only.
                     let word = unsafe { &*p };
                     return <$t>::from_le(word.load(Ordering::Relaxed));
                 }
