@@ -40,17 +40,35 @@ pub enum DrainStop {
 /// returns it to the driver used with length 0 (QEMU's used length for free page hints),
 /// taking at most `max_elements` elements (rejected ones included, so a guest cannot keep the
 /// loop going) or up to the first control element. Rejected elements are counted by the queue
-/// and already returned. Returns how many hint elements were returned used and why it stopped.
+/// and already returned. The used elements are published with one used index write when the
+/// drain stops, as QEMU's `virtqueue_fill`/`virtqueue_flush` do. Returns how many hint elements
+/// were returned used and why it stopped.
 pub fn drain_hints<Q: Virtqueue>(
     queue: &mut Q,
     ram: &GuestRam<'_>,
+    chain: &mut Chain,
+    applier: Option<&mut HintApplier<'_>>,
+    max_elements: usize,
+) -> (usize, DrainStop) {
+    let rings = queue.rings(ram);
+    let (applied, stop) = fill_hints(queue, ram, &rings, chain, applier, max_elements);
+    // A failing write breaks the queue, which records why; the caller sees it there.
+    let _ = queue.flush_used_in(&rings);
+    (applied, stop)
+}
+
+/// [`drain_hints`] up to the used index write.
+fn fill_hints<Q: Virtqueue>(
+    queue: &mut Q,
+    ram: &GuestRam<'_>,
+    rings: &Q::Rings<'_>,
     chain: &mut Chain,
     mut applier: Option<&mut HintApplier<'_>>,
     max_elements: usize,
 ) -> (usize, DrainStop) {
     let mut applied = 0usize;
     for _ in 0..max_elements {
-        let head = match queue.pop(ram, chain) {
+        let head = match queue.pop_in(rings, chain) {
             None => return (applied, DrainStop::Empty),
             Some(Err(_)) => continue,
             Some(Ok(head)) => head,
@@ -68,7 +86,7 @@ pub fn drain_hints<Q: Virtqueue>(
                 applier.add(d.addr, u64::from(d.len));
             }
         }
-        if queue.add_used(ram, head, 0).is_err() {
+        if queue.fill_used_in(rings, head, 0).is_err() {
             // The used ring broke; the queue records why and stops.
             return (applied, DrainStop::Empty);
         }

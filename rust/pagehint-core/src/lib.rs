@@ -43,7 +43,8 @@
 //! between ring fields that §2.7 and §2.8 require. A [`DirtyBitmap`] is `Send + Sync` and
 //! changes only through `&mut`; a queue reader is used by one thread at a time (its methods
 //! take `&mut self`). The `unsafe` code is the bitmap's allocation (`mmap`, `sysinfo`) and `madvise`, a prefetch,
-//! and the calls into `#[target_feature]` kernels, which a [`Kernels`] table allows only
+//! the word-sized atomic view of an aligned ring field in guest RAM, and the calls into
+//! `#[target_feature]` kernels, which a [`Kernels`] table allows only
 //! after checking the CPU; each block states why it is sound.
 //!
 //! # Example: the hint path
@@ -126,7 +127,7 @@ pub use dirty_ring::{
     harvest as harvest_dirty_ring,
 };
 pub use error::{BitmapError, SimdError};
-pub use guest_memory::{GuestRam, OutsideRam};
+pub use guest_memory::{GuestRam, OutsideRam, RamArea};
 pub use hints::{HintApplier, HintOutcome, HintRejects, apply_hints, apply_hints_recording};
 pub use kernels::{Kernels, Level};
 pub use memmap::{MapError, MemoryMap, Region};

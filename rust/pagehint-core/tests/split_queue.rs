@@ -1,6 +1,7 @@
 //! The split virtqueue reader against hand-built rings: every rejection reason, queue breaks,
 //! happy paths (chains, indirect tables, index wrap-around, notifications) and random rings.
 
+use pagehint_core::free_page::{ControlElement, DrainStop, drain_hints};
 use pagehint_core::test_utils::rig::{
     self as guest, DATA, DESC, DEVICE_AREA as USED, DRIVER_AREA as AVAIL, HIGH, HIGH_END, LOW_END,
     TABLE,
@@ -668,4 +669,104 @@ fn pop_batch_keeps_chain_order_out_then_in() {
     assert_eq!(els.desc_len, [4, 8, 4096, 4096]);
     assert_eq!(els.desc_writable, [false, false, true, true]);
     assert_eq!(q.counts().total(), 0);
+}
+
+/// Filled elements are in the used ring at once but reach the driver only with the used index
+/// a flush writes; a drain flushes when it stops, here at a cmd id, with every hint before it.
+#[test]
+fn filled_elements_are_published_by_the_flush_and_by_a_drain_that_stops() {
+    let rig = guest::split(8);
+    for i in 0..3 {
+        rig.desc(i, DATA + 0x1000 * u64::from(i), 4096, WRITE, 0);
+        rig.push(i);
+    }
+    let ram = rig.ram();
+    let mut q = rig.queue(false).expect("queue");
+    let rings = q.rings(&ram);
+    let mut chain = Chain::new();
+    assert_eq!(q.pop_in(&rings, &mut chain), Some(Ok(0)));
+    assert_eq!(q.pop_in(&rings, &mut chain), Some(Ok(1)));
+    q.fill_used_in(&rings, 1, 7).expect("in flight");
+    q.fill_used_in(&rings, 0, 9).expect("in flight");
+    assert_eq!((rig.used(0), rig.used(1)), ((1, 7), (0, 9)));
+    assert_eq!((rig.used_idx(), q.next_used()), (0, 2));
+    q.flush_used_in(&rings).expect("ring");
+    assert_eq!(rig.used_idx(), 2);
+    // A head filled once is no longer in flight: refused, nothing written.
+    assert_eq!(
+        q.fill_used_in(&rings, 0, 1),
+        Err(QueueError::HeadNotInFlight { head: 0 })
+    );
+    assert_eq!((rig.used_idx(), q.next_used()), (2, 2));
+
+    // The drain: one more hint, then a cmd id; both hints used before the drain returns.
+    rig.desc(3, DATA + 0x4000, 4096, WRITE, 0);
+    rig.push(3);
+    rig.desc(4, DATA + 0x5000, 4, 0, 0);
+    rig.push(4);
+    let (applied, stop) = drain_hints(&mut q, &ram, &mut chain, None, 100);
+    assert_eq!(applied, 2);
+    assert!(matches!(
+        stop,
+        DrainStop::Control(ControlElement { head: 4, .. })
+    ));
+    assert_eq!(rig.used_idx(), 4);
+    assert_eq!((rig.used(2), rig.used(3)), ((2, 0), (3, 0)));
+    assert_eq!(q.in_flight(), 1);
+}
+
+/// Rings that cross from one region into another that touches it in guest-physical space
+/// but not in the buffer (the map lists the higher region first) are read and written field
+/// by field through the map, with the same results.
+#[test]
+fn rings_across_touching_regions_work_field_by_field() {
+    // Four 64 KiB regions, listed from the top: each boundary is a jump in the buffer.
+    let mem = TestRam::new(
+        &[
+            (0x3_0000, 0x1_0000),
+            (0x2_0000, 0x1_0000),
+            (0x1_0000, 0x1_0000),
+            (0, 0x1_0000),
+        ],
+        4096,
+    )
+    .expect("map");
+    let ring = pagehint_core::test_utils::SplitRing {
+        size: 4,
+        // Entries 0 and 1 below the boundary, 2 and 3 above.
+        desc: 0x1_0000 - 32,
+        // flags, idx, ring[0] below; ring[1..] and used_event above.
+        avail: 0x2_0000 - 6,
+        // flags, idx, used[0].id below; used[0].len onwards above.
+        used: 0x3_0000 - 8,
+    };
+    let rig = pagehint_core::test_utils::SplitDriver::new(mem, ring);
+    for i in 0..4u16 {
+        rig.desc(
+            i,
+            DATA + 0x1000 * u64::from(i),
+            100 + u32::from(i),
+            WRITE,
+            0,
+        );
+        rig.push(3 - i);
+    }
+    let ram = rig.ram();
+    let mut q = SplitQueue::new(&ram, 4, ring.desc, ring.avail, ring.used, true).expect("queue");
+    let mut chain = Chain::new();
+    for i in 0..4u16 {
+        let head = 3 - i;
+        assert_eq!(q.pop(&ram, &mut chain), Some(Ok(head)));
+        assert_eq!(
+            chain.writable(),
+            [inb(DATA + 0x1000 * u64::from(head), 100 + u32::from(head))]
+        );
+        q.add_used(&ram, head, 1000 + u32::from(head))
+            .expect("in flight");
+        assert_eq!(rig.used(i), (u32::from(head), 1000 + u32::from(head)));
+        assert_eq!(rig.used_idx(), i + 1);
+        assert_eq!(rig.avail_event(), i + 1);
+    }
+    assert_eq!(q.pop(&ram, &mut chain), None);
+    assert!(!q.is_broken());
 }

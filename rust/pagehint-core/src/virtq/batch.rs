@@ -61,8 +61,9 @@ pub fn pop_batch<Q: Virtqueue + ?Sized>(
     max_elements: usize,
 ) -> PoppedElements {
     let mut out = PoppedElements::default();
+    let rings = queue.rings(ram);
     for _ in 0..max_elements {
-        match queue.pop(ram, chain) {
+        match queue.pop_in(&rings, chain) {
             None => break,
             Some(Err(_)) => {}
             Some(Ok(head)) => out.push(head, chain),

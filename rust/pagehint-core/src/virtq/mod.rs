@@ -24,7 +24,7 @@ pub use packed::{
     PackedQueue, RING_EVENT_FLAGS_DESC, RING_EVENT_FLAGS_DISABLE, RING_EVENT_FLAGS_ENABLE,
     VIRTQ_DESC_F_AVAIL, VIRTQ_DESC_F_USED,
 };
-pub use split::SplitQueue;
+pub use split::{SplitQueue, SplitRings};
 
 /// Descriptor flag: the chain goes on at `next` (§2.7.5).
 pub const VIRTQ_DESC_F_NEXT: u16 = 1;
@@ -631,19 +631,54 @@ pub const fn vring_need_event(event: u16, new: u16, old: u16) -> bool {
 /// What a device does with either ring layout: take available elements, return them used,
 /// decide on interrupts. Lets the free page path and the bindings serve split and packed
 /// queues with one piece of code.
+///
+/// A batch of calls (a drain) resolves the queue's rings in guest RAM once
+/// ([`rings`](Self::rings)), then takes and returns elements through them
+/// ([`pop_in`](Self::pop_in), [`fill_used_in`](Self::fill_used_in)) and publishes what it
+/// returned at the end ([`flush_used_in`](Self::flush_used_in)), as QEMU's
+/// `virtqueue_fill`/`virtqueue_flush` do.
 pub trait Virtqueue {
+    /// The rings resolved in one guest RAM: [`SplitRings`] for a split
+    /// queue; the RAM itself for a packed one.
+    type Rings<'a>;
+    /// Resolves the rings in `ram`; buffers are checked against `ram`'s memory map.
+    fn rings<'a>(&self, ram: &GuestRam<'a>) -> Self::Rings<'a>;
     /// Takes the next available element (see [`SplitQueue::pop`]); for a packed queue the
     /// returned id is the buffer id.
-    fn pop(&mut self, ram: &GuestRam<'_>, chain: &mut Chain) -> Option<Result<u16, ElementError>>;
-    /// Returns element `id` with `len` bytes written.
-    fn add_used(&mut self, ram: &GuestRam<'_>, id: u16, len: u32) -> Result<(), QueueError>;
+    fn pop_in(
+        &mut self,
+        rings: &Self::Rings<'_>,
+        chain: &mut Chain,
+    ) -> Option<Result<u16, ElementError>>;
+    /// Returns element `id` with `len` bytes written, like [`add_used`](Self::add_used), but
+    /// the driver need not see it before the next [`flush_used_in`](Self::flush_used_in).
+    fn fill_used_in(
+        &mut self,
+        rings: &Self::Rings<'_>,
+        id: u16,
+        len: u32,
+    ) -> Result<(), QueueError>;
+    /// Publishes every element filled since the last flush; call it before handing control
+    /// back after any [`fill_used_in`](Self::fill_used_in).
+    fn flush_used_in(&mut self, rings: &Self::Rings<'_>) -> Result<(), QueueError>;
+    /// Takes the next available element (see [`pop_in`](Self::pop_in)).
+    fn pop(&mut self, ram: &GuestRam<'_>, chain: &mut Chain) -> Option<Result<u16, ElementError>> {
+        let rings = self.rings(ram);
+        self.pop_in(&rings, chain)
+    }
+    /// Returns element `id` with `len` bytes written, published at once.
+    fn add_used(&mut self, ram: &GuestRam<'_>, id: u16, len: u32) -> Result<(), QueueError> {
+        let rings = self.rings(ram);
+        self.fill_used_in(&rings, id, len)?;
+        self.flush_used_in(&rings)
+    }
     /// Checks, changing nothing, that every id of `ids` could be returned now (see
     /// [`SplitQueue::check_used`] and [`PackedQueue::check_used`]).
     fn check_used(&self, ids: &[u16]) -> Result<(), QueueError>;
     /// Returns every `(id, len)` of `used`, in order, or none of them: the whole batch is
     /// checked first ([`check_used`](Self::check_used)), so an id not in flight (or given
     /// more often than it is) changes nothing. A ring write that fails midway breaks the
-    /// queue, as in [`add_used`](Self::add_used).
+    /// queue, as in [`add_used`](Self::add_used); what was written before it is published.
     fn add_used_batch(
         &mut self,
         ram: &GuestRam<'_>,
@@ -651,8 +686,12 @@ pub trait Virtqueue {
     ) -> Result<(), QueueError> {
         let ids: Vec<u16> = used.iter().map(|&(id, _)| id).collect();
         self.check_used(&ids)?;
-        used.iter()
-            .try_for_each(|&(id, len)| self.add_used(ram, id, len))
+        let rings = self.rings(ram);
+        let filled = used
+            .iter()
+            .try_for_each(|&(id, len)| self.fill_used_in(&rings, id, len));
+        let flushed = self.flush_used_in(&rings);
+        filled.and(flushed)
     }
     /// Whether the driver wants an interrupt for what was used since the last decision.
     fn needs_interrupt(&mut self, ram: &GuestRam<'_>) -> bool;
@@ -664,45 +703,75 @@ pub trait Virtqueue {
     fn size(&self) -> u16;
 }
 
-macro_rules! impl_virtqueue {
+/// The methods both layouts implement alike, by their inherent ones.
+macro_rules! impl_virtqueue_common {
     ($q:ty) => {
-        impl Virtqueue for $q {
-            fn pop(
-                &mut self,
-                ram: &GuestRam<'_>,
-                chain: &mut Chain,
-            ) -> Option<Result<u16, ElementError>> {
-                <$q>::pop(self, ram, chain)
-            }
-            fn add_used(
-                &mut self,
-                ram: &GuestRam<'_>,
-                id: u16,
-                len: u32,
-            ) -> Result<(), QueueError> {
-                <$q>::add_used(self, ram, id, len)
-            }
-            fn check_used(&self, ids: &[u16]) -> Result<(), QueueError> {
-                <$q>::check_used(self, ids)
-            }
-            fn needs_interrupt(&mut self, ram: &GuestRam<'_>) -> bool {
-                <$q>::needs_interrupt(self, ram)
-            }
-            fn error(&self) -> Option<&QueueError> {
-                <$q>::error(self)
-            }
-            fn counts(&self) -> &RejectCounts {
-                <$q>::counts(self)
-            }
-            fn size(&self) -> u16 {
-                <$q>::size(self)
-            }
+        fn check_used(&self, ids: &[u16]) -> Result<(), QueueError> {
+            <$q>::check_used(self, ids)
+        }
+        fn needs_interrupt(&mut self, ram: &GuestRam<'_>) -> bool {
+            <$q>::needs_interrupt(self, ram)
+        }
+        fn error(&self) -> Option<&QueueError> {
+            <$q>::error(self)
+        }
+        fn counts(&self) -> &RejectCounts {
+            <$q>::counts(self)
+        }
+        fn size(&self) -> u16 {
+            <$q>::size(self)
         }
     };
 }
 
-impl_virtqueue!(SplitQueue);
-impl_virtqueue!(PackedQueue);
+impl Virtqueue for SplitQueue {
+    type Rings<'a> = split::SplitRings<'a>;
+    fn rings<'a>(&self, ram: &GuestRam<'a>) -> Self::Rings<'a> {
+        Self::rings(self, ram)
+    }
+    fn pop_in(
+        &mut self,
+        rings: &Self::Rings<'_>,
+        chain: &mut Chain,
+    ) -> Option<Result<u16, ElementError>> {
+        Self::pop_in(self, rings, chain)
+    }
+    fn fill_used_in(
+        &mut self,
+        rings: &Self::Rings<'_>,
+        id: u16,
+        len: u32,
+    ) -> Result<(), QueueError> {
+        Self::fill_used_in(self, rings, id, len)
+    }
+    fn flush_used_in(&mut self, rings: &Self::Rings<'_>) -> Result<(), QueueError> {
+        Self::flush_used_in(self, rings)
+    }
+    impl_virtqueue_common!(SplitQueue);
+}
+
+/// The packed ring publishes each used element by its own flags write, so filling is
+/// returning and there is nothing to flush.
+impl Virtqueue for PackedQueue {
+    type Rings<'a> = GuestRam<'a>;
+    fn rings<'a>(&self, ram: &GuestRam<'a>) -> Self::Rings<'a> {
+        *ram
+    }
+    fn pop_in(
+        &mut self,
+        ram: &Self::Rings<'_>,
+        chain: &mut Chain,
+    ) -> Option<Result<u16, ElementError>> {
+        Self::pop(self, ram, chain)
+    }
+    fn fill_used_in(&mut self, ram: &Self::Rings<'_>, id: u16, len: u32) -> Result<(), QueueError> {
+        Self::add_used(self, ram, id, len)
+    }
+    fn flush_used_in(&mut self, _ram: &Self::Rings<'_>) -> Result<(), QueueError> {
+        Ok(())
+    }
+    impl_virtqueue_common!(PackedQueue);
+}
 
 /// The rules for a descriptor that points to an indirect table, shared by both layouts
 /// (§2.7.5.3 and §2.8 "Indirect Flag"): a non-empty whole number of 16-byte entries, no more
@@ -742,7 +811,12 @@ pub(crate) fn push_buffer(
     if len == 0 {
         return Err(ElementError::ZeroLengthBuffer { addr });
     }
-    if layout.pieces(addr, u64::from(len)).is_none() {
+    // Usually inside one region: one lookup; otherwise checked piece by piece.
+    let end = addr.checked_add(u64::from(len));
+    let in_one_region = layout
+        .region_of(addr)
+        .is_some_and(|r| end.is_some_and(|end| end <= r.end()));
+    if !in_one_region && layout.pieces(addr, u64::from(len)).is_none() {
         return Err(ElementError::BufferOutsideRam { addr, len });
     }
     chain.push(Desc {

@@ -30,6 +30,12 @@
 //!   lengths to fit 32 bits.
 //! - Device-readable buffers must come before device-writable ones (§2.7.4.2).
 //!
+//! A batch of calls (a drain) resolves the three rings to their bytes in the host buffer once
+//! ([`SplitQueue::rings`]), so a ring field costs a bounds check and one load or store of its
+//! width; it writes each used element as it is returned and publishes them all with one Release
+//! fence and used index write at the end ([`SplitQueue::flush_used_in`]), as QEMU's
+//! `virtqueue_fill`/`virtqueue_flush` do. Single calls (`pop`, `add_used`) do both each time.
+//!
 //! Queue faults (see [`QueueError`]) stop the queue: a head index at or past the queue size
 //! (QEMU `virtqueue_get_head`), an available index more than `size` ahead (QEMU
 //! `virtqueue_num_heads`), or a ring access that fails.
@@ -47,8 +53,20 @@ use super::{
     VIRTQ_AVAIL_F_NO_INTERRUPT, VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE,
     check_indirect_table, push_buffer, vring_need_event,
 };
-use crate::guest_memory::GuestRam;
+use crate::guest_memory::{GuestRam, RamArea};
 use crate::memmap::MemoryMap;
+
+/// A split queue's three rings in one guest RAM, resolved once ([`GuestRam::area`]) for a
+/// batch of elements taken and returned, and the memory map buffers are checked against.
+/// Made by [`SplitQueue::rings`]; it reads nothing by itself.
+#[derive(Debug, Clone, Copy)]
+pub struct SplitRings<'a> {
+    ram: GuestRam<'a>,
+    layout: &'a MemoryMap,
+    desc: RamArea<'a>,
+    avail: RamArea<'a>,
+    used: RamArea<'a>,
+}
 
 /// A descriptor as read from guest memory, before any check.
 #[derive(Debug, Clone, Copy)]
@@ -60,32 +78,17 @@ struct RawDesc {
 }
 
 impl RawDesc {
-    fn read(ram: &GuestRam<'_>, gpa: u64) -> Option<Self> {
-        let mut b = [0u8; 16];
-        ram.read(gpa, &mut b).ok()?;
-        let [
-            a0,
-            a1,
-            a2,
-            a3,
-            a4,
-            a5,
-            a6,
-            a7,
-            l0,
-            l1,
-            l2,
-            l3,
-            f0,
-            f1,
-            n0,
-            n1,
-        ] = b;
+    /// Reads descriptor `index` of `table` as two little-endian words (one load each when
+    /// aligned, as the descriptor table always is).
+    fn read(table: &RamArea<'_>, index: u32) -> Option<Self> {
+        let [addr, rest] = table.read_u64s::<2>(DESC_SIZE * u64::from(index)).ok()?;
+        // The fields of the second word, by their byte offsets 8, 12 and 14.
+        #[allow(clippy::cast_possible_truncation)]
         Some(Self {
-            addr: u64::from_le_bytes([a0, a1, a2, a3, a4, a5, a6, a7]),
-            len: u32::from_le_bytes([l0, l1, l2, l3]),
-            flags: u16::from_le_bytes([f0, f1]),
-            next: u16::from_le_bytes([n0, n1]),
+            addr,
+            len: rest as u32,
+            flags: (rest >> 32) as u16,
+            next: (rest >> 48) as u16,
         })
     }
 }
@@ -116,6 +119,8 @@ pub struct SplitQueue {
     shadow_avail: u16,
     /// Next used-ring index to write.
     next_used: u16,
+    /// Whether used elements were written after the last used index write.
+    used_unpublished: bool,
     /// Used index at the last interrupt decision, if any (QEMU's `signalled_used`).
     signalled_used: Option<u16>,
     /// How many times each head was taken and not yet returned; `size` entries. (A driver
@@ -182,6 +187,7 @@ impl SplitQueue {
             last_avail: 0,
             shadow_avail: 0,
             next_used: 0,
+            used_unpublished: false,
             signalled_used: None,
             in_flight: vec![0; usize::from(size)],
             known_in_flight: 0,
@@ -250,7 +256,8 @@ impl SplitQueue {
     /// The `last_avail - next_used` elements in flight then were taken before, by a reader
     /// whose heads this one cannot know (the device that took them knows): until they are
     /// returned, [`add_used`](Self::add_used) accepts that many heads it did not take itself,
-    /// as QEMU trusts a loaded device (`vq->inuse`).
+    /// as QEMU trusts a loaded device (`vq->inuse`). Elements filled and not yet flushed
+    /// ([`fill_used_in`](Self::fill_used_in)) stay unpublished: flush first.
     pub fn set_indices(&mut self, last_avail: u16, next_used: u16) -> Result<(), QueueError> {
         if last_avail.wrapping_sub(next_used) > self.size {
             return Err(QueueError::IndicesInconsistent {
@@ -262,6 +269,7 @@ impl SplitQueue {
         self.last_avail = last_avail;
         self.shadow_avail = last_avail;
         self.next_used = next_used;
+        self.used_unpublished = false;
         self.signalled_used = None;
         self.in_flight.fill(0);
         self.known_in_flight = 0;
@@ -293,6 +301,30 @@ impl SplitQueue {
         QueueError::RingOutsideRam { ring, gpa, len }
     }
 
+    /// The rings in `ram`, resolved for many calls of [`pop_in`](Self::pop_in),
+    /// [`fill_used_in`](Self::fill_used_in) and [`flush_used_in`](Self::flush_used_in), with
+    /// buffers checked against `ram`'s memory map.
+    pub fn rings<'a>(&self, ram: &GuestRam<'a>) -> SplitRings<'a> {
+        self.rings_with_layout(ram, ram.map())
+    }
+
+    /// [`rings`](Self::rings), with buffers checked against `layout` (see
+    /// [`pop_with_layout`](Self::pop_with_layout)).
+    pub fn rings_with_layout<'a>(
+        &self,
+        ram: &GuestRam<'a>,
+        layout: &'a MemoryMap,
+    ) -> SplitRings<'a> {
+        let n = u64::from(self.size);
+        SplitRings {
+            ram: *ram,
+            layout,
+            desc: ram.area(self.desc_gpa, DESC_SIZE * n),
+            avail: ram.area(self.avail_gpa, 6 + 2 * n),
+            used: ram.area(self.used_gpa, 6 + 8 * n),
+        }
+    }
+
     /// Takes the next available element, checking its buffers against `ram`'s memory map.
     /// See [`pop_with_layout`](Self::pop_with_layout).
     pub fn pop(
@@ -300,7 +332,7 @@ impl SplitQueue {
         ram: &GuestRam<'_>,
         chain: &mut Chain,
     ) -> Option<Result<u16, ElementError>> {
-        self.pop_with_layout(ram, ram.map(), chain)
+        self.pop_in(&self.rings(ram), chain)
     }
 
     /// Takes the next available element: reads the rings and descriptor tables through
@@ -321,11 +353,20 @@ impl SplitQueue {
         layout: &MemoryMap,
         chain: &mut Chain,
     ) -> Option<Result<u16, ElementError>> {
+        self.pop_in(&self.rings_with_layout(ram, layout), chain)
+    }
+
+    /// [`pop_with_layout`](Self::pop_with_layout) through rings already resolved.
+    pub fn pop_in(
+        &mut self,
+        rings: &SplitRings<'_>,
+        chain: &mut Chain,
+    ) -> Option<Result<u16, ElementError>> {
         if self.error.is_some() {
             return None;
         }
         if self.last_avail == self.shadow_avail {
-            let Ok(avail_idx) = ram.read_u16(self.avail_gpa + 2) else {
+            let Ok(avail_idx) = rings.avail.read_u16(2) else {
                 return self.fail(self.ring_error(Ring::Avail));
             };
             let pending = avail_idx.wrapping_sub(self.last_avail);
@@ -345,7 +386,7 @@ impl SplitQueue {
             fence(Ordering::Acquire);
         }
         let slot = u64::from(self.last_avail & (self.size - 1));
-        let Ok(head) = ram.read_u16(self.avail_gpa + 4 + 2 * slot) else {
+        let Ok(head) = rings.avail.read_u16(4 + 2 * slot) else {
             return self.fail(self.ring_error(Ring::Avail));
         };
         if head >= self.size {
@@ -357,12 +398,12 @@ impl SplitQueue {
         }
         self.last_avail = self.last_avail.wrapping_add(1);
         if self.event_idx {
-            let at = self.used_gpa + 4 + 8 * u64::from(self.size);
-            if ram.write_u16(at, self.last_avail).is_err() {
+            let avail_event = 4 + 8 * u64::from(self.size);
+            if rings.used.write_u16(avail_event, self.last_avail).is_err() {
                 return self.fail(self.ring_error(Ring::Used));
             }
         }
-        match self.read_chain(ram, layout, head, chain) {
+        match self.read_chain(rings, head, chain) {
             Ok(()) => {
                 let taken = &mut self.in_flight[usize::from(head)];
                 *taken = taken.saturating_add(1);
@@ -371,7 +412,7 @@ impl SplitQueue {
             }
             Err(Fault::Element(e)) => {
                 self.counts.record(&e);
-                if let Err(q) = self.push_used(ram, head, 0) {
+                if let Err(q) = self.push_used(rings, head, 0) {
                     return self.fail(q);
                 }
                 Some(Err(e))
@@ -383,16 +424,16 @@ impl SplitQueue {
     /// Walks the chain at `head` (< size) into `chain`, checking every step.
     fn read_chain(
         &self,
-        ram: &GuestRam<'_>,
-        layout: &MemoryMap,
+        rings: &SplitRings<'_>,
         head: u16,
         chain: &mut Chain,
     ) -> Result<(), Fault> {
         chain.clear();
         let size = u32::from(self.size);
-        let mut table = self.desc_gpa;
+        let mut table = rings.desc;
         let mut entries = size;
-        let mut indirect = false;
+        // The indirect table's address, once the chain has entered one.
+        let mut indirect = None;
         let mut index = u32::from(head);
         let mut steps = 0u32;
         loop {
@@ -400,36 +441,33 @@ impl SplitQueue {
             if steps > entries {
                 return Err(ElementError::ChainTooLong { limit: entries }.into());
             }
-            // index < entries and the table lies in RAM, so this cannot overflow.
-            let at = table + DESC_SIZE * u64::from(index);
-            let Some(d) = RawDesc::read(ram, at) else {
-                return Err(if indirect {
+            let Some(d) = RawDesc::read(&table, index) else {
+                return Err(match indirect {
                     // Unreachable while the map is unchanged: the table was checked.
-                    Fault::Element(ElementError::IndirectOutsideRam {
-                        addr: table,
+                    Some(addr) => Fault::Element(ElementError::IndirectOutsideRam {
+                        addr,
                         len: entries * 16,
-                    })
-                } else {
-                    Fault::Queue(self.ring_error(Ring::Desc))
+                    }),
+                    None => Fault::Queue(self.ring_error(Ring::Desc)),
                 });
             };
             if d.flags & VIRTQ_DESC_F_INDIRECT != 0 {
-                if indirect {
+                if indirect.is_some() {
                     return Err(ElementError::NestedIndirect.into());
                 }
                 if d.flags & VIRTQ_DESC_F_NEXT != 0 {
                     return Err(ElementError::IndirectWithNext.into());
                 }
-                let n = check_indirect_table(ram, d.addr, d.len, self.size)?;
-                table = d.addr;
+                let n = check_indirect_table(&rings.ram, d.addr, d.len, self.size)?;
+                table = rings.ram.area(d.addr, u64::from(d.len));
                 entries = n;
-                indirect = true;
+                indirect = Some(d.addr);
                 index = 0;
                 steps = 0;
                 continue;
             }
             push_buffer(
-                layout,
+                rings.layout,
                 chain,
                 d.addr,
                 d.len,
@@ -449,20 +487,44 @@ impl SplitQueue {
         }
     }
 
-    /// Writes the used element, then (Release) the used index.
-    fn push_used(&mut self, ram: &GuestRam<'_>, head: u16, len: u32) -> Result<(), QueueError> {
+    /// Writes the used element at `next_used` and moves past it, without publishing it
+    /// (QEMU's `virtqueue_fill`): the driver sees it at the next [`publish_used`](Self::publish_used).
+    fn write_used_elem(
+        &mut self,
+        rings: &SplitRings<'_>,
+        head: u16,
+        len: u32,
+    ) -> Result<(), QueueError> {
         let slot = u64::from(self.next_used & (self.size - 1));
-        let mut elem = [0u8; 8];
-        elem[..4].copy_from_slice(&u32::from(head).to_le_bytes());
-        elem[4..].copy_from_slice(&len.to_le_bytes());
-        ram.write(self.used_gpa + 4 + 8 * slot, &elem)
+        // `{id: le32, len: le32}`: 4-aligned, as the used ring is.
+        rings
+            .used
+            .write_u32s(4 + 8 * slot, [u32::from(head), len])
             .map_err(|_| self.ring_error(Ring::Used))?;
-        // The element must be visible before the index that publishes it.
+        self.next_used = self.next_used.wrapping_add(1);
+        self.used_unpublished = true;
+        Ok(())
+    }
+
+    /// Writes the used element, then publishes it with the used index.
+    fn push_used(&mut self, rings: &SplitRings<'_>, head: u16, len: u32) -> Result<(), QueueError> {
+        self.write_used_elem(rings, head, len)?;
+        self.publish_used(rings)
+    }
+
+    /// Publishes every used element written since the last publication: a Release fence, then
+    /// the used index (QEMU's `virtqueue_flush`). Nothing to publish writes nothing.
+    fn publish_used(&mut self, rings: &SplitRings<'_>) -> Result<(), QueueError> {
+        if !self.used_unpublished {
+            return Ok(());
+        }
+        // The elements must be visible before the index that publishes them.
         fence(Ordering::Release);
-        let next = self.next_used.wrapping_add(1);
-        ram.write_u16(self.used_gpa + 2, next)
+        rings
+            .used
+            .write_u16(2, self.next_used)
             .map_err(|_| self.ring_error(Ring::Used))?;
-        self.next_used = next;
+        self.used_unpublished = false;
         Ok(())
     }
 
@@ -471,8 +533,23 @@ impl SplitQueue {
     /// or past the queue size or not in flight (see [`check_used`](Self::check_used)), and
     /// does nothing on a broken queue; a failing ring write breaks the queue.
     pub fn add_used(&mut self, ram: &GuestRam<'_>, head: u16, len: u32) -> Result<(), QueueError> {
+        let rings = self.rings(ram);
+        self.fill_used_in(&rings, head, len)?;
+        self.flush_used_in(&rings)
+    }
+
+    /// [`add_used`](Self::add_used) without the used index (QEMU's `virtqueue_fill`): the
+    /// element is written, but the driver need not see it before
+    /// [`flush_used_in`](Self::flush_used_in) publishes every element filled so far with one
+    /// index write. (Taking a rejected element publishes them too.)
+    pub fn fill_used_in(
+        &mut self,
+        rings: &SplitRings<'_>,
+        head: u16,
+        len: u32,
+    ) -> Result<(), QueueError> {
         self.check_used(&[head])?;
-        self.push_used(ram, head, len).inspect_err(|&e| {
+        self.write_used_elem(rings, head, len).inspect_err(|&e| {
             self.error = Some(e);
         })?;
         let taken = &mut self.in_flight[usize::from(head)];
@@ -481,6 +558,16 @@ impl SplitQueue {
             self.known_in_flight -= 1;
         }
         Ok(())
+    }
+
+    /// Publishes the elements filled since the last publication
+    /// ([`fill_used_in`](Self::fill_used_in)): a Release fence, then one used index write
+    /// (QEMU's `virtqueue_flush`). Runs on a broken queue too, so elements filled before it
+    /// broke still reach the driver; a failing write breaks the queue.
+    pub fn flush_used_in(&mut self, rings: &SplitRings<'_>) -> Result<(), QueueError> {
+        self.publish_used(rings).inspect_err(|&e| {
+            self.error = Some(e);
+        })
     }
 
     /// Checks, changing nothing, that `heads` could all be returned now, in any order: each
