@@ -11,7 +11,8 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockE
 use numpy::PyArray1;
 use numpy::ndarray::ArrayView1;
 use pagehint_core::{
-    BitmapError, DirtyBitmap, DirtyRing, IMAGE_CHUNK_WORDS, SlotTable, advise_huge_pages,
+    BitmapError, DirtyBitmap, DirtyRing, IMAGE_CHUNK_WORDS, SlotTable, TAKE_SPARE,
+    advise_huge_pages,
 };
 
 /// From how many pages on `take_dirty` sizes its result exactly before taking.
@@ -409,7 +410,8 @@ impl PyDirtyBitmap {
                 } else {
                     max
                 };
-                let mut out = Vec::with_capacity(want);
+                // The kernel decodes whole vectors and wants TAKE_SPARE slots past the last page.
+                let mut out = Vec::with_capacity(want.saturating_add(TAKE_SPARE));
                 advise_huge_pages(out.spare_capacity_mut());
                 bm.take_dirty(max, start, &mut out).map(|_| out)
             })
