@@ -208,20 +208,24 @@ pub const TAKE_SPARE: usize = 64;
 pub trait DecodeWord: Copy {
     /// Writes `base + b` for every set bit `b` of `w`, ascending, to `dst[..w.count_ones()]` and
     /// returns `w.count_ones()`. `dst` holds at least [`TAKE_SPARE`] slots, all of which may be
-    /// written.
-    fn decode(self, w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize;
+    /// written. `DENSE` says the block averages [`DENSE_WORD`] pages a word or more, so a
+    /// decoder may do more work up front to branch less.
+    fn decode<const DENSE: bool>(self, w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize;
 }
 
-/// The portable decoder: the first 8 pages of a word without a data-dependent branch (most words
-/// have at most 8 at the densities a migration sees), then a bit at a time.
+/// Pages per word from which a block counts as dense for [`DecodeWord::decode`].
+pub const DENSE_WORD: usize = 4;
+
+/// The portable decoder: the first 4 pages of a word (8 in a dense block) without a
+/// data-dependent branch, then a bit at a time.
 #[derive(Debug, Clone, Copy)]
 pub struct ScalarDecode;
 
 impl DecodeWord for ScalarDecode {
     #[inline(always)]
-    fn decode(self, w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize {
+    fn decode<const DENSE: bool>(self, w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize {
         let mut bits = w;
-        let (first, rest) = dst.split_at_mut(8);
+        let (first, rest) = dst.split_at_mut(if DENSE { 8 } else { 4 });
         for slot in first {
             // Past the last set bit this writes `base + 64`, a slot the caller does not keep.
             slot.write(base + u64::from(bits.trailing_zeros()));
@@ -363,8 +367,14 @@ fn take_block<D: DecodeWord>(
             }
         }
     } else {
-        for (i, &w) in block.iter().enumerate() {
-            at += decode.decode(w, base + i as u64 * WORD_BITS, &mut dst[at..]);
+        if n >= DENSE_WORD * block.len() {
+            for (i, &w) in block.iter().enumerate() {
+                at += decode.decode::<true>(w, base + i as u64 * WORD_BITS, &mut dst[at..]);
+            }
+        } else {
+            for (i, &w) in block.iter().enumerate() {
+                at += decode.decode::<false>(w, base + i as u64 * WORD_BITS, &mut dst[at..]);
+            }
         }
         block.fill(0);
     }

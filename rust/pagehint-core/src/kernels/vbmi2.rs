@@ -1,6 +1,7 @@
 //! The AVX-512 VBMI2 word decoder for `take`: `vpcompressb` packs the indices of a word's set
 //! bits into bytes under the word itself as mask, and each 8 of them widen to 8 pfns in one
-//! store, so a word costs the same whatever its pages and no branch depends on them (up to 16).
+//! store, so a word costs the same whatever its pages and no branch depends on them (up to 8,
+//! or 16 in a dense block).
 
 use std::arch::x86_64::{
     __m512i, _mm_loadl_epi64, _mm512_add_epi64, _mm512_cvtepu8_epi64, _mm512_maskz_compress_epi8,
@@ -39,15 +40,15 @@ impl Vbmi2Decode {
 
 impl DecodeWord for Vbmi2Decode {
     #[inline(always)]
-    fn decode(self, w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize {
+    fn decode<const DENSE: bool>(self, w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize {
         // SAFETY: `self` exists only on a CPU with AVX-512 F/BW and VBMI2 (see `new`).
-        unsafe { decode(w, base, dst) }
+        unsafe { decode::<DENSE>(w, base, dst) }
     }
 }
 
 #[target_feature(enable = "avx512f,avx512bw,avx512vbmi2")]
 #[inline]
-fn decode(w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize {
+fn decode<const DENSE: bool>(w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize {
     let n = w.count_ones() as usize;
     let dst = &mut dst[..TAKE_SPARE];
     // SAFETY: `INDICES` is 64 readable bytes; the load has no alignment requirement.
@@ -57,8 +58,9 @@ fn decode(w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize {
     // SAFETY: `bytes` is 64 writable bytes; the store has no alignment requirement.
     unsafe { _mm512_storeu_epi8(bytes.as_mut_ptr().cast::<i8>(), packed) };
     let base = _mm512_set1_epi64(base.cast_signed());
-    // Two groups of 8 always (16 slots of the 64 in `dst`), more only for the rare fuller word.
-    let groups = n.div_ceil(8).max(2);
+    // One group of 8 always (two in a dense block: 16 slots of the 64 in `dst`), more only for
+    // the rarer fuller word.
+    let groups = n.div_ceil(8).max(if DENSE { 2 } else { 1 });
     for g in 0..groups {
         let (src, slots) = (&bytes[8 * g..8 * g + 8], &mut dst[8 * g..8 * g + 8]);
         // SAFETY: `src` is 8 readable bytes; the load has no alignment requirement.
