@@ -205,7 +205,11 @@ const TAKE_BLOCK: usize = 64;
 pub const TAKE_SPARE: usize = 64;
 
 /// Turns one word's set bits into pfns.
-pub trait DecodeWord: Copy {
+///
+/// # Safety
+/// `take` marks the slots as initialised on the strength of `decode`'s count: an implementation
+/// must write every slot it counts, as documented on `decode`.
+pub unsafe trait DecodeWord: Copy {
     /// Writes `base + b` for every set bit `b` of `w`, ascending, to `dst[..w.count_ones()]` and
     /// returns `w.count_ones()`. `dst` holds at least [`TAKE_SPARE`] slots, all of which may be
     /// written. `DENSE` says the block averages [`DENSE_WORD`] pages a word or more, so a
@@ -221,7 +225,9 @@ pub const DENSE_WORD: usize = 4;
 #[derive(Debug, Clone, Copy)]
 pub struct ScalarDecode;
 
-impl DecodeWord for ScalarDecode {
+// SAFETY: `decode` writes the first 4 or 8 slots, then one more for each set bit left, so
+// `dst[..w.count_ones()]` at least, and returns `w.count_ones()`.
+unsafe impl DecodeWord for ScalarDecode {
     #[inline(always)]
     fn decode<const DENSE: bool>(self, w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize {
         let mut bits = w;
@@ -378,9 +384,10 @@ fn take_block<D: DecodeWord>(
         }
         block.fill(0);
     }
-    // A decoder that miscounted would leave slots unwritten: refuse rather than expose them.
+    // The words' count cannot change under `&mut`, so this holds; checked, as `set_len` trusts it.
     assert_eq!(at, n, "take: decoded pages disagree with the block's count");
     // SAFETY: `dst[..n]` (the `n` slots after `len`, inside the capacity reserved above) were
-    // all written: `at` counts the slots written contiguously from 0, and it equals `n`.
+    // all written: each word's pages went to the slots from `at` on, as many as `at` then
+    // advanced by (the loop above, or `DecodeWord`'s contract), and `at` ended at `n`.
     unsafe { out.set_len(len + n) };
 }

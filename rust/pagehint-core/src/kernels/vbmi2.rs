@@ -38,7 +38,9 @@ impl Vbmi2Decode {
     }
 }
 
-impl DecodeWord for Vbmi2Decode {
+// SAFETY: `decode` stores whole groups of 8 slots from `dst[0]`, at least `ceil(n / 8)` of them
+// for the `n` set bits it returns, so `dst[..n]` at least is written.
+unsafe impl DecodeWord for Vbmi2Decode {
     #[inline(always)]
     fn decode<const DENSE: bool>(self, w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize {
         // SAFETY: `self` exists only on a CPU with AVX-512 F/BW and VBMI2 (see `new`).
