@@ -197,8 +197,13 @@ fn prefetch_write(words: &[u64], index: usize) {
 }
 
 /// Words per block of `take`: a block's pages are counted first, and a block that fits in what
-/// may still be taken is decoded without a check per page (4 KiB of output at most).
+/// may still be taken is decoded without a check per page (32 KiB of output at most). 32-word
+/// blocks measured slower; more than 64 would not fit the sparse path's mask of words.
 const TAKE_BLOCK: usize = 64;
+const _: () = assert!(
+    TAKE_BLOCK <= 64,
+    "take_block's mask of non-zero words is a u64"
+);
 
 /// Output slots a [`DecodeWord`] may write past the pages it returns (one word's worth), so that
 /// decoders store whole vectors. `take` reserves them in `out`, beyond its length.
