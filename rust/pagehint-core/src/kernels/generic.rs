@@ -205,8 +205,8 @@ const _: () = assert!(
     "take_block's mask of non-zero words is a u64"
 );
 
-/// Output slots a [`DecodeWord`] may write past the pages it returns (one word's worth), so that
-/// decoders store whole vectors. `take` reserves them in `out`, beyond its length.
+/// Output slots `take` may write past the pages it keeps (one word's worth), so that its word
+/// decoders store whole vectors; it reserves them in `out`, beyond its length.
 pub const TAKE_SPARE: usize = 64;
 
 /// Turns one word's set bits into pfns.

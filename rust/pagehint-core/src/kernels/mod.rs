@@ -4,6 +4,9 @@
 //! Each level is the same source compiled under different target features; the level is chosen
 //! once (CPU detection, or `PAGEHINT_SIMD`) and cached as a table of function pointers, the way
 //! memchr caches its choice. Every level stays callable for tests that compare it with scalar.
+//!
+//! One kernel has a hand-written part: `take` decodes words with VBMI2's `vpcompressb` (module
+//! `vbmi2`) at the avx512 level when the CPU has it, and with the generic decoder otherwise.
 
 pub(crate) mod generic;
 #[cfg(target_arch = "x86_64")]
@@ -23,7 +26,7 @@ pub enum Level {
     Scalar,
     /// x86_64 AVX2 with POPCNT and BMI1/2.
     Avx2,
-    /// x86_64 AVX-512 F/BW/VL with VPOPCNTDQ.
+    /// x86_64 AVX-512 F/BW/VL with VPOPCNTDQ (and VBMI2 for `take`, where present).
     Avx512,
     /// aarch64 Advanced SIMD.
     Neon,
