@@ -209,3 +209,21 @@ def test_one_tib_guest_cleared_by_shuffled_4mib_blocks() -> None:
     assert bm.count() == npages // 2
     assert bm.clear_ranges(starts, counts) == npages // 2
     assert bm.count() == 0
+
+
+@pytest.mark.parametrize("max_pages", [2**20 - 1, 2**20, 2**20 + 1, 3 * 2**20 + 5, 2**62])
+def test_take_dirty_past_its_first_buffer(max_pages: int) -> None:
+    """Above 2**20 pages, take_dirty fills a first buffer, then counts and sizes the rest: the
+    seam loses, repeats and reorders nothing, and max_pages still holds across it."""
+    npages = 5 * 2**20
+    words = np.random.default_rng(7).integers(0, 2**64, npages // 64, dtype=np.uint64)
+    bm = DirtyBitmap(npages)
+    bm.merge_log(words)
+    dirty = np.flatnonzero(np.unpackbits(words.view(np.uint8), bitorder="little"))
+    start = 12345
+    want = dirty[dirty >= start][:max_pages].astype(np.uint64)
+    got = bm.take_dirty(max_pages, start)
+    assert got.dtype == np.uint64
+    assert np.array_equal(got, want)
+    assert bm.count() == dirty.size - want.size
+    assert bm.count(start, int(want[-1]) + 1 - start) == 0

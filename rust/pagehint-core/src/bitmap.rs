@@ -426,6 +426,9 @@ impl DirtyBitmap {
 
     /// Test-and-clears up to `max_pages` dirty pages at or after `start`, appending their pfns to
     /// `out` in ascending order (the sender's loop). Returns the pfn to resume from.
+    ///
+    /// `out` grows as needed; a caller sizing it up front should add [`crate::TAKE_SPARE`]
+    /// slots, which the decoding may write (not keep) past the last page.
     pub fn take_dirty(
         &mut self,
         max_pages: usize,

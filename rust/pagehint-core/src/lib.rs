@@ -129,7 +129,7 @@ pub use dirty_ring::{
 pub use error::{BitmapError, SimdError};
 pub use guest_memory::{GuestRam, OutsideRam, RamArea};
 pub use hints::{HintApplier, HintOutcome, HintRejects, apply_hints, apply_hints_recording};
-pub use kernels::{Kernels, Level};
+pub use kernels::{Kernels, Level, TAKE_SPARE};
 pub use memmap::{MapError, MemoryMap, Region};
 pub use virtq::PackedQueue;
 pub use virtq::{Chain, Desc, ElementError, QueueError, RejectCounts, SplitQueue};

@@ -128,31 +128,129 @@ proptest! {
         let npages = words.len() as u64 * 64;
         let start = if npages == 0 { 0 } else { start % npages };
         let end = npages.saturating_sub(end_back).max(start);
-        let mut expect = words.clone();
-        let mut pfns = Vec::new();
-        let mut resume = end;
-        for p in start..end {
-            if pfns.len() == max {
-                resume = p;
-                break;
-            }
-            if bit(&expect, p) {
-                pfns.push(p);
-                clear_bit(&mut expect, p);
-            }
+        check_take(&words, start, end, max).map_err(TestCaseError::fail)?;
+    }
+
+    #[test]
+    fn take_matches_oracle_at_any_density(
+        density in prop_oneof![Just(0), 0u64..3300, 0u64..DENSITY_ONE, Just(DENSITY_ONE)],
+        nwords in 0usize..400,
+        seed in any::<u64>(),
+        start in any::<u64>(),
+        end_back in 0u64..200,
+        max in prop_oneof![0usize..200, Just(usize::MAX)],
+    ) {
+        let words = bernoulli_words(nwords, density, seed);
+        let npages = words.len() as u64 * 64;
+        let start = if npages == 0 { 0 } else { start % npages };
+        let end = npages.saturating_sub(end_back).max(start);
+        check_take(&words, start, end, max).map_err(TestCaseError::fail)?;
+    }
+}
+
+/// A density of 1 (every page dirty) in the 1/65536 steps `bernoulli_words` takes.
+const DENSITY_ONE: u64 = 1 << 16;
+
+/// Words whose bits are each set with probability `density / DENSITY_ONE` (xorshift,
+/// reproducible by `seed`).
+fn bernoulli_words(n: usize, density: u64, seed: u64) -> Vec<u64> {
+    let mut s = seed | 1;
+    (0..n)
+        .map(|_| {
+            (0..64).fold(0, |w, b| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                w | u64::from((s >> 48) < density) << b
+            })
+        })
+        .collect()
+}
+
+/// Every level's `take` against taking page by page: the same pfns, the same words after, and a
+/// resume point between the page after the last one taken and the next dirty page.
+fn check_take(words: &[u64], start: u64, end: u64, max: usize) -> Result<(), String> {
+    let mut expect = words.to_vec();
+    let mut pfns = Vec::new();
+    let mut resume = end;
+    for p in start..end {
+        if pfns.len() == max {
+            resume = p;
+            break;
         }
-        // Past the last page taken, the resume point may be any page up to the next dirty one.
-        let next_dirty = (resume..end).find(|&p| bit(&expect, p)).unwrap_or(end);
-        for k in levels() {
-            let mut w = words.clone();
-            let mut out = Vec::new();
-            let got_resume = k.take(&mut w, start, end, max, &mut out);
-            prop_assert_eq!(&out, &pfns, "{:?}", k.level());
-            prop_assert_eq!(&w, &expect, "{:?}", k.level());
-            prop_assert!(
-                got_resume >= pfns.last().map_or(start, |p| p + 1) && got_resume <= next_dirty,
-                "{:?}: resume {} outside [{:?}, {}]", k.level(), got_resume, pfns.last(), next_dirty
-            );
+        if bit(&expect, p) {
+            pfns.push(p);
+            clear_bit(&mut expect, p);
+        }
+    }
+    let next_dirty = (resume..end).find(|&p| bit(&expect, p)).unwrap_or(end);
+    let at = format!("start {start}, end {end}, max {max}");
+    for k in levels() {
+        let mut w = words.to_vec();
+        // Something already in `out`: take appends.
+        let mut out = vec![7];
+        let got_resume = k.take(&mut w, start, end, max, &mut out);
+        if out[0] != 7 || out[1..] != pfns[..] {
+            return Err(format!(
+                "{:?} ({at}): pfns {:?}, want {pfns:?}",
+                k.level(),
+                &out[1..]
+            ));
+        }
+        if w != expect {
+            return Err(format!("{:?} ({at}): words after differ", k.level()));
+        }
+        let low = pfns.last().map_or(start, |p| p + 1);
+        if got_resume < low || got_resume > next_dirty {
+            return Err(format!(
+                "{:?} ({at}): resume {got_resume} outside [{low}, {next_dirty}]",
+                k.level()
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The sender's loop at the densities a migration sees, over blocks of every kind (empty,
+/// sparse, dense, full) with batches that end inside words and a start inside a word.
+#[test]
+fn take_batches_at_every_density_match_oracle() {
+    // 0, 0.1 %, 2 %, 10 %, 50 %, 100 %.
+    for (i, density) in [0, 66, 1311, 6554, 32768, DENSITY_ONE]
+        .into_iter()
+        .enumerate()
+    {
+        let words = bernoulli_words(64 * 9 + 5, density, 99 + i as u64);
+        let npages = words.len() as u64 * 64;
+        for start in [0, 1, 63, 64, 64 * 64 + 37] {
+            for end in [npages, npages - 1, npages - 100] {
+                for batch in [1, 7, 65, 1000, 4096, usize::MAX] {
+                    if let Err(e) = check_take(&words, start, end, batch) {
+                        panic!("density {density}/65536: {e}");
+                    }
+                    // The loop itself: every batch from where the last one resumed.
+                    for k in levels() {
+                        let mut w = words.clone();
+                        let (mut all, mut cursor) = (Vec::new(), start);
+                        loop {
+                            let mut out = Vec::new();
+                            cursor = k.take(&mut w, cursor, end, batch, &mut out);
+                            assert!(out.len() <= batch);
+                            if out.is_empty() {
+                                break;
+                            }
+                            all.extend(out);
+                        }
+                        let want: Vec<u64> = (start..end).filter(|&p| bit(&words, p)).collect();
+                        assert_eq!(
+                            all,
+                            want,
+                            "{:?} density {density}/65536 batch {batch}",
+                            k.level()
+                        );
+                    }
+                }
+            }
         }
     }
 }

@@ -11,10 +11,12 @@ use std::sync::{PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard, TryLockE
 use numpy::PyArray1;
 use numpy::ndarray::ArrayView1;
 use pagehint_core::{
-    BitmapError, DirtyBitmap, DirtyRing, IMAGE_CHUNK_WORDS, SlotTable, advise_huge_pages,
+    BitmapError, DirtyBitmap, DirtyRing, IMAGE_CHUNK_WORDS, SlotTable, TAKE_SPARE,
+    advise_huge_pages,
 };
 
-/// From how many pages on `take_dirty` sizes its result exactly before taking.
+/// Pages `take_dirty` takes into a first buffer before it sizes the rest of a larger request
+/// exactly (8 MiB of pfns).
 const LARGE_TAKE: usize = 1 << 20;
 use pyo3::buffer::PyUntypedBuffer;
 use pyo3::exceptions::{PyTypeError, PyValueError};
@@ -401,17 +403,22 @@ impl PyDirtyBitmap {
         let max = usize::try_from(max_pages).unwrap_or(usize::MAX);
         let pfns = self
             .heavy_write(py, |bm| {
-                // A large request gets its exact size up front (one fast count pass) instead of
-                // growing through copies; small batches, the sender's loop, skip the count.
-                let want = if max > LARGE_TAKE {
-                    bm.count(start, bm.npages().saturating_sub(start))
-                        .map_or(0, |n| usize::try_from(n).unwrap_or(usize::MAX).min(max))
-                } else {
-                    max
-                };
-                let mut out = Vec::with_capacity(want);
+                // Up to LARGE_TAKE pages go straight into a buffer of that size. A larger
+                // request that fills it counts what is left (one fast pass) and grows the buffer
+                // once, to the exact size, rather than through doublings and their copies; a
+                // sparse bitmap never pays for the count.
+                let first = max.min(LARGE_TAKE);
+                let mut out = Vec::with_capacity(first + TAKE_SPARE);
                 advise_huge_pages(out.spare_capacity_mut());
-                bm.take_dirty(max, start, &mut out).map(|_| out)
+                let resume = bm.take_dirty(first, start, &mut out)?;
+                if out.len() == first && max > first {
+                    let left = bm.count(resume, bm.npages() - resume)?;
+                    let more = usize::try_from(left).unwrap_or(usize::MAX).min(max - first);
+                    out.reserve_exact(more.saturating_add(TAKE_SPARE));
+                    advise_huge_pages(out.spare_capacity_mut());
+                    bm.take_dirty(more, resume, &mut out)?;
+                }
+                Ok(out)
             })
             .map_err(bitmap_err)?;
         Ok(PyArray1::from_vec(py, pfns))

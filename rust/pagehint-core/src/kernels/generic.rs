@@ -7,7 +7,9 @@
 //! change: clearing or merging into a lazily allocated bitmap must not fault in pages that stay
 //! zero, and clean cache lines are not written back.
 
-use crate::span::{WORD_BITS, bit_of, span, word_of};
+use std::mem::MaybeUninit;
+
+use crate::span::{WORD_BITS, span, word_of};
 
 /// Words per block of the modifying loops: 512 bytes, small enough to stay in L1 between the
 /// counting pass and the store pass, large enough that the horizontal sum is rare.
@@ -194,52 +196,203 @@ fn prefetch_write(words: &[u64], index: usize) {
     let _ = (words, index);
 }
 
+/// Words per block of `take`: a block's pages are counted first, and a block that fits in what
+/// may still be taken is decoded without a check per page (32 KiB of output at most). 32-word
+/// blocks measured slower; more than 64 would not fit the sparse path's mask of words.
+const TAKE_BLOCK: usize = 64;
+const _: () = assert!(
+    TAKE_BLOCK <= 64,
+    "take_block's mask of non-zero words is a u64"
+);
+
+/// Output slots `take` may write past the pages it keeps (one word's worth), so that its word
+/// decoders store whole vectors; it reserves them in `out`, beyond its length.
+pub const TAKE_SPARE: usize = 64;
+
+/// Turns one word's set bits into pfns.
+///
+/// # Safety
+/// `take` marks the slots as initialised on the strength of `decode`'s count: an implementation
+/// must write every slot it counts, as documented on `decode`.
+pub unsafe trait DecodeWord: Copy {
+    /// Writes `base + b` for every set bit `b` of `w`, ascending, to `dst[..w.count_ones()]` and
+    /// returns `w.count_ones()`. `dst` holds at least [`TAKE_SPARE`] slots, all of which may be
+    /// written. `DENSE` says the block averages [`DENSE_WORD`] pages a word or more, so a
+    /// decoder may do more work up front to branch less.
+    fn decode<const DENSE: bool>(self, w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize;
+}
+
+/// Pages per word from which a block counts as dense for [`DecodeWord::decode`].
+pub const DENSE_WORD: usize = 4;
+
+/// The portable decoder: the first 4 pages of a word (8 in a dense block) without a
+/// data-dependent branch, then a bit at a time.
+#[derive(Debug, Clone, Copy)]
+pub struct ScalarDecode;
+
+// SAFETY: `decode` writes the first 4 or 8 slots, then one more for each set bit left, so
+// `dst[..w.count_ones()]` at least, and returns `w.count_ones()`.
+unsafe impl DecodeWord for ScalarDecode {
+    #[inline(always)]
+    fn decode<const DENSE: bool>(self, w: u64, base: u64, dst: &mut [MaybeUninit<u64>]) -> usize {
+        let mut bits = w;
+        let (first, rest) = dst.split_at_mut(if DENSE { 8 } else { 4 });
+        for slot in first {
+            // Past the last set bit this writes `base + 64`, a slot the caller does not keep.
+            slot.write(base + u64::from(bits.trailing_zeros()));
+            bits &= bits.wrapping_sub(1);
+        }
+        let mut i = 0;
+        while bits != 0 {
+            rest[i].write(base + u64::from(bits.trailing_zeros()));
+            bits &= bits - 1;
+            i += 1;
+        }
+        w.count_ones() as usize
+    }
+}
+
 /// Test-and-clears up to `max` set pages in `[start, end)`, ascending, appending their pfns to
 /// `out`. Returns the page after the last one taken (or `end`), where the next call resumes.
 #[inline(always)]
 pub fn take(words: &mut [u64], start: u64, end: u64, max: usize, out: &mut Vec<u64>) -> u64 {
-    let mut taken = 0usize;
-    let mut pfn = start;
-    while pfn < end && taken < max {
-        let w = word_of(pfn);
-        let Some(off) = find_nonzero_from(words, w, pfn, end) else {
-            return end;
-        };
-        let base = (w + off) as u64 * WORD_BITS;
-        let word = &mut words[w + off];
-        // Bits of this word inside [pfn, end).
-        let lo = pfn.saturating_sub(base);
-        let hi = (end - base).min(WORD_BITS);
-        let mut bits = *word & crate::span::bits_mask(lo, hi);
-        let mut took = 0u64;
-        while bits != 0 && taken < max {
-            let b = u64::from(bits.trailing_zeros());
-            out.push(base + b);
-            took |= 1 << b;
-            bits &= bits - 1;
-            taken += 1;
-        }
-        *word &= !took;
-        if bits != 0 {
-            // Stopped at `max` inside this word: resume after the last page taken.
-            return base + WORD_BITS - u64::from(took.leading_zeros());
-        }
-        pfn = base + hi;
-    }
-    pfn.min(end)
+    take_with(words, start, end, max, out, ScalarDecode)
 }
 
-/// Offset (from word `w`) of the first word holding a set page in `[pfn, end)`, where `pfn` is in
-/// word `w`.
+/// [`take`], with `decode` turning whole words into pfns.
+///
+/// Partial words at both ends and the block where `max` runs out go a page at a time; every
+/// other block is counted, then decoded whole into `out`'s spare capacity by `decode`, sparse
+/// blocks (fewer pages than words) visiting only their non-zero words.
 #[inline(always)]
-fn find_nonzero_from(words: &[u64], w: usize, pfn: u64, end: u64) -> Option<usize> {
-    let last = word_of(end - 1);
-    let head = words[w] & !(bit_of(pfn) - 1);
-    if head != 0 {
-        return Some(0);
+pub fn take_with<D: DecodeWord>(
+    words: &mut [u64],
+    start: u64,
+    end: u64,
+    max: usize,
+    out: &mut Vec<u64>,
+    decode: D,
+) -> u64 {
+    if max == 0 || start >= end {
+        return start.min(end);
     }
-    if w == last {
-        return None;
+    let s = span(start, end);
+    let mut left = max;
+    if let Some((w, mask)) = s.head {
+        left -= take_limited(&mut words[w], mask, word_base(w), left, out);
+        if left == 0 {
+            return resume_after(out, start);
+        }
     }
-    find_nonzero(&words[w + 1..=last]).map(|i| i + 1)
+    let body_base = word_base(s.body.start);
+    for (b, block) in words[s.body].chunks_mut(TAKE_BLOCK).enumerate() {
+        let base = body_base + (b * TAKE_BLOCK) as u64 * WORD_BITS;
+        let n: usize = block.iter().map(|w| w.count_ones() as usize).sum();
+        if n == 0 {
+            continue;
+        }
+        if n <= left {
+            take_block(block, base, n, out, decode);
+            left -= n;
+        } else {
+            for (i, word) in block.iter_mut().enumerate() {
+                left -= take_limited(word, u64::MAX, base + i as u64 * WORD_BITS, left, out);
+                if left == 0 {
+                    break;
+                }
+            }
+        }
+        if left == 0 {
+            return resume_after(out, start);
+        }
+    }
+    if let Some((w, mask)) = s.tail {
+        left -= take_limited(&mut words[w], mask, word_base(w), left, out);
+        if left == 0 {
+            return resume_after(out, start);
+        }
+    }
+    end
+}
+
+/// First page of word `w`.
+#[inline(always)]
+fn word_base(w: usize) -> u64 {
+    w as u64 * WORD_BITS
+}
+
+/// Where a `take` that stopped at its `max` resumes: after the last page it took (it took at
+/// least one, since `max > 0`).
+#[inline(always)]
+fn resume_after(out: &[u64], start: u64) -> u64 {
+    out.last().map_or(start, |&p| p + 1)
+}
+
+/// Takes up to `limit` pages of `*word & mask`, lowest first; returns how many.
+#[inline(always)]
+fn take_limited(word: &mut u64, mask: u64, base: u64, limit: usize, out: &mut Vec<u64>) -> usize {
+    let mut bits = *word & mask;
+    let mut took = 0u64;
+    let mut n = 0;
+    while bits != 0 && n < limit {
+        let b = bits.trailing_zeros();
+        out.push(base + u64::from(b));
+        took |= 1 << b;
+        bits &= bits - 1;
+        n += 1;
+    }
+    *word &= !took;
+    n
+}
+
+/// Takes every page of `block` (`n` of them, first page `base`) into `out`, and clears it.
+#[inline(always)]
+fn take_block<D: DecodeWord>(
+    block: &mut [u64],
+    base: u64,
+    n: usize,
+    out: &mut Vec<u64>,
+    decode: D,
+) {
+    out.reserve(n + TAKE_SPARE);
+    let len = out.len();
+    let dst = &mut out.spare_capacity_mut()[..n + TAKE_SPARE];
+    let mut at = 0;
+    if n < block.len() {
+        // Sparse: visit the non-zero words only, a page at a time (most hold one), and store
+        // only to them.
+        let mut nonzero = block
+            .iter()
+            .enumerate()
+            .fold(0u64, |m, (i, &w)| m | u64::from(w != 0) << i);
+        while nonzero != 0 {
+            let i = nonzero.trailing_zeros() as usize;
+            nonzero &= nonzero - 1;
+            let mut bits = block[i];
+            block[i] = 0;
+            let word_base = base + i as u64 * WORD_BITS;
+            while bits != 0 {
+                dst[at].write(word_base + u64::from(bits.trailing_zeros()));
+                bits &= bits - 1;
+                at += 1;
+            }
+        }
+    } else {
+        if n >= DENSE_WORD * block.len() {
+            for (i, &w) in block.iter().enumerate() {
+                at += decode.decode::<true>(w, base + i as u64 * WORD_BITS, &mut dst[at..]);
+            }
+        } else {
+            for (i, &w) in block.iter().enumerate() {
+                at += decode.decode::<false>(w, base + i as u64 * WORD_BITS, &mut dst[at..]);
+            }
+        }
+        block.fill(0);
+    }
+    // The words' count cannot change under `&mut`, so this holds; checked, as `set_len` trusts it.
+    assert_eq!(at, n, "take: decoded pages disagree with the block's count");
+    // SAFETY: `dst[..n]` (the `n` slots after `len`, inside the capacity reserved above) were
+    // all written: each word's pages went to the slots from `at` on, as many as `at` then
+    // advanced by (the loop above, or `DecodeWord`'s contract), and `at` ended at `n`.
+    unsafe { out.set_len(len + n) };
 }

@@ -4,8 +4,15 @@
 //! Each level is the same source compiled under different target features; the level is chosen
 //! once (CPU detection, or `PAGEHINT_SIMD`) and cached as a table of function pointers, the way
 //! memchr caches its choice. Every level stays callable for tests that compare it with scalar.
+//!
+//! One kernel has a hand-written part: `take` decodes words with VBMI2's `vpcompressb` (module
+//! `vbmi2`) at the avx512 level when the CPU has it, and with the generic decoder otherwise.
 
 pub(crate) mod generic;
+#[cfg(target_arch = "x86_64")]
+mod vbmi2;
+
+pub use generic::TAKE_SPARE;
 
 use std::sync::OnceLock;
 
@@ -19,7 +26,7 @@ pub enum Level {
     Scalar,
     /// x86_64 AVX2 with POPCNT and BMI1/2.
     Avx2,
-    /// x86_64 AVX-512 F/BW/VL with VPOPCNTDQ.
+    /// x86_64 AVX-512 F/BW/VL with VPOPCNTDQ (and VBMI2 for `take`, where present).
     Avx512,
     /// aarch64 Advanced SIMD.
     Neon,
@@ -224,6 +231,26 @@ mod x86 {
 
     pub(super) mod avx512 {
         instantiate!("avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx2,popcnt,bmi1,bmi2");
+
+        /// `take` with VBMI2's compress decoding the words.
+        #[target_feature(
+            enable = "avx512f,avx512bw,avx512vl,avx512vpopcntdq,avx512vbmi2,avx2,popcnt,bmi1,bmi2"
+        )]
+        pub(crate) fn take_vbmi2(
+            w: &mut [u64],
+            start: u64,
+            end: u64,
+            max: usize,
+            out: &mut Vec<u64>,
+        ) -> u64 {
+            // SAFETY: this function's features include VBMI2, so it runs only on a CPU with them.
+            let decode = unsafe { crate::kernels::vbmi2::Vbmi2Decode::new() };
+            generic::take_with(w, start, end, max, out, decode)
+        }
+    }
+
+    pub(crate) fn has_vbmi2() -> bool {
+        std::arch::is_x86_feature_detected!("avx512vbmi2")
     }
 }
 
@@ -235,7 +262,13 @@ impl Kernels {
             #[cfg(target_arch = "x86_64")]
             Level::Avx2 => table!(level, x86::avx2),
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => table!(level, x86::avx512),
+            Level::Avx512 => {
+                let mut k = table!(level, x86::avx512);
+                if x86::has_vbmi2() {
+                    k.take = x86::avx512::take_vbmi2;
+                }
+                k
+            }
             // NEON is baseline on aarch64: the generic build already uses it.
             _ => table!(level, generic),
         })
