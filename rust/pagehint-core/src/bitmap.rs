@@ -6,6 +6,7 @@
 
 use crate::error::BitmapError;
 use crate::kernels::{self, Kernels};
+use crate::range_batch;
 use crate::span::{WORD_BITS, bit_of, span, word_of};
 use crate::words::{Words, machine_memory};
 
@@ -246,10 +247,17 @@ impl DirtyBitmap {
     }
 
     /// Clears every range `[starts[i], starts[i] + counts[i])` (overlaps allowed) and returns how
-    /// many pages were set: the hint hot path. All ranges are checked before any is applied.
+    /// many pages were set: the hint hot path. All ranges are checked before any is applied; a
+    /// batch dense in the span it touches is swept in address order (see
+    /// [`crate::range_batch`]).
     pub fn clear_ranges(&mut self, starts: &[u64], counts: &[u64]) -> Result<u64, BitmapError> {
         self.check_ranges(starts, counts)?;
-        Ok(Self::kernels().clear_ranges(&mut self.words, starts, counts))
+        Ok(range_batch::clear_batch(
+            Self::kernels(),
+            &mut self.words,
+            starts,
+            counts,
+        ))
     }
 
     /// ORs a KVM-layout dirty log into the bitmap: bit `i` of `log[j]` is page

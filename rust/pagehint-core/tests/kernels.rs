@@ -2,6 +2,7 @@
 // Test oracles index small Vec<bool> models by page number; the sizes are tiny.
 #![allow(clippy::cast_possible_truncation, clippy::cast_lossless)]
 
+use pagehint_core::range_batch::{Path, clear_batch_by};
 use pagehint_core::{Kernels, Level};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -88,16 +89,18 @@ proptest! {
     }
 
     #[test]
-    fn clear_ranges_matches_oracle(
+    fn clear_ranges_matches_oracle_on_both_paths(
         words in words_strategy(200),
-        ranges in vec((any::<u64>(), 0u64..400), 0..40),
+        ranges in vec((any::<u64>(), 0u64..400, any::<bool>()), 0..40),
     ) {
         let npages = words.len() as u64 * 64;
-        // Clip random ranges into the words (the bitmap validates before calling the kernel).
+        // Clip random ranges into the words (the bitmap validates before calling the kernel);
+        // some are whole words, the usual shape of a hint.
         let (starts, counts): (Vec<u64>, Vec<u64>) = ranges
             .iter()
-            .map(|&(s, n)| {
+            .map(|&(s, n, whole)| {
                 let s = if npages == 0 { 0 } else { s % npages };
+                let (s, n) = if whole { (s / 64 * 64, n.div_ceil(64) * 64) } else { (s, n) };
                 (s, n.min(npages - s))
             })
             .unzip();
@@ -114,6 +117,52 @@ proptest! {
         for k in levels() {
             let mut w = words.clone();
             prop_assert_eq!(k.clear_ranges(&mut w, &starts, &counts), cleared, "{:?}", k.level());
+            prop_assert_eq!(&w, &expect, "{:?}", k.level());
+            for path in [Path::Sparse, Path::Dense] {
+                let mut w = words.clone();
+                prop_assert_eq!(
+                    clear_batch_by(path, &k, &mut w, &starts, &counts),
+                    cleared,
+                    "{:?} {:?}",
+                    k.level(),
+                    path
+                );
+                prop_assert_eq!(&w, &expect, "{:?} {:?}", k.level(), path);
+            }
+        }
+    }
+
+    #[test]
+    fn clear_marked_matches_oracle(
+        words in words_strategy(300),
+        first in any::<usize>(),
+        marks in vec(any::<u64>(), 0..6),
+    ) {
+        let first = if words.is_empty() { 0 } else { first % words.len() };
+        // Only words inside `words` may be marked.
+        let marks: Vec<u64> = marks
+            .iter()
+            .enumerate()
+            .map(|(k, &m)| {
+                let base = first + k * 64;
+                let inside = words.len().saturating_sub(base).min(64);
+                if inside == 64 { m } else { m & ((1u64 << inside) - 1) }
+            })
+            .collect();
+        let mut expect = words.clone();
+        let mut cleared = 0u64;
+        for (k, &m) in marks.iter().enumerate() {
+            for b in 0..64 {
+                if m >> b & 1 == 1 {
+                    let w = first + k * 64 + b;
+                    cleared += u64::from(expect[w].count_ones());
+                    expect[w] = 0;
+                }
+            }
+        }
+        for k in levels() {
+            let mut w = words.clone();
+            prop_assert_eq!(k.clear_marked(&mut w, &marks, first), cleared, "{:?}", k.level());
             prop_assert_eq!(&w, &expect, "{:?}", k.level());
         }
     }

@@ -7,7 +7,7 @@
 //! change: clearing or merging into a lazily allocated bitmap must not fault in pages that stay
 //! zero, and clean cache lines are not written back.
 
-use crate::span::{WORD_BITS, bit_of, span, word_of};
+use crate::span::{Span, WORD_BITS, bit_of, span, word_of};
 
 /// Words per block of the modifying loops: 512 bytes, small enough to stay in L1 between the
 /// counting pass and the store pass, large enough that the horizontal sum is rare.
@@ -135,14 +135,22 @@ pub fn find_not_full(words: &[u64]) -> Option<usize> {
 #[inline(always)]
 pub fn clear_range(words: &mut [u64], start: u64, end: u64) -> u64 {
     let s = span(start, end);
+    clear_edges(words, &s) + clear_count(&mut words[s.body])
+}
+
+/// Clears the partly covered head and tail words of `s`, returning how many of their pages
+/// were set. A word with nothing to clear is not written.
+#[inline(always)]
+pub fn clear_edges(words: &mut [u64], s: &Span) -> u64 {
     let mut cleared = 0;
     for (w, mask) in s.head.into_iter().chain(s.tail) {
-        cleared += u64::from((words[w] & mask).count_ones());
-        if words[w] & mask != 0 {
+        let was = words[w] & mask;
+        if was != 0 {
+            cleared += u64::from(was.count_ones());
             words[w] &= !mask;
         }
     }
-    cleared + clear_count(&mut words[s.body])
+    cleared
 }
 
 /// How far ahead `clear_ranges` looks to start fetching a hint's cache lines. Measured on
@@ -169,6 +177,55 @@ pub fn clear_ranges(words: &mut [u64], starts: &[u64], counts: &[u64]) -> u64 {
         cleared += clear_range(words, start, start + n);
     }
     cleared
+}
+
+/// How many mark words ahead `clear_marked` prefetches the bitmap lines it will sweep: far
+/// enough to cover a DRAM miss when the marked lines are scattered, which the hardware
+/// prefetcher does not follow across 4 KiB pages.
+const SWEEP_AHEAD: usize = 4;
+
+/// Clears the words that `marks` marks, in address order, returning how many pages were set:
+/// bit `b` of `marks[k]` stands for `words[first_word + 64 * k + b]`. Every marked word is
+/// inside `words` (the caller marked only words of validated ranges). One pass over the marks
+/// and the marked words in ascending order, so the bitmap streams whatever order the ranges
+/// came in.
+#[inline(always)]
+pub fn clear_marked(words: &mut [u64], marks: &[u64], first_word: usize) -> u64 {
+    let mut cleared = 0;
+    for (k, &mark) in marks.iter().enumerate() {
+        if let Some(&ahead) = marks.get(k + SWEEP_AHEAD) {
+            prefetch_marked(words, ahead, first_word + (k + SWEEP_AHEAD) * 64);
+        }
+        if mark == 0 {
+            continue;
+        }
+        let base = first_word + k * 64;
+        if mark == u64::MAX {
+            cleared += clear_count(&mut words[base..base + 64]);
+            continue;
+        }
+        // Each run of marked words at once.
+        let mut rest = mark;
+        while rest != 0 {
+            let lo = rest.trailing_zeros();
+            let len = (!(rest >> lo)).trailing_zeros();
+            let at = base + lo as usize;
+            cleared += clear_count(&mut words[at..at + len as usize]);
+            rest &= !crate::span::bits_mask(u64::from(lo), u64::from(lo + len));
+        }
+    }
+    cleared
+}
+
+/// Prefetches the bitmap lines (8 words, one byte of `mark`) that `mark` marks from `base`.
+#[inline(always)]
+fn prefetch_marked(words: &[u64], mark: u64, base: usize) {
+    let mut lines = mark;
+    while lines != 0 {
+        let line = lines.trailing_zeros() as usize / 8;
+        prefetch_write(words, base + line * 8);
+        lines &= !(0xFFu64 << (line * 8));
+    }
 }
 
 /// Prefetches the first and last bitmap line of pages `[pfn, pfn + pages)`.

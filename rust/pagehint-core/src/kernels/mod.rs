@@ -103,6 +103,7 @@ type ModifyFn = unsafe fn(&mut [u64]) -> u64;
 type MergeFn = unsafe fn(&mut [u64], &[u64]) -> u64;
 type FindFn = unsafe fn(&[u64]) -> Option<usize>;
 type ClearRangesFn = unsafe fn(&mut [u64], &[u64], &[u64]) -> u64;
+type ClearMarkedFn = unsafe fn(&mut [u64], &[u64], usize) -> u64;
 type TakeFn = unsafe fn(&mut [u64], u64, u64, usize, &mut Vec<u64>) -> u64;
 
 /// One level's kernels. Obtainable only through [`Kernels::for_level`], which checks the CPU, so
@@ -117,6 +118,7 @@ pub struct Kernels {
     find_nonzero: FindFn,
     find_not_full: FindFn,
     clear_ranges: ClearRangesFn,
+    clear_marked: ClearMarkedFn,
     take: TakeFn,
 }
 
@@ -156,6 +158,10 @@ macro_rules! instantiate {
             generic::clear_ranges(w, s, c)
         }
         #[target_feature(enable = $features)]
+        pub(crate) fn clear_marked(w: &mut [u64], marks: &[u64], first: usize) -> u64 {
+            generic::clear_marked(w, marks, first)
+        }
+        #[target_feature(enable = $features)]
         pub(crate) fn take(
             w: &mut [u64],
             start: u64,
@@ -181,6 +187,7 @@ macro_rules! table {
             find_nonzero: m::find_nonzero,
             find_not_full: m::find_not_full,
             clear_ranges: m::clear_ranges,
+            clear_marked: m::clear_marked,
             take: m::take,
         }
     }};
@@ -293,11 +300,21 @@ impl Kernels {
         unsafe { (self.find_not_full)(words) }
     }
 
-    /// Clears validated ranges, returning how many pages were set.
+    /// Clears validated ranges one after another (prefetching ahead), returning how many
+    /// pages were set: the path for sparse batches (see [`crate::range_batch`]).
     #[inline]
     pub fn clear_ranges(&self, words: &mut [u64], starts: &[u64], counts: &[u64]) -> u64 {
         // SAFETY: see the impl comment: the CPU has this table's features.
         unsafe { (self.clear_ranges)(words, starts, counts) }
+    }
+
+    /// Clears the words marked in `marks` (bit `b` of `marks[k]` is word
+    /// `first_word + 64k + b`, each inside `words`) in address order, returning how many pages
+    /// were set: the sweep of dense batches (see [`crate::range_batch`]).
+    #[inline]
+    pub fn clear_marked(&self, words: &mut [u64], marks: &[u64], first_word: usize) -> u64 {
+        // SAFETY: see the impl comment: the CPU has this table's features.
+        unsafe { (self.clear_marked)(words, marks, first_word) }
     }
 
     /// Test-and-clears up to `max` set pages of `[start, end)` into `out`; returns the resume pfn.
