@@ -103,8 +103,22 @@ type ModifyFn = unsafe fn(&mut [u64]) -> u64;
 type MergeFn = unsafe fn(&mut [u64], &[u64]) -> u64;
 type FindFn = unsafe fn(&[u64]) -> Option<usize>;
 type ClearRangesFn = unsafe fn(&mut [u64], &[u64], &[u64]) -> u64;
-type ClearMarkedFn = unsafe fn(&mut [u64], &[u64], usize) -> u64;
+type ClearMarkedFn = unsafe fn(&mut [u64], &[u64], usize, u32) -> u64;
+type RangesBoundsFn = unsafe fn(&[u64], &[u64], u64) -> RangesBounds;
 type TakeFn = unsafe fn(&mut [u64], u64, u64, usize, &mut Vec<u64>) -> u64;
+
+/// Where a batch of ranges `[starts[i], starts[i] + counts[i])` lies, from one pass over it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangesBounds {
+    /// Every range ends inside the pages given, without overflowing.
+    pub inside: bool,
+    /// The lowest start (`u64::MAX` for no ranges).
+    pub first: u64,
+    /// The highest end (0 for no ranges); the true one when `inside`.
+    pub end: u64,
+    /// Every start and length ORed: its trailing zeros are the alignment they all share.
+    pub align: u64,
+}
 
 /// One level's kernels. Obtainable only through [`Kernels::for_level`], which checks the CPU, so
 /// holding one proves its functions may be called.
@@ -119,6 +133,7 @@ pub struct Kernels {
     find_not_full: FindFn,
     clear_ranges: ClearRangesFn,
     clear_marked: ClearMarkedFn,
+    ranges_bounds: RangesBoundsFn,
     take: TakeFn,
 }
 
@@ -158,8 +173,16 @@ macro_rules! instantiate {
             generic::clear_ranges(w, s, c)
         }
         #[target_feature(enable = $features)]
-        pub(crate) fn clear_marked(w: &mut [u64], marks: &[u64], first: usize) -> u64 {
-            generic::clear_marked(w, marks, first)
+        pub(crate) fn clear_marked(w: &mut [u64], marks: &[u64], first: usize, shift: u32) -> u64 {
+            generic::clear_marked(w, marks, first, shift)
+        }
+        #[target_feature(enable = $features)]
+        pub(crate) fn ranges_bounds(
+            s: &[u64],
+            c: &[u64],
+            npages: u64,
+        ) -> crate::kernels::RangesBounds {
+            generic::ranges_bounds(s, c, npages)
         }
         #[target_feature(enable = $features)]
         pub(crate) fn take(
@@ -188,6 +211,7 @@ macro_rules! table {
             find_not_full: m::find_not_full,
             clear_ranges: m::clear_ranges,
             clear_marked: m::clear_marked,
+            ranges_bounds: m::ranges_bounds,
             take: m::take,
         }
     }};
@@ -308,13 +332,28 @@ impl Kernels {
         unsafe { (self.clear_ranges)(words, starts, counts) }
     }
 
-    /// Clears the words marked in `marks` (bit `b` of `marks[k]` is word
-    /// `first_word + 64k + b`, each inside `words`) in address order, returning how many pages
-    /// were set: the sweep of dense batches (see [`crate::range_batch`]).
+    /// Clears the blocks of `1 << shift` words marked in `marks` (bit `b` of `marks[k]` is the
+    /// block at word `first_word + ((64k + b) << shift)`, each inside `words`) in address order,
+    /// returning how many pages were set: the sweep of dense batches (see
+    /// [`crate::range_batch`]).
     #[inline]
-    pub fn clear_marked(&self, words: &mut [u64], marks: &[u64], first_word: usize) -> u64 {
+    pub fn clear_marked(
+        &self,
+        words: &mut [u64],
+        marks: &[u64],
+        first_word: usize,
+        shift: u32,
+    ) -> u64 {
         // SAFETY: see the impl comment: the CPU has this table's features.
-        unsafe { (self.clear_marked)(words, marks, first_word) }
+        unsafe { (self.clear_marked)(words, marks, first_word, shift) }
+    }
+
+    /// Where the ranges `[starts[i], starts[i] + counts[i])` (over the common length) lie
+    /// against `npages` pages, `npages < 2^63`.
+    #[inline]
+    pub fn ranges_bounds(&self, starts: &[u64], counts: &[u64], npages: u64) -> RangesBounds {
+        // SAFETY: see the impl comment: the CPU has this table's features.
+        unsafe { (self.ranges_bounds)(starts, counts, npages) }
     }
 
     /// Test-and-clears up to `max` set pages of `[start, end)` into `out`; returns the resume pfn.
