@@ -153,7 +153,7 @@ fn clear_dense(
 ) -> u64 {
     let direct = if align.trailing_zeros() >= WORD_BITS.trailing_zeros() + marks.shift {
         // Whole blocks only (4 MiB hints): nothing to clear directly.
-        marks.add_blocks(starts, counts);
+        marks.add_blocks(kernels, starts, counts);
         0
     } else {
         starts
@@ -163,12 +163,6 @@ fn clear_dense(
             .sum()
     };
     direct + marks.sweep(kernels, words)
-}
-
-/// A mark bit's index as a `usize`: marks cover at most the bitmap's words, which fit.
-#[allow(clippy::cast_possible_truncation)]
-const fn word_index(bit: u64) -> usize {
-    bit as usize
 }
 
 /// The mark bitmap of the dense path: bit `b` of `marks[k]` marks the block of `1 << shift`
@@ -235,50 +229,17 @@ impl BlockMarks {
     }
 
     /// Marks ranges that all start and end on block boundaries (inside the marks' range): the
-    /// hot loop of a dense batch of hints, kept to a few instructions per range.
-    fn add_blocks(&mut self, starts: &[u64], counts: &[u64]) {
+    /// hot loop of a dense batch of hints, a kernel so that its variable shifts are BMI2's.
+    fn add_blocks(&mut self, kernels: &Kernels, starts: &[u64], counts: &[u64]) {
         let page_shift = WORD_BITS.trailing_zeros() + self.shift;
-        for (&s, &n) in starts.iter().zip(counts) {
-            self.mark_blocks(s >> page_shift, (s + n) >> page_shift);
-        }
+        let blocks = self.first_block..self.end_block;
+        kernels.mark_blocks(&mut self.marks, starts, counts, blocks, page_shift);
     }
 
     /// Marks blocks `[lo, hi)` (counted from word 0, inside the marks' range).
     #[inline(always)]
     fn mark_blocks(&mut self, lo: u64, hi: u64) {
-        if lo >= hi {
-            return;
-        }
-        assert!(
-            self.first_block <= lo && hi <= self.end_block,
-            "blocks outside the marked range"
-        );
-        let (lo, hi) = (
-            word_index(lo - self.first_block),
-            word_index(hi - self.first_block),
-        );
-        if hi - lo == 1 {
-            self.marks[lo / 64] |= 1 << (lo % 64);
-        } else {
-            self.mark_bits(lo, hi);
-        }
-    }
-
-    /// Sets mark bits `[lo, hi)`, `lo < hi`.
-    #[inline(always)]
-    fn mark_bits(&mut self, lo: usize, hi: usize) {
-        let (first, last) = (lo / 64, (hi - 1) / 64);
-        let head = u64::MAX << (lo % 64);
-        let tail = u64::MAX >> (63 - (hi - 1) % 64);
-        if first == last {
-            self.marks[first] |= head & tail;
-        } else {
-            self.marks[first] |= head;
-            if last > first + 1 {
-                self.marks[first + 1..last].fill(u64::MAX);
-            }
-            self.marks[last] |= tail;
-        }
+        generic::mark_block_range(&mut self.marks, self.first_block..self.end_block, lo, hi);
     }
 
     /// Clears every marked block in address order, returning how many pages were set.

@@ -7,6 +7,8 @@
 //! change: clearing or merging into a lazily allocated bitmap must not fault in pages that stay
 //! zero, and clean cache lines are not written back.
 
+use std::ops::Range;
+
 use super::RangesBounds;
 use crate::span::{Span, WORD_BITS, bit_of, span, word_of};
 
@@ -231,6 +233,64 @@ pub fn clear_marked(words: &mut [u64], marks: &[u64], first_word: usize, shift: 
         }
     }
     cleared
+}
+
+/// Sets the mark bits of blocks `[lo, hi)`, counted from block 0, in `marks`, whose bit 0 is
+/// block `blocks.start`; `[lo, hi)` must lie inside `blocks` (else a panic: a caller bug).
+#[inline(always)]
+pub fn mark_block_range(marks: &mut [u64], blocks: Range<u64>, lo: u64, hi: u64) {
+    if lo >= hi {
+        return;
+    }
+    assert!(
+        blocks.start <= lo && hi <= blocks.end,
+        "blocks outside the marked range"
+    );
+    let (lo, hi) = (bit_index(lo - blocks.start), bit_index(hi - blocks.start));
+    if hi - lo == 1 {
+        marks[lo / 64] |= 1 << (lo % 64);
+        return;
+    }
+    let (first, last) = (lo / 64, (hi - 1) / 64);
+    let head = u64::MAX << (lo % 64);
+    let tail = u64::MAX >> (63 - (hi - 1) % 64);
+    if first == last {
+        marks[first] |= head & tail;
+    } else {
+        marks[first] |= head;
+        if last > first + 1 {
+            marks[first + 1..last].fill(u64::MAX);
+        }
+        marks[last] |= tail;
+    }
+}
+
+/// Marks, for every range `[starts[i], starts[i] + counts[i])` (each starting and ending on a
+/// block of `1 << page_shift` pages, inside `blocks`), its blocks in `marks` (see
+/// [`mark_block_range`]).
+#[inline(always)]
+pub fn mark_blocks(
+    marks: &mut [u64],
+    starts: &[u64],
+    counts: &[u64],
+    blocks: Range<u64>,
+    page_shift: u32,
+) {
+    for (&s, &n) in starts.iter().zip(counts) {
+        mark_block_range(
+            marks,
+            blocks.clone(),
+            s >> page_shift,
+            (s + n) >> page_shift,
+        );
+    }
+}
+
+/// A mark bit's index as a `usize`: marks cover at most the bitmap's words, which fit.
+#[inline(always)]
+#[allow(clippy::cast_possible_truncation)]
+const fn bit_index(bit: u64) -> usize {
+    bit as usize
 }
 
 /// Prefetches the first and last bitmap line of pages `[pfn, pfn + pages)`.

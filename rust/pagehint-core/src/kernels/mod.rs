@@ -7,6 +7,7 @@
 
 pub(crate) mod generic;
 
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use crate::error::SimdError;
@@ -105,6 +106,7 @@ type FindFn = unsafe fn(&[u64]) -> Option<usize>;
 type ClearRangesFn = unsafe fn(&mut [u64], &[u64], &[u64]) -> u64;
 type ClearMarkedFn = unsafe fn(&mut [u64], &[u64], usize, u32) -> u64;
 type RangesBoundsFn = unsafe fn(&[u64], &[u64], u64) -> RangesBounds;
+type MarkBlocksFn = unsafe fn(&mut [u64], &[u64], &[u64], Range<u64>, u32);
 type TakeFn = unsafe fn(&mut [u64], u64, u64, usize, &mut Vec<u64>) -> u64;
 
 /// Where a batch of ranges `[starts[i], starts[i] + counts[i])` lies, from one pass over it.
@@ -134,6 +136,7 @@ pub struct Kernels {
     clear_ranges: ClearRangesFn,
     clear_marked: ClearMarkedFn,
     ranges_bounds: RangesBoundsFn,
+    mark_blocks: MarkBlocksFn,
     take: TakeFn,
 }
 
@@ -185,6 +188,16 @@ macro_rules! instantiate {
             generic::ranges_bounds(s, c, npages)
         }
         #[target_feature(enable = $features)]
+        pub(crate) fn mark_blocks(
+            m: &mut [u64],
+            s: &[u64],
+            c: &[u64],
+            blocks: std::ops::Range<u64>,
+            page_shift: u32,
+        ) {
+            generic::mark_blocks(m, s, c, blocks, page_shift)
+        }
+        #[target_feature(enable = $features)]
         pub(crate) fn take(
             w: &mut [u64],
             start: u64,
@@ -212,6 +225,7 @@ macro_rules! table {
             clear_ranges: m::clear_ranges,
             clear_marked: m::clear_marked,
             ranges_bounds: m::ranges_bounds,
+            mark_blocks: m::mark_blocks,
             take: m::take,
         }
     }};
@@ -354,6 +368,22 @@ impl Kernels {
     pub fn ranges_bounds(&self, starts: &[u64], counts: &[u64], npages: u64) -> RangesBounds {
         // SAFETY: see the impl comment: the CPU has this table's features.
         unsafe { (self.ranges_bounds)(starts, counts, npages) }
+    }
+
+    /// Marks in `marks` the blocks of `1 << page_shift` pages of every range (each whole
+    /// blocks inside `blocks`; bit 0 of `marks` is block `blocks.start`): the dense path's
+    /// marking of hints (see [`crate::range_batch`]).
+    #[inline]
+    pub fn mark_blocks(
+        &self,
+        marks: &mut [u64],
+        starts: &[u64],
+        counts: &[u64],
+        blocks: Range<u64>,
+        page_shift: u32,
+    ) {
+        // SAFETY: see the impl comment: the CPU has this table's features.
+        unsafe { (self.mark_blocks)(marks, starts, counts, blocks, page_shift) }
     }
 
     /// Test-and-clears up to `max` set pages of `[start, end)` into `out`; returns the resume pfn.
