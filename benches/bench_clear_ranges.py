@@ -13,6 +13,9 @@ Peers, on the same hints and an all-dirty bitmap restored before every round:
 - limit: one sequential read+write pass (``np.invert(out=)``) over as many bytes as the hints
   cover (all 32 MiB for 262,144 hints, 8 MiB for 65,536), i.e. what streaming through the
   touched bytes costs without the random order.
+- floor: two plain stores per hint, at the words of its first and last page, in the batch's
+  order (from Rust: ``pagehint._core._floor_stores``, a benchmark-only helper), i.e. what
+  touching the hinted lines in the hints' order costs without reading or counting anything.
 """
 
 from __future__ import annotations
@@ -36,10 +39,11 @@ from benches.benchutil import (
     check_then_measure,
 )
 from pagehint import DirtyBitmap
+from pagehint._core import _floor_stores
 
 NBLOCKS = GUEST_PAGES // HINT_PAGES  # 262,144
 BLOCK_WORDS = HINT_PAGES // WORD_BITS  # 16 words = 128 bytes
-IMPLS = ["pagehint", "numpy-mask", "numpy-take", "bitarray", "limit"]
+IMPLS = ["pagehint", "numpy-mask", "numpy-take", "bitarray", "limit", "floor"]
 
 
 @dataclass(frozen=True)
@@ -91,6 +95,14 @@ def _peer(case: Case, impl: str) -> Peer:
             bm.set_all,
             bm.words,
             role="pagehint",
+        )
+    if impl == "floor":
+        floor_words = np.full(nwords, ALL_ONES, dtype=np.uint64)
+        return Peer(
+            "floor: two plain stores per hint (first and last word), in hint order (Rust)",
+            lambda: _floor_stores(floor_words, starts, counts),
+            lambda: floor_words.fill(ALL_ONES),
+            role="floor",
         )
     if impl in ("numpy-mask", "numpy-take", "limit"):
         w = np.full(nwords, ALL_ONES, dtype=np.uint64)

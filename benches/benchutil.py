@@ -95,6 +95,9 @@ def timed(fn: Callable[[], T]) -> tuple[T, float]:
     return result, time.perf_counter() - t0
 
 
+UNCHECKED_ROLES = ("limit", "floor")  # rows that do other work than the operation
+
+
 @dataclass
 class Peer:
     """One implementation of a benchmark's operation.
@@ -103,8 +106,9 @@ class Peer:
     restores the input state (run before every round, untimed); ``state`` returns the words after
     ``run`` (for operations that mutate). ``role`` is ``pagehint``, ``peer`` (a competitor,
     checked against pagehint), ``floor`` (what pagehint's own work cannot go below: pagehint's
-    plainer path or the bare memory accesses; not a competitor) or ``limit`` (a plain memory
-    pass over the same bytes). Floors and limits do other work and are not checked.
+    plainer path, or the least any implementation must do in the operation's own access
+    pattern, e.g. one store per line it touches in the input's order; not a competitor) or
+    ``limit`` (a plain memory pass over the same bytes). Floors and limits are not checked.
     """
 
     label: str
@@ -128,12 +132,12 @@ def check_then_measure(
     words), then times it. ``nbytes`` is the bitmap bytes the operation covers (for GB/s);
     ``report.py`` reads ``impl``, ``role``, ``label`` and ``bytes`` from the JSON's ``extra_info``.
     """
-    if peer.role not in ("pagehint", "peer", "floor", "limit"):
+    if peer.role not in ("pagehint", "peer", *UNCHECKED_ROLES):
         raise ValueError(f"unknown role {peer.role!r}")
     if peer.reset is not None:
         peer.reset()
     result, one_call_s = timed(peer.run)
-    if peer.role in ("pagehint", "peer"):
+    if peer.role not in UNCHECKED_ROLES:
         assert_same(impl, result, expected_result)
         if expected_state is not None:
             assert peer.state is not None, f"{impl}: no state to check"

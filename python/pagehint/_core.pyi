@@ -18,6 +18,7 @@ __all__ = [
     "PackedQueue",
     "SplitQueue",
     "__version__",
+    "_floor_stores",
     "apply_hints",
     "available_simd_levels",
     "simd_level",
@@ -33,6 +34,12 @@ def simd_level() -> str:
 
 def available_simd_levels() -> list[str]:
     """Every level this CPU can run, baseline first."""
+
+def _floor_stores(
+    words: npt.NDArray[np.uint64], starts: npt.NDArray[np.uint64], counts: npt.NDArray[np.uint64]
+) -> None:
+    """Benchmarks only, not API: two plain stores of zero per range into ``words``, at the words
+    of its first and last page, in the order given (the "floor" row of B1)."""
 
 @final
 class DirtyBitmap:

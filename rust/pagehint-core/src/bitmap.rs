@@ -5,7 +5,8 @@
 //! the bitmap exactly as it was. Bits past `npages` in the last word are always zero.
 
 use crate::error::BitmapError;
-use crate::kernels::{self, Kernels};
+use crate::kernels::{self, Kernels, RangesBounds};
+use crate::range_batch;
 use crate::span::{WORD_BITS, bit_of, span, word_of};
 use crate::words::{Words, machine_memory};
 
@@ -169,18 +170,23 @@ impl DirtyBitmap {
             .sum())
     }
 
-    /// Checks a batch of ranges: equal lengths, every range inside the bitmap.
-    fn check_ranges(&self, starts: &[u64], counts: &[u64]) -> Result<(), BitmapError> {
+    /// Checks a batch of ranges: equal lengths, every range inside the bitmap. Returns where
+    /// the batch lies.
+    fn check_ranges(&self, starts: &[u64], counts: &[u64]) -> Result<RangesBounds, BitmapError> {
         if starts.len() != counts.len() {
             return Err(BitmapError::LengthMismatch {
                 left: starts.len(),
                 right: counts.len(),
             });
         }
-        for (&start, &n) in starts.iter().zip(counts) {
-            self.check_range(start, n)?;
+        let bounds = Self::kernels().ranges_bounds(starts, counts, self.npages);
+        if !bounds.inside {
+            // Name the first range outside.
+            for (&start, &n) in starts.iter().zip(counts) {
+                self.check_range(start, n)?;
+            }
         }
-        Ok(())
+        Ok(bounds)
     }
 
     /// Sets pages `[start, end)`, already checked.
@@ -246,10 +252,18 @@ impl DirtyBitmap {
     }
 
     /// Clears every range `[starts[i], starts[i] + counts[i])` (overlaps allowed) and returns how
-    /// many pages were set: the hint hot path. All ranges are checked before any is applied.
+    /// many pages were set: the hint hot path. All ranges are checked before any is applied; a
+    /// batch dense in the span it touches is swept in address order (see
+    /// [`crate::range_batch`]).
     pub fn clear_ranges(&mut self, starts: &[u64], counts: &[u64]) -> Result<u64, BitmapError> {
-        self.check_ranges(starts, counts)?;
-        Ok(Self::kernels().clear_ranges(&mut self.words, starts, counts))
+        let bounds = self.check_ranges(starts, counts)?;
+        Ok(range_batch::clear_batch(
+            Self::kernels(),
+            &mut self.words,
+            starts,
+            counts,
+            &bounds,
+        ))
     }
 
     /// ORs a KVM-layout dirty log into the bitmap: bit `i` of `log[j]` is page

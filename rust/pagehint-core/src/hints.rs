@@ -10,7 +10,20 @@
 use crate::bitmap::DirtyBitmap;
 use crate::error::BitmapError;
 use crate::kernels;
-use crate::memmap::MemoryMap;
+use crate::memmap::{MemoryMap, Region};
+use crate::range_batch::{self, BlockMarks};
+use crate::span::WORD_BITS;
+
+/// Mark blocks of the dense path (log2 words): 16 words, 1024 pages. Hints come one by one,
+/// so their common alignment is not known ahead; Linux hints whole blocks of at least this
+/// (4 MiB of 4 KiB pages, 32 MiB of 16 KiB, 512 MiB of 64 KiB), and the part of any other
+/// hint outside whole blocks is cleared directly.
+const HINT_BLOCK_SHIFT: u32 = 4;
+
+/// The bitmap words the map's pages occupy: the span of every range decoded through it.
+fn map_words(map: &MemoryMap) -> usize {
+    usize::try_from(map.npages().div_ceil(WORD_BITS)).unwrap_or(usize::MAX)
+}
 
 /// Why hints were rejected, counted by reason.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -56,10 +69,13 @@ pub struct HintOutcome {
 /// kernel's prefetching runs across the batch.
 const BATCH: usize = 256;
 
-/// Applies hints one at a time to a bitmap, clearing them in L1-sized batches with each range's
-/// lines prefetched as it is decoded; [`finish`](Self::finish) clears the rest and reports.
-/// Used by [`apply_hints`] for flat arrays and by the queue readers for hints straight from a
-/// ring, so both share one decoding path.
+/// Applies hints one at a time to a bitmap; [`finish`](Self::finish) clears the rest and
+/// reports. While the hints are few for the map's size they are cleared in L1-sized batches
+/// with each range's lines prefetched as it is decoded (the sparse path of
+/// [`crate::range_batch`]); once they are many (or [`expecting`](Self::expecting) says they
+/// will be), the ranges are marked and the marked words swept in address order at the end
+/// (the dense path). Used by [`apply_hints`] for flat arrays and by the queue readers for hints
+/// straight from a ring, so both share one decoding path.
 #[derive(Debug)]
 pub struct HintApplier<'a> {
     map: &'a MemoryMap,
@@ -68,6 +84,13 @@ pub struct HintApplier<'a> {
     starts: [u64; BATCH],
     counts: [u64; BATCH],
     n: usize,
+    /// Ranges queued so far, and from how many on the dense path pays for the map.
+    queued: usize,
+    dense_from: usize,
+    /// The dense path's marks over the map's words, once taken.
+    marks: Option<BlockMarks>,
+    /// The region of the last hint that lay in one (an empty one at first).
+    last_region: Region,
     out: HintOutcome,
     /// `(pfn, pages)` of every range queued, when asked for with [`Self::recording`].
     ranges: Option<Vec<(u64, u64)>>,
@@ -91,9 +114,31 @@ impl<'a> HintApplier<'a> {
             starts: [0; BATCH],
             counts: [0; BATCH],
             n: 0,
+            queued: 0,
+            dense_from: range_batch::dense_from(map_words(map)),
+            marks: None,
+            last_region: Region::default(),
             out: HintOutcome::default(),
             ranges: None,
         })
+    }
+
+    /// Tells the applier that about `hints` hints are coming, so that a batch large enough
+    /// for the dense path takes it from the first hint.
+    #[must_use]
+    pub fn expecting(mut self, hints: usize) -> Self {
+        if range_batch::Path::for_batch(hints, map_words(self.map)) == range_batch::Path::Dense {
+            self.go_dense();
+        }
+        self
+    }
+
+    /// Clears what is buffered and marks every range from now on.
+    fn go_dense(&mut self) {
+        if self.marks.is_none() {
+            self.flush();
+            self.marks = Some(BlockMarks::new(0..map_words(self.map), HINT_BLOCK_SHIFT));
+        }
     }
 
     /// Also keeps the page ranges it clears, for [`Self::finish_with_ranges`]: a VMM that
@@ -106,7 +151,7 @@ impl<'a> HintApplier<'a> {
 
     /// Takes one `(gpa, len)` hint: rejects it whole (counted) or queues the pages it fully
     /// covers for clearing.
-    #[inline]
+    #[inline(always)]
     pub fn add(&mut self, gpa: u64, len: u64) {
         self.out.hints += 1;
         if len == 0 {
@@ -123,9 +168,18 @@ impl<'a> HintApplier<'a> {
             }
             return;
         };
+        // The usual case: the whole hint inside the region of the previous one (a 1 TiB
+        // guest has two regions, the 4 GiB below the PCI hole being the smaller).
+        let last = self.last_region;
+        if last.gpa <= gpa && end <= last.end() {
+            self.add_piece(last.first_pfn, gpa - last.gpa, len);
+            return;
+        }
         match self.map.region_of(gpa) {
-            // The usual case: the whole hint inside one region.
-            Some(r) if end <= r.end() => self.add_piece(r.first_pfn, gpa - r.gpa, len),
+            Some(r) if end <= r.end() => {
+                self.last_region = *r;
+                self.add_piece(r.first_pfn, gpa - r.gpa, len);
+            }
             _ => {
                 let Some(pieces) = self.map.pieces(gpa, len) else {
                     self.out.rejected.outside_ram += 1;
@@ -141,24 +195,38 @@ impl<'a> HintApplier<'a> {
     /// Queues the pages fully inside `[offset, offset + len)` of the region starting at bitmap
     /// page `first_pfn`: regions are page aligned, so rounding inside a region is rounding the
     /// hint.
-    #[inline]
+    #[inline(always)]
     fn add_piece(&mut self, first_pfn: u64, offset: u64, len: u64) {
-        let first = offset.div_ceil(self.map.page_size());
-        let last = (offset + len) >> self.map.page_shift();
+        let shift = self.map.page_shift();
+        // Rounded up with shifts: a division per hint costs more than the rest of decoding.
+        let first = (offset >> shift) + u64::from(offset & ((1 << shift) - 1) != 0);
+        let last = (offset + len) >> shift;
         if last <= first {
+            return;
+        }
+        let (pfn, pages) = (first_pfn + first, last - first);
+        self.out.pages_hinted += pages;
+        if let Some(marks) = self.marks.as_mut() {
+            // Every range lies inside the map, so inside the marks.
+            self.out.pages_cleared += marks.add(self.words, pfn, pfn + pages);
+            if let Some(ranges) = self.ranges.as_mut() {
+                ranges.push((pfn, pages));
+            }
             return;
         }
         if self.n == BATCH {
             self.flush();
         }
-        let (pfn, pages) = (first_pfn + first, last - first);
         // Start fetching the range's bitmap lines now; by the time the batch is cleared they
         // have arrived.
         kernels::generic::prefetch_range(self.words, pfn, pages);
         self.starts[self.n] = pfn;
         self.counts[self.n] = pages;
         self.n += 1;
-        self.out.pages_hinted += pages;
+        self.queued += 1;
+        if self.queued >= self.dense_from {
+            self.go_dense();
+        }
     }
 
     fn flush(&mut self) {
@@ -186,6 +254,9 @@ impl<'a> HintApplier<'a> {
     /// [`Self::recording`] (empty otherwise).
     pub fn finish_with_ranges(mut self) -> (HintOutcome, Vec<(u64, u64)>) {
         self.flush();
+        if let Some(marks) = self.marks.take() {
+            self.out.pages_cleared += marks.sweep(self.kernels, self.words);
+        }
         (self.out, self.ranges.take().unwrap_or_default())
     }
 }
@@ -196,7 +267,8 @@ pub fn apply_hints(
     map: &MemoryMap,
     hints: impl IntoIterator<Item = (u64, u64)>,
 ) -> Result<HintOutcome, BitmapError> {
-    let mut applier = HintApplier::new(bitmap, map)?;
+    let hints = hints.into_iter();
+    let mut applier = HintApplier::new(bitmap, map)?.expecting(hints.size_hint().0);
     for (gpa, len) in hints {
         applier.add(gpa, len);
     }
@@ -211,7 +283,10 @@ pub fn apply_hints_recording(
     map: &MemoryMap,
     hints: impl IntoIterator<Item = (u64, u64)>,
 ) -> Result<(HintOutcome, Vec<(u64, u64)>), BitmapError> {
-    let mut applier = HintApplier::new(bitmap, map)?.recording();
+    let hints = hints.into_iter();
+    let mut applier = HintApplier::new(bitmap, map)?
+        .recording()
+        .expecting(hints.size_hint().0);
     for (gpa, len) in hints {
         applier.add(gpa, len);
     }
@@ -239,6 +314,62 @@ mod tests {
         assert_eq!(ranges[..2], [(0, 1), (3, 1)]);
         assert_eq!(ranges[300], (1023, 1));
         assert_eq!(ranges.iter().map(|r| r.1).sum::<u64>(), out.pages_hinted);
+    }
+
+    #[test]
+    fn dense_sparse_and_switching_appliers_agree() {
+        // 8 MiB low, 8 MiB at 4 GiB: 4096 pages, 64 words, so the dense path starts at 64 ranges.
+        let map = MemoryMap::x86(16 << 20, 8 << 20, 4096).expect("map");
+        let mut seed = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move |bound: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % bound
+        };
+        // Unaligned, whole 4 MiB blocks, some across the hole or outside RAM, overlapping.
+        let hints: Vec<(u64, u64)> = (0..500)
+            .map(|i| match i % 4 {
+                0 => (next(8 << 20), next(300_000)),
+                1 => ((4 << 30) + (next(2) << 22), 4 << 20),
+                2 => ((8 << 20) - next(40_000), next(80_000)),
+                _ => ((4 << 30) + next(8 << 20), next(1 << 20)),
+            })
+            .collect();
+        let mut dirty = DirtyBitmap::new(map.npages()).expect("bitmap");
+        for _ in 0..200 {
+            let s = next(map.npages());
+            dirty
+                .set_range(s, next(100).min(map.npages() - s))
+                .expect("in range");
+        }
+        let run = |expect: usize, chunk: usize| {
+            let mut bm = dirty.try_clone().expect("clone");
+            let mut out = HintOutcome::default();
+            for part in hints.chunks(chunk) {
+                let mut a = HintApplier::new(&mut bm, &map)
+                    .expect("fits")
+                    .expecting(expect);
+                for &(gpa, len) in part {
+                    a.add(gpa, len);
+                }
+                let o = a.finish();
+                out.hints += o.hints;
+                out.pages_hinted += o.pages_hinted;
+                out.pages_cleared += o.pages_cleared;
+                out.rejected.overflow += o.rejected.overflow;
+                out.rejected.outside_ram += o.rejected.outside_ram;
+                out.rejected.zero_length += o.rejected.zero_length;
+            }
+            (out, bm)
+        };
+        // Dense from the start; sparse until 64 ranges, then dense; sparse only (< 64 each).
+        let dense = run(500, 500);
+        let switching = run(0, 500);
+        let sparse = run(0, 40);
+        assert!(dense.0.pages_cleared > 0 && dense.0.rejected.total() > 0);
+        assert_eq!(dense, switching);
+        assert_eq!(dense, sparse);
     }
 
     #[test]

@@ -115,6 +115,7 @@ pub mod guest_memory;
 pub mod hints;
 pub mod kernels;
 pub mod memmap;
+pub mod range_batch;
 pub mod span;
 #[cfg(feature = "test-utils")]
 pub mod test_utils;

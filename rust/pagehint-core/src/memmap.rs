@@ -14,7 +14,7 @@ const LINEAR_REGIONS: usize = 4;
 pub const MAX_PAGE_SIZE: u64 = 64 << 10;
 
 /// One RAM region.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Region {
     /// Guest-physical start, page aligned.
     pub gpa: u64,

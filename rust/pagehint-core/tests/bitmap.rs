@@ -441,3 +441,62 @@ fn a_bad_sparse_image_changes_nothing() {
     bm.load_sparse_image(&[], &[]).expect("empty");
     assert_eq!(bm.count_all(), 0);
 }
+
+/// `clear_ranges` on batches either side of the density rule (few ranges: sparse; many in a
+/// small span: dense), with overlapping, unaligned and whole-word ranges in no order, against a
+/// page-by-page model.
+#[test]
+fn clear_ranges_agrees_with_a_model_on_both_sides_of_the_density_rule() {
+    use pagehint_core::range_batch::{Path, span_words};
+    let npages = 64 * 1000;
+    let mut seed = 0x2545_f491_4f6c_dd1du64;
+    let mut next = move |bound: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % bound
+    };
+    // The last batch is all whole 1024-page blocks, as free page hints are: marked a block
+    // per bit without any direct clear.
+    for (nranges, path, kinds) in [
+        (10, Path::Sparse, 3),
+        (400, Path::Dense, 3),
+        (400, Path::Dense, 1),
+    ] {
+        let mut bm = DirtyBitmap::new(npages).expect("bitmap");
+        let (mut starts, mut counts) = (Vec::new(), Vec::new());
+        for _ in 0..3000 {
+            let s = next(npages);
+            bm.set_range(s, next(200).min(npages - s))
+                .expect("in range");
+        }
+        for i in 0..nranges {
+            let (s, n) = match i % kinds {
+                0 if kinds == 1 => (next(npages / 1024) * 1024, 1024), // a 4 MiB hint
+                0 => (next(npages), next(300)),                        // unaligned
+                1 => (next(npages / 64) * 64, 64 * 16),                // 16 words
+                _ => (next(npages / 2), next(npages / 8)),             // long, overlapping others
+            };
+            let n = n.min(npages - s);
+            starts.push(s);
+            counts.push(n);
+        }
+        let span = span_words(&starts, &counts);
+        assert_eq!(
+            Path::for_batch(nranges, span.len()),
+            path,
+            "{nranges} ranges"
+        );
+        let mut model: Vec<bool> = (0..npages).map(|p| bm.test(p) == Ok(true)).collect();
+        let mut expect = 0;
+        for (&s, &n) in starts.iter().zip(&counts) {
+            for p in s..s + n {
+                expect += u64::from(std::mem::take(&mut model[p as usize]));
+            }
+        }
+        assert_eq!(bm.clear_ranges(&starts, &counts), Ok(expect), "{path:?}");
+        for (p, &dirty) in model.iter().enumerate() {
+            assert_eq!(bm.test(p as u64), Ok(dirty), "page {p} after {path:?}");
+        }
+    }
+}

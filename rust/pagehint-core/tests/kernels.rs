@@ -2,6 +2,7 @@
 // Test oracles index small Vec<bool> models by page number; the sizes are tiny.
 #![allow(clippy::cast_possible_truncation, clippy::cast_lossless)]
 
+use pagehint_core::range_batch::{MAX_BLOCK_SHIFT, Path, clear_batch_by};
 use pagehint_core::{Kernels, Level};
 use proptest::collection::vec;
 use proptest::prelude::*;
@@ -88,17 +89,27 @@ proptest! {
     }
 
     #[test]
-    fn clear_ranges_matches_oracle(
+    fn clear_ranges_matches_oracle_on_both_paths(
         words in words_strategy(200),
-        ranges in vec((any::<u64>(), 0u64..400), 0..40),
+        ranges in vec((any::<u64>(), 0u64..400, any::<bool>()), 0..40),
+        grain in 0u32..=4,
+        all_whole in any::<bool>(),
     ) {
         let npages = words.len() as u64 * 64;
-        // Clip random ranges into the words (the bitmap validates before calling the kernel).
+        // Clip random ranges into the words (the bitmap validates before calling the kernel);
+        // some, or all, are whole blocks of `64 << grain` pages, the usual shape of hints.
+        let block = 64u64 << grain;
         let (starts, counts): (Vec<u64>, Vec<u64>) = ranges
             .iter()
-            .map(|&(s, n)| {
+            .map(|&(s, n, whole)| {
                 let s = if npages == 0 { 0 } else { s % npages };
-                (s, n.min(npages - s))
+                if whole || all_whole {
+                    let s = s / block * block;
+                    let n = (n * 11).div_ceil(block) * block;
+                    (s, n.min((npages - s) / block * block))
+                } else {
+                    (s, n.min(npages - s))
+                }
             })
             .unzip();
         let mut expect = words.clone();
@@ -114,6 +125,95 @@ proptest! {
         for k in levels() {
             let mut w = words.clone();
             prop_assert_eq!(k.clear_ranges(&mut w, &starts, &counts), cleared, "{:?}", k.level());
+            prop_assert_eq!(&w, &expect, "{:?}", k.level());
+            // The sparse path, and the dense one with every block size.
+            let paths = [(Path::Sparse, 0)]
+                .into_iter()
+                .chain((0..=MAX_BLOCK_SHIFT).map(|shift| (Path::Dense, shift)));
+            for (path, shift) in paths {
+                let mut w = words.clone();
+                prop_assert_eq!(
+                    clear_batch_by(path, shift, &k, &mut w, &starts, &counts),
+                    cleared,
+                    "{:?} {:?} {}",
+                    k.level(),
+                    path,
+                    shift
+                );
+                prop_assert_eq!(&w, &expect, "{:?} {:?} {}", k.level(), path, shift);
+            }
+        }
+    }
+
+    #[test]
+    fn ranges_bounds_matches_oracle(
+        ranges in vec(
+            (
+                prop_oneof![0u64..2000, any::<u64>()],
+                prop_oneof![Just(0u64), 0u64..500, any::<u64>()],
+            ),
+            0..70,
+        ),
+        npages in 0u64..3000,
+    ) {
+        let (starts, counts): (Vec<u64>, Vec<u64>) = ranges.iter().copied().unzip();
+        let inside = ranges
+            .iter()
+            .all(|&(s, n)| s.checked_add(n).is_some_and(|e| e <= npages));
+        let first = ranges.iter().map(|r| r.0).min().unwrap_or(u64::MAX);
+        let end = ranges.iter().map(|r| r.0.wrapping_add(r.1)).max().unwrap_or(0);
+        let align = ranges.iter().fold(0, |a, r| a | r.0 | r.1);
+        for k in levels() {
+            let got = k.ranges_bounds(&starts, &counts, npages);
+            prop_assert_eq!(got.inside, inside, "{:?}", k.level());
+            prop_assert_eq!((got.first, got.align), (first, align), "{:?}", k.level());
+            // The end only means something for a batch inside the bitmap.
+            if inside {
+                prop_assert_eq!(got.end, end, "{:?}", k.level());
+            }
+        }
+    }
+
+    #[test]
+    fn clear_marked_matches_oracle(
+        words in words_strategy(600),
+        first in any::<usize>(),
+        marks in vec(any::<u64>(), 0..6),
+        shift in 0u32..=MAX_BLOCK_SHIFT,
+    ) {
+        let first = if words.is_empty() { 0 } else { first % words.len() };
+        let block = 1usize << shift;
+        // Only blocks wholly inside `words` may be marked.
+        let marks: Vec<u64> = marks
+            .iter()
+            .enumerate()
+            .map(|(k, &m)| {
+                (0..64)
+                    .filter(|b| first + ((k * 64 + b + 1) << shift) <= words.len())
+                    .fold(0, |acc, b| acc | (m & (1 << b)))
+            })
+            .collect();
+        let mut expect = words.clone();
+        let mut cleared = 0u64;
+        for (k, &m) in marks.iter().enumerate() {
+            for b in 0..64 {
+                if m >> b & 1 == 1 {
+                    let at = first + ((k * 64 + b) << shift);
+                    for w in &mut expect[at..at + block] {
+                        cleared += u64::from(w.count_ones());
+                        *w = 0;
+                    }
+                }
+            }
+        }
+        for k in levels() {
+            let mut w = words.clone();
+            prop_assert_eq!(
+                k.clear_marked(&mut w, &marks, first, shift),
+                cleared,
+                "{:?}",
+                k.level()
+            );
             prop_assert_eq!(&w, &expect, "{:?}", k.level());
         }
     }

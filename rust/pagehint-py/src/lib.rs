@@ -2,6 +2,7 @@
 //! error mapping (in `errors`) and GIL release; the work happens in the core crate.
 
 mod args;
+mod bench;
 mod bitmap;
 mod errors;
 mod memmap;
@@ -40,5 +41,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<virtq::PyPackedQueue>()?;
     m.add_function(wrap_pyfunction!(simd_level, m)?)?;
     m.add_function(wrap_pyfunction!(available_simd_levels, m)?)?;
+    m.add_function(wrap_pyfunction!(bench::_floor_stores, m)?)?;
     Ok(())
 }

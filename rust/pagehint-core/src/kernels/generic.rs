@@ -8,8 +8,10 @@
 //! zero, and clean cache lines are not written back.
 
 use std::mem::MaybeUninit;
+use std::ops::Range;
 
-use crate::span::{WORD_BITS, span, word_of};
+use super::RangesBounds;
+use crate::span::{Span, WORD_BITS, span, word_of};
 
 /// Words per block of the modifying loops: 512 bytes, small enough to stay in L1 between the
 /// counting pass and the store pass, large enough that the horizontal sum is rare.
@@ -137,14 +139,45 @@ pub fn find_not_full(words: &[u64]) -> Option<usize> {
 #[inline(always)]
 pub fn clear_range(words: &mut [u64], start: u64, end: u64) -> u64 {
     let s = span(start, end);
+    clear_edges(words, &s) + clear_count(&mut words[s.body])
+}
+
+/// Clears the partly covered head and tail words of `s`, returning how many of their pages
+/// were set. A word with nothing to clear is not written.
+#[inline(always)]
+pub fn clear_edges(words: &mut [u64], s: &Span) -> u64 {
     let mut cleared = 0;
     for (w, mask) in s.head.into_iter().chain(s.tail) {
-        cleared += u64::from((words[w] & mask).count_ones());
-        if words[w] & mask != 0 {
+        let was = words[w] & mask;
+        if was != 0 {
+            cleared += u64::from(was.count_ones());
             words[w] &= !mask;
         }
     }
-    cleared + clear_count(&mut words[s.body])
+    cleared
+}
+
+/// What a batch of ranges spans (see [`RangesBounds`]). Plain reductions, so that it
+/// vectorizes: checking a batch of hints costs a fraction of clearing it.
+#[inline(always)]
+pub fn ranges_bounds(starts: &[u64], counts: &[u64], npages: u64) -> RangesBounds {
+    let (mut first, mut last_start, mut longest, mut end) = (u64::MAX, 0u64, 0u64, 0u64);
+    let mut align = 0;
+    for (&s, &n) in starts.iter().zip(counts) {
+        first = first.min(s);
+        last_start = last_start.max(s);
+        longest = longest.max(n);
+        end = end.max(s.wrapping_add(n));
+        align |= s | n;
+    }
+    // Starts and lengths both at most `npages` (< 2^63) cannot wrap when added, so then `end`
+    // is the true highest end.
+    RangesBounds {
+        inside: last_start <= npages && longest <= npages && end <= npages,
+        first,
+        end,
+        align,
+    }
 }
 
 /// How far ahead `clear_ranges` looks to start fetching a hint's cache lines. Measured on
@@ -171,6 +204,94 @@ pub fn clear_ranges(words: &mut [u64], starts: &[u64], counts: &[u64]) -> u64 {
         cleared += clear_range(words, start, start + n);
     }
     cleared
+}
+
+/// Clears the blocks of `1 << shift` words that `marks` marks, in address order, returning how
+/// many pages were set: bit `b` of `marks[k]` stands for the block at word
+/// `first_word + ((64 * k + b) << shift)`. Every marked block is inside `words` (the caller
+/// marked only blocks of validated ranges). One pass over the marks and the marked words in
+/// ascending order, which the hardware prefetcher streams, whatever order the ranges came in.
+#[inline(always)]
+pub fn clear_marked(words: &mut [u64], marks: &[u64], first_word: usize, shift: u32) -> u64 {
+    let mut cleared = 0;
+    for (k, &mark) in marks.iter().enumerate() {
+        if mark == 0 {
+            continue;
+        }
+        let base = first_word + (k << (6 + shift));
+        if mark == u64::MAX {
+            cleared += clear_count(&mut words[base..base + (64 << shift)]);
+            continue;
+        }
+        // Each run of marked blocks at once.
+        let mut rest = mark;
+        while rest != 0 {
+            let lo = rest.trailing_zeros();
+            let len = (!(rest >> lo)).trailing_zeros();
+            let at = base + ((lo as usize) << shift);
+            cleared += clear_count(&mut words[at..at + ((len as usize) << shift)]);
+            rest &= !crate::span::bits_mask(u64::from(lo), u64::from(lo + len));
+        }
+    }
+    cleared
+}
+
+/// Sets the mark bits of blocks `[lo, hi)`, counted from block 0, in `marks`, whose bit 0 is
+/// block `blocks.start`; `[lo, hi)` must lie inside `blocks` (else a panic: a caller bug).
+#[inline(always)]
+pub fn mark_block_range(marks: &mut [u64], blocks: Range<u64>, lo: u64, hi: u64) {
+    if lo >= hi {
+        return;
+    }
+    assert!(
+        blocks.start <= lo && hi <= blocks.end,
+        "blocks outside the marked range"
+    );
+    let (lo, hi) = (bit_index(lo - blocks.start), bit_index(hi - blocks.start));
+    if hi - lo == 1 {
+        marks[lo / 64] |= 1 << (lo % 64);
+        return;
+    }
+    let (first, last) = (lo / 64, (hi - 1) / 64);
+    let head = u64::MAX << (lo % 64);
+    let tail = u64::MAX >> (63 - (hi - 1) % 64);
+    if first == last {
+        marks[first] |= head & tail;
+    } else {
+        marks[first] |= head;
+        if last > first + 1 {
+            marks[first + 1..last].fill(u64::MAX);
+        }
+        marks[last] |= tail;
+    }
+}
+
+/// Marks, for every range `[starts[i], starts[i] + counts[i])` (each starting and ending on a
+/// block of `1 << page_shift` pages, inside `blocks`), its blocks in `marks` (see
+/// [`mark_block_range`]).
+#[inline(always)]
+pub fn mark_blocks(
+    marks: &mut [u64],
+    starts: &[u64],
+    counts: &[u64],
+    blocks: Range<u64>,
+    page_shift: u32,
+) {
+    for (&s, &n) in starts.iter().zip(counts) {
+        mark_block_range(
+            marks,
+            blocks.clone(),
+            s >> page_shift,
+            (s + n) >> page_shift,
+        );
+    }
+}
+
+/// A mark bit's index as a `usize`: marks cover at most the bitmap's words, which fit.
+#[inline(always)]
+#[allow(clippy::cast_possible_truncation)]
+const fn bit_index(bit: u64) -> usize {
+    bit as usize
 }
 
 /// Prefetches the first and last bitmap line of pages `[pfn, pfn + pages)`.

@@ -14,6 +14,7 @@ mod vbmi2;
 
 pub use generic::TAKE_SPARE;
 
+use std::ops::Range;
 use std::sync::OnceLock;
 
 use crate::error::SimdError;
@@ -110,7 +111,23 @@ type ModifyFn = unsafe fn(&mut [u64]) -> u64;
 type MergeFn = unsafe fn(&mut [u64], &[u64]) -> u64;
 type FindFn = unsafe fn(&[u64]) -> Option<usize>;
 type ClearRangesFn = unsafe fn(&mut [u64], &[u64], &[u64]) -> u64;
+type ClearMarkedFn = unsafe fn(&mut [u64], &[u64], usize, u32) -> u64;
+type RangesBoundsFn = unsafe fn(&[u64], &[u64], u64) -> RangesBounds;
+type MarkBlocksFn = unsafe fn(&mut [u64], &[u64], &[u64], Range<u64>, u32);
 type TakeFn = unsafe fn(&mut [u64], u64, u64, usize, &mut Vec<u64>) -> u64;
+
+/// Where a batch of ranges `[starts[i], starts[i] + counts[i])` lies, from one pass over it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangesBounds {
+    /// Every range ends inside the pages given, without overflowing.
+    pub inside: bool,
+    /// The lowest start (`u64::MAX` for no ranges).
+    pub first: u64,
+    /// The highest end (0 for no ranges); the true one when `inside`.
+    pub end: u64,
+    /// Every start and length ORed: its trailing zeros are the alignment they all share.
+    pub align: u64,
+}
 
 /// One level's kernels. Obtainable only through [`Kernels::for_level`], which checks the CPU, so
 /// holding one proves its functions may be called.
@@ -124,6 +141,9 @@ pub struct Kernels {
     find_nonzero: FindFn,
     find_not_full: FindFn,
     clear_ranges: ClearRangesFn,
+    clear_marked: ClearMarkedFn,
+    ranges_bounds: RangesBoundsFn,
+    mark_blocks: MarkBlocksFn,
     take: TakeFn,
 }
 
@@ -163,6 +183,28 @@ macro_rules! instantiate {
             generic::clear_ranges(w, s, c)
         }
         #[target_feature(enable = $features)]
+        pub(crate) fn clear_marked(w: &mut [u64], marks: &[u64], first: usize, shift: u32) -> u64 {
+            generic::clear_marked(w, marks, first, shift)
+        }
+        #[target_feature(enable = $features)]
+        pub(crate) fn ranges_bounds(
+            s: &[u64],
+            c: &[u64],
+            npages: u64,
+        ) -> crate::kernels::RangesBounds {
+            generic::ranges_bounds(s, c, npages)
+        }
+        #[target_feature(enable = $features)]
+        pub(crate) fn mark_blocks(
+            m: &mut [u64],
+            s: &[u64],
+            c: &[u64],
+            blocks: std::ops::Range<u64>,
+            page_shift: u32,
+        ) {
+            generic::mark_blocks(m, s, c, blocks, page_shift)
+        }
+        #[target_feature(enable = $features)]
         pub(crate) fn take(
             w: &mut [u64],
             start: u64,
@@ -188,6 +230,9 @@ macro_rules! table {
             find_nonzero: m::find_nonzero,
             find_not_full: m::find_not_full,
             clear_ranges: m::clear_ranges,
+            clear_marked: m::clear_marked,
+            ranges_bounds: m::ranges_bounds,
+            mark_blocks: m::mark_blocks,
             take: m::take,
         }
     }};
@@ -326,11 +371,52 @@ impl Kernels {
         unsafe { (self.find_not_full)(words) }
     }
 
-    /// Clears validated ranges, returning how many pages were set.
+    /// Clears validated ranges one after another (prefetching ahead), returning how many
+    /// pages were set: the path for sparse batches (see [`crate::range_batch`]).
     #[inline]
     pub fn clear_ranges(&self, words: &mut [u64], starts: &[u64], counts: &[u64]) -> u64 {
         // SAFETY: see the impl comment: the CPU has this table's features.
         unsafe { (self.clear_ranges)(words, starts, counts) }
+    }
+
+    /// Clears the blocks of `1 << shift` words marked in `marks` (bit `b` of `marks[k]` is the
+    /// block at word `first_word + ((64k + b) << shift)`, each inside `words`) in address order,
+    /// returning how many pages were set: the sweep of dense batches (see
+    /// [`crate::range_batch`]).
+    #[inline]
+    pub fn clear_marked(
+        &self,
+        words: &mut [u64],
+        marks: &[u64],
+        first_word: usize,
+        shift: u32,
+    ) -> u64 {
+        // SAFETY: see the impl comment: the CPU has this table's features.
+        unsafe { (self.clear_marked)(words, marks, first_word, shift) }
+    }
+
+    /// Where the ranges `[starts[i], starts[i] + counts[i])` (over the common length) lie
+    /// against `npages` pages, `npages < 2^63`.
+    #[inline]
+    pub fn ranges_bounds(&self, starts: &[u64], counts: &[u64], npages: u64) -> RangesBounds {
+        // SAFETY: see the impl comment: the CPU has this table's features.
+        unsafe { (self.ranges_bounds)(starts, counts, npages) }
+    }
+
+    /// Marks in `marks` the blocks of `1 << page_shift` pages of every range (each whole
+    /// blocks inside `blocks`; bit 0 of `marks` is block `blocks.start`): the dense path's
+    /// marking of hints (see [`crate::range_batch`]).
+    #[inline]
+    pub fn mark_blocks(
+        &self,
+        marks: &mut [u64],
+        starts: &[u64],
+        counts: &[u64],
+        blocks: Range<u64>,
+        page_shift: u32,
+    ) {
+        // SAFETY: see the impl comment: the CPU has this table's features.
+        unsafe { (self.mark_blocks)(marks, starts, counts, blocks, page_shift) }
     }
 
     /// Test-and-clears up to `max` set pages of `[start, end)` into `out`; returns the resume pfn.
