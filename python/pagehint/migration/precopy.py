@@ -293,13 +293,16 @@ class Precopy:
     def _ram_save_host_pages(self, max_pages: int, *, running: bool) -> int:
         """ram_find_and_save_block over a batch: takes up to ``max_pages`` dirty pages from
         the cursor and sends them; returns the stream bytes."""
-        taken = self.bitmap.take_dirty(max_pages, self._cursor)
-        if len(taken) < max_pages:
+        starts, counts = self.bitmap.take_dirty_runs(max_pages, self._cursor)
+        taken = int(counts.sum())
+        if taken < max_pages:
             # Wrap around: the rest of the pass starts again from page 0.
-            taken = np.concatenate([taken, self.bitmap.take_dirty(max_pages - len(taken), 0)])
-        if not len(taken):
+            more_starts, more_counts = self.bitmap.take_dirty_runs(max_pages - taken, 0)
+            starts = np.concatenate([starts, more_starts])
+            counts = np.concatenate([counts, more_counts])
+        if not len(starts):
             return 0
-        runs = PageRuns.of_pfns(taken.astype(np.int64))
+        runs = PageRuns(starts.astype(np.int64), counts.astype(np.int64))
         self._dirty_pages -= runs.pages
         last = runs.last()
         self._cursor = last + 1 if last + 1 < self.npages else 0
