@@ -450,6 +450,18 @@ def test_used_fraction_takes_whole_blocks() -> None:
     assert int(np.count_nonzero(~is_zero(contents))) == len(kernel)
 
 
+def test_pages_at_an_index_are_those_of_the_whole_list() -> None:
+    guest = SimulatedGuest(holed_map(), used=0.3, seed=5)
+    assert guest.kernel_page_count == len(guest.kernel_pages())
+    index = np.random.default_rng(1).integers(0, guest.kernel_page_count, 500)
+    assert guest.kernel_pages(index).tolist() == guest.kernel_pages()[index].tolist()
+    blocks = i64([7, 2, 11])
+    index = i64([0, 1023, 1024, 2047, 2048, 3071, 5])
+    assert guest.block_pages_at(blocks, index).tolist() == (
+        guest.block_pages(blocks)[index].tolist()
+    )
+
+
 def test_used_data_writes_only_the_first_pages_of_the_boot_blocks() -> None:
     guest = SimulatedGuest(small_map(), used=2 / 16, used_data=0.25)
     kernel = guest.kernel_pages().reshape(2, 1024)

@@ -103,6 +103,9 @@ class PageContents:
         # Where runs are cut into segments: every block's first page and the page after it.
         bounds = np.stack([block_pfn, block_pfn + pages_per_block], axis=1).ravel()
         self._edges = bounds[np.diff(bounds, prepend=-1) != 0]  # a block's end is the next's start
+        # The block from each edge to the next (-1: none), and a last -1 for before the first.
+        self._edge_block = np.append(self.block_of(self._edges), -1)
+        self._edges_after = np.append(self._edges, 0)  # indexable one past the last edge
 
     def block_pages(self, blocks: _I64Array) -> _I64Array:
         """The page numbers of ``blocks``, block by block."""
@@ -170,22 +173,19 @@ class PageContents:
         """Runs ``[starts[i], +counts[i])`` (none empty) cut at block edges: each segment's
         start, length, block (-1 for none), run and offset inside its run."""
         ends = starts + counts
-        edges = self._edges
-        if not len(edges):
-            run = np.arange(len(starts), dtype=np.int64)
-            return starts, counts, np.full(len(starts), -1, np.int64), run, np.zeros_like(run)
         # The edges strictly inside each run cut it: run i has cuts[i] + 1 segments.
-        first_cut = np.searchsorted(edges, starts, side="right")
-        cuts = np.searchsorted(edges, ends, side="left") - first_cut
+        first_cut = self._edges.searchsorted(starts, side="right")
+        cuts = self._edges.searchsorted(ends, side="left") - first_cut
         nseg = cuts + 1
         run = np.repeat(np.arange(len(starts), dtype=np.int64), nseg)
         k = np.arange(len(run), dtype=np.int64) - np.repeat(np.cumsum(nseg) - nseg, nseg)
-        edge = np.repeat(first_cut, nseg) + k  # the edge segment k ends at, if it is a cut
-        last = len(edges) - 1
-        seg_start = np.where(k == 0, starts[run], edges[np.clip(edge - 1, 0, last)])
-        seg_end = np.where(k == cuts[run], ends[run], edges[np.clip(edge, 0, last)])
+        # The last edge at or before segment k's start (-1: none); the segment lies between
+        # it and the next edge, so in that edge's block or in none.
+        prev = np.repeat(first_cut - 1, nseg) + k
+        seg_start = np.where(k == 0, starts[run], self._edges_after[prev])
+        seg_end = np.where(k == cuts[run], ends[run], self._edges_after[prev + 1])
         offset = seg_start - starts[run]
-        return seg_start, seg_end - seg_start, self.block_of(seg_start), run, offset
+        return seg_start, seg_end - seg_start, self._edge_block[prev], run, offset
 
     def read_runs(self, starts: _I64Array, counts: _I64Array) -> RunContents:
         """The contents of runs ``[starts[i], +counts[i])`` (none empty, none overlapping)."""

@@ -174,9 +174,23 @@ class SimulatedGuest:
         """The page numbers of ``blocks``."""
         return self.contents.block_pages(blocks)
 
-    def kernel_pages(self) -> _I64Array:
-        """Pages of the blocks the kernel holds since boot."""
-        return self.block_pages(self._kernel_blocks)
+    def block_pages_at(self, blocks: _I64Array, index: _I64Array) -> _I64Array:
+        """``block_pages(blocks)[index]``, without making the list of every page."""
+        ppb = self.pages_per_block
+        pfns: _I64Array = self.block_pfn[blocks[index // ppb]] + index % ppb
+        return pfns
+
+    @property
+    def kernel_page_count(self) -> int:
+        """How many pages the kernel's boot blocks hold."""
+        return len(self._kernel_blocks) * self.pages_per_block
+
+    def kernel_pages(self, index: _I64Array | None = None) -> _I64Array:
+        """Pages of the blocks the kernel holds since boot, block by block; with ``index``,
+        only those at ``index`` in that list (without making it)."""
+        if index is None:
+            return self.block_pages(self._kernel_blocks)
+        return self.block_pages_at(self._kernel_blocks, index)
 
     def used_blocks(self, *, kernel: bool = True) -> _I64Array:
         """The blocks in use (allocated by a workload or the kernel, not held as hints), in
