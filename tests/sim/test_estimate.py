@@ -78,7 +78,7 @@ def test_it_grows_with_what_costs() -> None:
 def test_refusals_give_the_figure_and_the_limit() -> None:
     huge = estimate_run(Scenario(memory=1 << 50))
     assert huge.refusal(ROOMY) == (
-        "the run would need about 208 GiB of memory; this machine has 4 GiB (MemAvailable)"
+        "the run would need about 256 GiB of memory; this machine has 4 GiB (MemAvailable)"
     )
     space = replace(ROOMY, memory=None, address_space=1 << 40, address_space_source="RLIMIT_AS")
     assert huge.refusal(space) == (
