@@ -112,6 +112,9 @@ class DirtyBitmap:
         """The first dirty page at or after ``start``, or None."""
     def take_dirty(self, max_pages: int, start: int = ...) -> _U64Array:
         """Test-and-clears up to ``max_pages`` dirty pages at or after ``start``, ascending."""
+    def take_dirty_runs(self, max_pages: int, start: int = ...) -> tuple[_U64Array, _U64Array]:
+        """Test-and-clears up to ``max_pages`` dirty pages at or after ``start``, as
+        ``take_dirty``; returns them as runs (starts, lengths), ascending."""
     def dirty_runs(self, start: int = ..., n: int | None = None) -> tuple[_U64Array, _U64Array]:
         """Runs of dirty pages in ``[start, start + n)``: (starts, lengths)."""
     def words(self) -> _U64Array:

@@ -788,7 +788,7 @@ def test_a_guest_bigger_than_this_machine_is_refused_at_once(
     message = refused(capsys, "--memory", "1P")
     assert time.perf_counter() - t0 < 5
     assert re.fullmatch(
-        r"scenario default: the run would need about 2\.34 TiB of memory; "
+        r"scenario default: the run would need about 461 GiB of memory; "
         r"this machine has [\d.]+ [GMT]iB \(MemAvailable\)",
         message,
     ), message
@@ -806,8 +806,8 @@ SMALL_MACHINE = MachineLimits(
     ("args", "message"),
     [
         (
-            ["--memory", "1T", "--workload", "idle"],
-            "the run would need about 2.5 GiB of memory; this machine has 2 GiB (MemAvailable)",
+            ["--memory", "16T", "--workload", "idle"],
+            "the run would need about 4.03 GiB of memory; this machine has 2 GiB (MemAvailable)",
         ),
         (
             ["--bandwidth", "8bit"],  # a byte per second, with the default's 2,000 pages/s

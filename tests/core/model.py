@@ -276,6 +276,13 @@ class ModelBitmap:
             self.bits &= ~self._mask(s, taken[-1] + 1 - s)
         return np.array(taken, dtype=np.uint64)
 
+    def take_dirty_runs(self, max_pages: object, start: object = 0) -> tuple[U64Array, U64Array]:
+        taken = self.take_dirty(max_pages, start).astype(np.int64)
+        breaks = np.flatnonzero(np.diff(taken) != 1) + 1
+        first = np.concatenate([[0], breaks]) if len(taken) else np.zeros(0, np.int64)
+        lens = np.diff(np.concatenate([first, [len(taken)]])) if len(taken) else first
+        return taken[first].astype(np.uint64), lens.astype(np.uint64)
+
     def dirty_runs(self, start: object = 0, n: object | None = None) -> tuple[U64Array, U64Array]:
         s, c = self._rest(start, n)
         text = self._bitstring(s, s + c)

@@ -185,6 +185,12 @@ CASES: list[tuple[str, Call, type[Exception]]] = [
     ("take_dirty float max", lambda b: b.take_dirty(10.0), TypeError),
     ("take_dirty float start", lambda b: b.take_dirty(10, 1.0), TypeError),
     ("take_dirty None max", lambda b: b.take_dirty(None), TypeError),
+    # take_dirty_runs
+    ("take_dirty_runs neg max", lambda b: b.take_dirty_runs(-1), ValueError),
+    ("take_dirty_runs neg start", lambda b: b.take_dirty_runs(10, -1), IndexError),
+    ("take_dirty_runs start past end", lambda b: b.take_dirty_runs(10, N + 1), IndexError),
+    ("take_dirty_runs float max", lambda b: b.take_dirty_runs(10.0), TypeError),
+    ("take_dirty_runs None max", lambda b: b.take_dirty_runs(None), TypeError),
     # dirty_runs
     ("dirty_runs neg start", lambda b: b.dirty_runs(-1), IndexError),
     ("dirty_runs neg n", lambda b: b.dirty_runs(0, -1), ValueError),
@@ -304,6 +310,13 @@ ACCEPTED: list[tuple[str, Accepted]] = [
         lambda b, m: (b.take_dirty(2**70, 600).tolist(), m.take_dirty(2**70, 600).tolist()),
     ),
     ("dirty_runs at end", lambda b, m: (b.dirty_runs(N)[0].tolist(), m.dirty_runs(N)[0].tolist())),
+    (
+        "take_dirty_runs huge max",
+        lambda b, m: (
+            [a.tolist() for a in b.take_dirty_runs(2**70, 600)],
+            [a.tolist() for a in m.take_dirty_runs(2**70, 600)],
+        ),
+    ),
     (
         "numpy int args",
         lambda b, m: (b.set_range(np.int64(200), np.uint64(3)), m.set_range(200, 3)),

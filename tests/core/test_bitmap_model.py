@@ -233,6 +233,14 @@ class BitmapMachine(RuleBasedStateMachine):
             self.cursor = 0
         assert 0 <= self.cursor <= self.npages
 
+    @rule(data=st.data(), max_pages=st.one_of(st.integers(0, 70), st.integers(0, 5000)))
+    def take_dirty_runs_from(self, data: st.DataObject, max_pages: int) -> None:
+        start = position(data, 0, self.npages, "start")
+        starts, lens = self.bm.take_dirty_runs(max_pages, start)
+        want_starts, want_lens = self.model.take_dirty_runs(max_pages, start)
+        assert_same_array(starts, want_starts, "take_dirty_runs starts")
+        assert_same_array(lens, want_lens, "take_dirty_runs lengths")
+
     @rule(max_pages=st.integers(0, 100))
     def take_dirty_default_start(self, max_pages: int) -> None:
         assert_same_array(
@@ -338,6 +346,7 @@ class BitmapMachine(RuleBasedStateMachine):
             ("test_and_clear", lambda b: b.test_and_clear(past - 1)),
             ("next_dirty", lambda b: b.next_dirty(past)),
             ("take_dirty", lambda b: b.take_dirty(10, past)),
+            ("take_dirty_runs", lambda b: b.take_dirty_runs(10, past)),
             ("dirty_runs", lambda b: b.dirty_runs(0, past)),
             ("clear_ranges", lambda b: b.clear_ranges(u64([0, 0]), u64([self.npages, past]))),
             ("merge_log", lambda b: b.merge_log(u64([0]), 64 * (past // 64 + 1))),

@@ -22,6 +22,7 @@ import pytest
 
 from helpers import KVM_LAYOUT, KVM_MMIO_BASE, PAGE
 from pagehint.kvm import DestinationFailed, DestinationProcess, KvmUnavailable, Vm
+from pagehint.migration import PageRuns
 from pagehint.migration.stream import (
     VERSION,
     Kind,
@@ -279,10 +280,10 @@ def test_the_source_raises_destination_failed_with_the_destinations_reason(
     pfn: int, state: Any, reason: str
 ) -> None:
     with DestinationProcess(KVM_LAYOUT, mmio_base=None, timeout=10) as destination:
-        pfns = np.array([pfn], dtype=np.int64)
+        runs = PageRuns.of_pfns(np.array([pfn], dtype=np.int64))
         with pytest.raises(DestinationFailed, match=reason):
             # The refusal comes back on a later send or when the source waits for DIGESTS.
-            destination.receive(pfns, np.ones((1, PAGE), np.uint8), np.zeros(1, np.bool_))
+            destination.receive(runs, (np.ones((1, PAGE), np.uint8), np.zeros(1, np.bool_)))
             destination.switchover(PausedSource(state))  # type: ignore[arg-type]
         process = destination.process
     assert process.returncode == 1

@@ -16,6 +16,7 @@ from pagehint import MemoryMap
 from pagehint.device import FreePageHintDevice
 from pagehint.migration import (
     LogMode,
+    PageRuns,
     Precopy,
     PrecopyConfig,
     WallClockLink,
@@ -163,25 +164,18 @@ class ThreadedSource:
     def resume(self) -> None:
         self._running.set()
 
-    def read_pages(
-        self, pfns: npt.NDArray[np.int64]
-    ) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.bool_]]:
+    def read_pages(self, runs: PageRuns) -> tuple[npt.NDArray[np.uint32], int]:
         with self._lock:
-            content = self.contents[pfns].copy()
-        return content, content == 0
+            content = self.contents[runs.pfns()].copy()
+        return content, int(np.count_nonzero(content == 0))
 
 
 class ArrayDestination:
     def __init__(self, npages: int) -> None:
         self.contents = np.zeros(npages, dtype=np.uint32)
 
-    def receive(
-        self,
-        pfns: npt.NDArray[np.int64],
-        payload: npt.NDArray[Any],
-        zero: npt.NDArray[np.bool_],
-    ) -> None:
-        self.contents[pfns] = payload
+    def receive(self, runs: PageRuns, payload: npt.NDArray[np.uint32]) -> None:
+        self.contents[runs.pfns()] = payload
 
 
 def test_a_wall_clock_migration_of_a_guest_written_by_a_real_thread_loses_nothing() -> None:

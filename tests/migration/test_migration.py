@@ -9,7 +9,7 @@ import pytest
 from helpers import MIB, attached_guest, migrate_simulated
 from pagehint import MemoryMap
 from pagehint.device import FreePageHintDevice, HintState
-from pagehint.migration import MigrationResult, Precopy, PrecopyConfig
+from pagehint.migration import MigrationResult, Precopy, PrecopyConfig, Progress
 from pagehint.sim import (
     LinkModel,
     SimulatedDestination,
@@ -137,3 +137,27 @@ def test_published_reductions_are_reproduced_within_10_points(name: str) -> None
     published = reduction(s.published["total_time_off_ms"], s.published["total_time_on_ms"])
     simulated = reduction(off.total_time, on.total_time)
     assert abs(simulated - published) <= 0.10, (simulated, published)
+
+
+@pytest.mark.parametrize("hints", [False, True])
+def test_the_dirty_count_kept_as_pages_go_is_the_bitmaps(hints: bool) -> None:
+    # What the loop decides on (and reports) is counted as merges, sends and hints change
+    # the bitmap, not by a pass over it: at every step it must be what a pass finds.
+    memmap = MemoryMap([(0, 128 * MIB), (192 * MIB, 128 * MIB)])
+    guest, device = attached_guest(memmap, seed=4, used=0.25, init_on_alloc=True)
+    guest.log.get()
+    guest.workloads.append(SteadyWriter(16 * MIB, pages_per_s=20000))
+    migration: list[Precopy] = []
+    seen: list[tuple[int, int]] = []
+
+    def check(p: Progress) -> None:
+        seen.append((p.remaining, migration[0].bitmap.count()))
+
+    r, _ = migrate_simulated(
+        SimulatedSource(guest, device),
+        PrecopyConfig(hints=hints, batch_pages=4096),
+        progress=check,
+        on_start=migration.append,
+    )
+    assert r.status == "completed" and r.lost_pages == 0 and (r.pages_skipped > 0) == hints
+    assert len(seen) > 10 and all(kept == counted for kept, counted in seen)

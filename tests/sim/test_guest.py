@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import gc
 import os
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 
 from pagehint import DirtyBitmap, MemoryMap
 from pagehint.device import FreePageHintDevice
+from pagehint.migration import PageRuns, expand_runs
 from pagehint.sim import (
     FREE,
     HINT_BLOCK_BYTES,
@@ -152,8 +154,9 @@ def naive_block_of(block_pfn: I64Array, ppb: int, pfn: int) -> int:
 
 
 class PageContentsMachine(RuleBasedStateMachine):
-    """Two PageContents of the same pages but different block layouts, each mirrored by a
-    plain array of every page; copy_from moves pages between them."""
+    """Three PageContents of the same pages, each mirrored by a plain array of every page:
+    the first two with different block layouts, the third with the first's blocks (as a
+    destination has its source guest's); copy_from moves runs of pages between them."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -165,8 +168,20 @@ class PageContentsMachine(RuleBasedStateMachine):
         npages, *layouts_ = setup
         for block_pfn, ppb in layouts_:
             self.pcs.append(PageContents(npages, block_pfn, ppb))
-            self.models.append(np.zeros(npages, dtype=np.uint32))
+        self.pcs.append(PageContents(npages, self.pcs[0].block_pfn, self.pcs[0].pages_per_block))
+        self.models = [np.zeros(npages, dtype=np.uint32) for _ in self.pcs]
         self.npages = npages
+
+    def runs(self, data: st.DataObject) -> PageRuns:
+        """Runs of distinct pages in any order, some cut in two."""
+        pages = np.unique(self.pages(data, unique=True))
+        cuts = data.draw(st.lists(st.integers(0, max(0, len(pages) - 1)), max_size=3))
+        pfns = [pages[a:b] for a, b in pairwise([0, *sorted(cuts), len(pages)])]
+        order = data.draw(st.permutations(range(len(pfns))))
+        ordered = [PageRuns.of_pfns(pfns[i]) for i in order]
+        return PageRuns(
+            np.concatenate([r.starts for r in ordered]), np.concatenate([r.counts for r in ordered])
+        )
 
     def pages(self, data: st.DataObject, *, unique: bool) -> I64Array:
         return i64(
@@ -175,7 +190,7 @@ class PageContentsMachine(RuleBasedStateMachine):
             )
         )
 
-    @rule(data=st.data(), which=st.integers(0, 1), value=U32)
+    @rule(data=st.data(), which=st.integers(0, 2), value=U32)
     def write_blocks(self, data: st.DataObject, which: int, value: int) -> None:
         pc = self.pcs[which]
         if not len(pc.block_pfn):
@@ -186,13 +201,13 @@ class PageContentsMachine(RuleBasedStateMachine):
             start = int(pc.block_pfn[b])
             self.models[which][start : start + pc.pages_per_block] = value
 
-    @rule(data=st.data(), which=st.integers(0, 1), value=U32)
+    @rule(data=st.data(), which=st.integers(0, 2), value=U32)
     def write_pages_one_value(self, data: st.DataObject, which: int, value: int) -> None:
         pfns = self.pages(data, unique=False)  # repeats are harmless with one value
         self.pcs[which].write_pages(pfns, value)
         self.models[which][pfns] = value
 
-    @rule(data=st.data(), which=st.integers(0, 1))
+    @rule(data=st.data(), which=st.integers(0, 2))
     def write_pages_per_page(self, data: st.DataObject, which: int) -> None:
         # Unique pages: numpy does not define which of repeated assignments wins.
         pfns = self.pages(data, unique=True)
@@ -203,25 +218,50 @@ class PageContentsMachine(RuleBasedStateMachine):
         for p, v in zip(pfns.tolist(), values.tolist(), strict=True):
             self.models[which][p] = v
 
-    @rule(data=st.data(), which=st.integers(0, 1))
+    @rule(data=st.data(), which=st.integers(0, 2))
     def get(self, data: st.DataObject, which: int) -> None:
         pfns = self.pages(data, unique=False)
         got = self.pcs[which].get(pfns)
         assert got.dtype == np.uint32
         assert got.tolist() == [int(self.models[which][p]) for p in pfns.tolist()]
 
-    @rule(data=st.data(), which=st.integers(0, 1))
+    @rule(data=st.data(), which=st.integers(0, 2))
     def get_range(self, data: st.DataObject, which: int) -> None:
         start = data.draw(st.integers(0, self.npages))
         n = data.draw(st.integers(0, self.npages - start))
         got = self.pcs[which].get_range(start, n)
         assert got.tolist() == self.models[which][start : start + n].tolist()
 
-    @rule(data=st.data(), into=st.integers(0, 1))
-    def copy_from(self, data: st.DataObject, into: int) -> None:
-        pfns = self.pages(data, unique=False)
-        self.pcs[into].copy_from(self.pcs[1 - into], pfns)
-        self.models[into][pfns] = self.models[1 - into][pfns]
+    @rule(data=st.data(), which=st.integers(0, 2))
+    def read_runs(self, data: st.DataObject, which: int) -> None:
+        runs = self.runs(data)
+        got = self.pcs[which].read_runs(runs.starts, runs.counts)
+        expect = self.models[which][runs.pfns()]
+        assert got.page_values().tolist() == expect.tolist()
+        assert got.zero_pages() == np.count_nonzero(is_zero(expect))
+
+    @rule(data=st.data(), into=st.integers(0, 2), step=st.integers(1, 2))
+    def copy_from(self, data: st.DataObject, into: int, step: int) -> None:
+        other = (into + step) % 3
+        runs = self.runs(data)
+        self.pcs[into].copy_from(self.pcs[other], runs.starts, runs.counts)
+        pfns = runs.pfns()
+        self.models[into][pfns] = self.models[other][pfns]
+
+    @invariant()
+    def compared_per_block_or_per_page(self) -> None:
+        # Same blocks: every page that differs is in a block that differs, or in a run of
+        # pages compared one by one; and no page is in both.
+        a, b = self.pcs[0], self.pcs[2]
+        blocks, content = a.differing_blocks(b)
+        assert content.tolist() == a.get(a.block_pfn[blocks]).tolist()
+        in_blocks = set(a.block_pages(blocks).tolist())
+        starts, counts = a.mixed_runs(b, longest=3)
+        assert np.all((counts >= 1) & (counts <= 3))
+        mixed = expand_runs(starts, counts).tolist()
+        assert mixed == sorted(set(mixed)) and not in_blocks & set(mixed)
+        differ = set(np.flatnonzero(self.models[0] != self.models[2]).tolist())
+        assert in_blocks | (differ & set(mixed)) == differ
 
     @invariant()
     def equal_to_model(self) -> None:
@@ -408,6 +448,18 @@ def test_used_fraction_takes_whole_blocks() -> None:
     contents = everything(tenth)
     assert not np.any(is_zero(contents[kernel]))
     assert int(np.count_nonzero(~is_zero(contents))) == len(kernel)
+
+
+def test_pages_at_an_index_are_those_of_the_whole_list() -> None:
+    guest = SimulatedGuest(holed_map(), used=0.3, seed=5)
+    assert guest.kernel_page_count == len(guest.kernel_pages())
+    index = np.random.default_rng(1).integers(0, guest.kernel_page_count, 500)
+    assert guest.kernel_pages(index).tolist() == guest.kernel_pages()[index].tolist()
+    blocks = i64([7, 2, 11])
+    index = i64([0, 1023, 1024, 2047, 2048, 3071, 5])
+    assert guest.block_pages_at(blocks, index).tolist() == (
+        guest.block_pages(blocks)[index].tolist()
+    )
 
 
 def test_used_data_writes_only_the_first_pages_of_the_boot_blocks() -> None:

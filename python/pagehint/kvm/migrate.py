@@ -28,6 +28,7 @@ from pagehint.device import DeviceThread, FreePageHintDevice, VirtioMmioTranspor
 from pagehint.kvm.guest_program import HINTED, GuestProgram
 from pagehint.kvm.report import DestinationReport
 from pagehint.kvm.vm import Vm, VmLogMode
+from pagehint.migration.runs import PageRuns
 from pagehint.migration.stream import (
     VERSION,
     Kind,
@@ -128,10 +129,14 @@ class KvmSource:
             differ[first : first + per_block] = False
         return int(np.count_nonzero(differ))
 
-    def read_pages(self, pfns: _I64Array) -> tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]:
-        pages = self.vm.ram.reshape(-1, PAGE)[pfns]
+    def read_pages(
+        self, runs: PageRuns
+    ) -> tuple[tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]], int]:
+        """The pages' bytes and which are all zero (the destination's payload), and how many
+        are."""
+        pages = self.vm.ram.reshape(-1, PAGE)[runs.pfns()]
         zero: npt.NDArray[np.bool_] = np.asarray(~pages.any(axis=1), dtype=np.bool_)
-        return pages, zero
+        return (pages, zero), int(np.count_nonzero(zero))
 
 
 @dataclass(frozen=True)
@@ -238,10 +243,12 @@ class DestinationProcess:
         return self.writer.page_bytes_sent
 
     def receive(
-        self, pfns: _I64Array, payload: npt.NDArray[Any], zero: npt.NDArray[np.bool_]
+        self, runs: PageRuns, payload: tuple[npt.NDArray[np.uint8], npt.NDArray[np.bool_]]
     ) -> None:
-        self._guard(lambda: self.writer.send_pages(pfns, payload, zero))
-        self.pages_sent += len(pfns)
+        """Sends the pages of ``runs`` with ``payload`` (``KvmSource.read_pages``'s)."""
+        pages, zero = payload
+        self._guard(lambda: self.writer.send_pages(runs.pfns(), pages, zero))
+        self.pages_sent += runs.pages
 
     def _expect(self, kind: Kind) -> Any:
         record = self._guard(self.reader.read)

@@ -1,5 +1,6 @@
 """Pre-copy live migration: the loop (``precopy``, policy only), the link and clock it runs on
-(``link``), and the QMP-named result (``result``). Nothing here knows the simulator."""
+(``link``), the runs of pages a batch sends (``runs``) and the QMP-named result (``result``).
+Nothing here knows the simulator."""
 
 from pagehint.migration.link import Link, WallClockLink, WireFormat
 from pagehint.migration.precopy import (
@@ -12,6 +13,7 @@ from pagehint.migration.precopy import (
     Strategy,
 )
 from pagehint.migration.result import MigrationResult, Progress, RoundStats, Status
+from pagehint.migration.runs import PageRuns, expand_runs
 
 __all__ = [
     "Link",
@@ -20,6 +22,7 @@ __all__ = [
     "MigrationDestination",
     "MigrationResult",
     "MigrationSource",
+    "PageRuns",
     "Precopy",
     "PrecopyConfig",
     "Progress",
@@ -28,4 +31,5 @@ __all__ = [
     "Strategy",
     "WallClockLink",
     "WireFormat",
+    "expand_runs",
 ]

@@ -41,6 +41,7 @@ from pagehint import _core
 from pagehint.device import FreePageHintDevice
 from pagehint.migration.link import Link
 from pagehint.migration.result import MigrationResult, Progress, RoundStats, Status
+from pagehint.migration.runs import PageRuns, expand_runs
 
 LogMode = Literal["classic", "manual", "ring"]
 Strategy = Literal["safe", "qemu"]
@@ -78,18 +79,17 @@ class MigrationSource(Protocol):
     def resume(self) -> None:
         """Lets the guest run again (after a cancel or failure)."""
 
-    def read_pages(self, pfns: _I64Array) -> tuple[npt.NDArray[Any], npt.NDArray[np.bool_]]:
-        """What sending ``pfns`` carries (one row per page) and which pages are all zero."""
+    def read_pages(self, runs: PageRuns) -> tuple[Any, int]:
+        """What sending the pages of ``runs`` carries (for the destination, which knows its
+        source's kind) and how many of them are all zero."""
 
 
 class MigrationDestination(Protocol):
     """Where pages go."""
 
-    def receive(
-        self, pfns: _I64Array, payload: npt.NDArray[Any], zero: npt.NDArray[np.bool_]
-    ) -> None:
-        """Pages ``pfns`` arrive with ``payload`` and ``zero`` (from ``read_pages``); one
-        call is one batch on the wire."""
+    def receive(self, runs: PageRuns, payload: Any) -> None:
+        """The pages of ``runs`` arrive with ``payload`` (from ``read_pages``); one call is
+        one batch on the wire."""
 
 
 @dataclass(frozen=True)
@@ -201,6 +201,11 @@ class Precopy:
         self.npages = memmap.npages
         self.page_size = memmap.page_size
         self.bitmap = _core.DirtyBitmap(self.npages, dirty=True)
+        # QEMU's migration_dirty_pages: the bitmap's count, kept as merges add pages, sends
+        # take them and hints clear them (the device's total since it was bound), rather
+        # than a pass over the bitmap at every check.
+        self._dirty_pages = self.npages
+        self._cleared_at_bind = 0
         dev = source.device
         cfg = self.config
         hinting = cfg.hints and not cfg.postcopy and dev is not None and dev.hinting
@@ -241,6 +246,7 @@ class Precopy:
         if dev is not None:
             dev.stop_hinting()
         new = self.bitmap.merge_log(src.get_dirty_log())
+        self._dirty_pages += new
         self._syncs += 1
         if src.log_mode == "manual":
             if self._lazy_clear:
@@ -254,6 +260,12 @@ class Precopy:
             else:
                 dev.finish()
         return new
+
+    def _dirty_count(self) -> int:
+        """Pages dirty in the bitmap now (what ``bitmap.count()`` would say)."""
+        d = self.device
+        cleared = 0 if d is None else d.pages_cleared_total - self._cleared_at_bind
+        return self._dirty_pages - cleared
 
     def _clear_chunks(self, chunks: _I64Array) -> None:
         """migration_clear_memory_region_dirty_bitmap: clears the manual dirty log of
@@ -281,24 +293,32 @@ class Precopy:
     def _ram_save_host_pages(self, max_pages: int, *, running: bool) -> int:
         """ram_find_and_save_block over a batch: takes up to ``max_pages`` dirty pages from
         the cursor and sends them; returns the stream bytes."""
-        taken = self.bitmap.take_dirty(max_pages, self._cursor)
-        if len(taken) < max_pages:
+        starts, counts = self.bitmap.take_dirty_runs(max_pages, self._cursor)
+        taken = int(counts.sum())
+        if taken < max_pages:
             # Wrap around: the rest of the pass starts again from page 0.
-            taken = np.concatenate([taken, self.bitmap.take_dirty(max_pages - len(taken), 0)])
-        if not len(taken):
+            more_starts, more_counts = self.bitmap.take_dirty_runs(max_pages - taken, 0)
+            starts = np.concatenate([starts, more_starts])
+            counts = np.concatenate([counts, more_counts])
+        if not len(starts):
             return 0
-        pfns = taken.astype(np.int64)
-        self._cursor = int(pfns[-1]) + 1 if int(pfns[-1]) + 1 < self.npages else 0
+        runs = PageRuns(starts.astype(np.int64), counts.astype(np.int64))
+        self._dirty_pages -= runs.pages
+        last = runs.last()
+        self._cursor = last + 1 if last + 1 < self.npages else 0
         if self._lazy_clear:
-            self._clear_chunks(np.unique(pfns // self.config.clear_chunk_pages))
-        payload, zero = self.source.read_pages(pfns)
-        self.destination.receive(pfns, payload, zero)
-        nzero = int(np.count_nonzero(zero))
-        normal = len(pfns) - nzero
+            size = self.config.clear_chunk_pages
+            first = runs.starts // size
+            self._clear_chunks(
+                np.unique(expand_runs(first, (runs.starts + runs.counts - 1) // size - first + 1))
+            )
+        payload, nzero = self.source.read_pages(runs)
+        self.destination.receive(runs, payload)
+        normal = runs.pages - nzero
         nbytes = self.link.wire.stream_bytes(normal, nzero, self.page_size)
         self._sent.add(normal, nzero, nbytes)
         self._round_sent.add(normal, nzero, nbytes)
-        self.link.transmit(nbytes, len(pfns) * self.page_size, running=running)
+        self.link.transmit(nbytes, runs.pages * self.page_size, running=running)
         return nbytes
 
     def _ram_save_iterate(self) -> None:
@@ -334,10 +354,10 @@ class Precopy:
         if self._cancel.is_set():
             raise MigrationCancelled
         threshold = self._threshold_size()
-        pending = self.bitmap.count() * self.page_size
+        pending = self._dirty_count() * self.page_size
         if pending <= threshold or pending == 0:
             self._end_round(self._migration_bitmap_sync(running=True))
-            pending = self.bitmap.count() * self.page_size
+            pending = self._dirty_count() * self.page_size
             if pending <= threshold or self._syncs > self.config.max_rounds:
                 return False
         self._ram_save_iterate()
@@ -379,7 +399,7 @@ class Precopy:
         )
         self._round_sent = _Sent()
         self._hint_base = hinted
-        self._round_start = _RoundStart(now, self.bitmap.count(), new_dirty)
+        self._round_start = _RoundStart(now, self._dirty_count(), new_dirty)
 
     def _report(self) -> None:
         if self._progress is not None:
@@ -387,7 +407,7 @@ class Precopy:
                 Progress(
                     self.link.now(),
                     len(self._rounds),
-                    self.bitmap.count(),
+                    self._dirty_count(),
                     self._round_start.dirty,
                     self._sent.normal + self._sent.duplicate,
                     self.npages,
@@ -403,7 +423,7 @@ class Precopy:
         new = self._migration_bitmap_sync(running=True)
         setup = self.link.now()
         self._hint_base = self._hint_totals()
-        self._round_start = _RoundStart(setup, self.bitmap.count(), new)
+        self._round_start = _RoundStart(setup, self._dirty_count(), new)
         self._window = _Window(setup, 0)
         return setup
 
@@ -415,6 +435,7 @@ class Precopy:
         setup = downtime = 0.0
         if dev is not None:
             dev.bind(self.bitmap)
+            self._cleared_at_bind = dev.pages_cleared_total
             if src.log_mode == "manual" and cfg.strategy == "qemu":
                 dev.hint_listener = self._on_hints
         try:

@@ -192,6 +192,8 @@ class DriverSplitRing:
         n = (used_idx - self._last_used) & 0xFFFF
         if n > self.in_flight:
             raise RuntimeError(f"the device returned {n} elements with {self.in_flight} in flight")
+        if not n:  # the common case, every simulation step: nothing to look at
+            return Used(np.zeros(0, np.uint16), np.zeros(0, np.uint32), np.zeros(0, np.int64))
         slots = (self._last_used + np.arange(n)) % self.size
         entries = self._used[slots]
         heads = entries[:, 0].astype(np.int64)

@@ -5,25 +5,30 @@ should not start, or returns None.
 
 What it counts, per run (the runs are one after the other, so memory is one run's):
 
-- memory: the simulator's per-page state (the source's and the destination's page contents,
-  4 bytes a page each, which a run sending every page touches; the migration bitmap, the
-  dirty log and its reported copy, a bit a page each, and a copy of the log at each sync),
-  the per-block state of the allocator, the oracle's chunk of pages, a send batch, the pages
-  the workload writes in one step (the longest step: a batch on the wire, the set-up time,
-  the wait for the destination) and the workload's own arrays;
+- memory: the simulator's per-page state (the migration bitmap, the dirty log and its
+  reported copy, a bit a page each, and a copy of the log at each sync; the source's and the
+  destination's page contents, 4 bytes a page each, but only for the blocks the workload
+  writes page by page and the pages in no block: a block written whole is one value), the
+  per-block state of the allocator and the contents, the oracle's chunk of pages, a send
+  batch, the pages the workload writes in one step (the longest step: a batch on the wire,
+  the set-up time, the wait for the destination) and the workload's own arrays;
 - address space: the guest's RAM mapping (never touched but for the rings) and the lazily
   mapped page contents;
-- simulated work: the pages sent and written, blocks written and hinted and the steps of both
-  runs, each at a cost measured on the machine this was written on (``SEND_SECONDS`` and
-  the others). Pages sent follow the pre-copy rounds: the first round sends every page, the
-  next one also the pages hints zeroed (``init_on_alloc``) and what the workload wrote once,
-  and each later one what the workload dirtied while the one before was sent (at most its
-  footprint, at most every page), until what is left fits the downtime or the round limit
-  is hit. Pages written are the workload's page-by-page writes over the migration's
-  simulated time. A ``[[history]]`` memory hog with a rate runs a step per simulated second.
+- simulated work: the pages sent and written, blocks written and hinted, the pages kept page
+  by page and the steps of both runs, each at a cost measured on the machine this was
+  written on (``SEND_SECONDS`` and the others). A batch sent costs per run of pages and per
+  block (``STEP_SECONDS``), a page only a little (``SEND_SECONDS``) unless it is kept page
+  by page (``PAGED_SECONDS``). Pages sent follow the pre-copy rounds: the first round sends
+  every page, the next one also the pages hints zeroed (``init_on_alloc``) and what the
+  workload wrote once, and each later one what the workload dirtied while the one before
+  was sent (at most its footprint, at most every page), until what is left fits the
+  downtime or the round limit is hit. Pages written are the workload's page-by-page writes
+  over the migration's simulated time. A ``[[history]]`` memory hog with a rate runs a step
+  per simulated second.
 
-It is an upper estimate: the shipped scenarios run in one half to a quarter of the time it
-says, and in less memory than it says.
+It is an upper estimate: the shipped scenarios and large idle guests run in 15-70 % of the
+time it says (the busier the machine, the more), and in less memory than it says (60-90 % of
+it for large guests).
 """
 
 from __future__ import annotations
@@ -48,6 +53,9 @@ from pagehint.sim.workloads import (
 
 __all__ = [
     "BLOCK_SECONDS",
+    "HISTORY_STEP_SECONDS",
+    "PAGED_SECONDS",
+    "RUN_SECONDS",
     "SECONDS_LIMIT",
     "SEND_SECONDS",
     "STEP_SECONDS",
@@ -58,23 +66,39 @@ __all__ = [
     "machine_limits",
 ]
 
-SEND_SECONDS = 250e-9
-"""Wall seconds per page sent (take it from the bitmap, read it, the destination writes it,
-the oracle compares it): 190-230 ns measured for 16 GiB idle guests."""
+SEND_SECONDS = 8e-9
+"""Wall seconds per page sent, beyond its batch's (``STEP_SECONDS``): pages travel as runs
+and blocks, so a page costs next to nothing unless it is kept page by page
+(``PAGED_SECONDS``); a 1 TiB idle guest sends 7.8e8 pages in 24,000 steps in 7-11 s."""
+PAGED_SECONDS = 250e-9
+"""Wall seconds per page kept page by page, per run: its block split, the page read and
+written for the first round, compared by the oracle."""
+RUN_SECONDS = 0.25
+"""Wall seconds per run, whatever it does: the guest built, the oracle's pass over blocks."""
 WRITE_SECONDS = 400e-9
 """Wall seconds per page a workload writes page by page: 175 ns measured for a steady writer
 over a 1 GiB working set, 340 ns over 8 GiB (random writes miss the caches)."""
 BLOCK_SECONDS = 2e-6
 """Wall seconds per block allocated, written, freed or hinted."""
-STEP_SECONDS = 50e-6
-"""Wall seconds per simulation step, whatever it does (Python's share)."""
+STEP_SECONDS = 600e-6
+"""Wall seconds per simulation step (a batch of up to ``batch_pages`` sent, the guest, its
+driver and the device run for its time), whatever it does: Python's and numpy's per-call
+share, 200-450 us measured."""
+HISTORY_STEP_SECONDS = 50e-6
+"""Wall seconds per step of a ``[[history]]`` workload (the guest alone, nothing sent)."""
 SECONDS_LIMIT = 3600.0
 """The longest estimate ``pagehint simulate`` starts: an hour for both runs."""
 
-_PAGE_BYTES = 4 + 4 + 4 / 8
-"""Per guest page: the source's and the destination's contents, four bitmaps' bits."""
-_BLOCK_BYTES = 64
-"""Per block: the allocator's arrays and the contents' per-block values."""
+_PAGE_BYTES = 4 / 8
+"""Per guest page: four bitmaps' bits."""
+_PAGED_BYTES = 4 + 4
+"""Per page kept page by page: the source's and the destination's contents."""
+_BLOCK_BYTES = 512
+"""Per block: the allocator's arrays, the source's and the destination's per-block values
+and block edges, and the temporaries of making them and of the oracle's pass over blocks
+(about 400 bytes measured at the peak of a 4 TiB idle guest)."""
+_RUN_BYTES = 32 << 20
+"""Per run, whatever its size: the driver's rings, the device, numpy's temporaries."""
 _INDEX_BYTES = 64
 """Per page handled in one go (a batch sent, the pages written in a step): the index
 arrays numpy makes on the way."""
@@ -169,6 +193,10 @@ class RunEstimate:
     """Blocks allocated, written or hinted, both runs."""
     steps: float
     """Simulation steps, both runs."""
+    history_steps: float
+    """Of those, the steps of the ``[[history]]`` (the guest alone, before migrating)."""
+    paged: float
+    """Pages kept page by page in a run (blocks written page by page, pages in no block)."""
     simulated_seconds: float
     """The longer run's simulated time."""
 
@@ -179,7 +207,9 @@ class RunEstimate:
             self.pages_sent * SEND_SECONDS
             + self.pages_written * WRITE_SECONDS
             + self.blocks * BLOCK_SECONDS
-            + self.steps * STEP_SECONDS
+            + (self.steps - self.history_steps) * STEP_SECONDS
+            + self.history_steps * HISTORY_STEP_SECONDS
+            + 2 * (RUN_SECONDS + self.paged * PAGED_SECONDS)
         )
 
     def refusal(self, limits: MachineLimits) -> str | None:
@@ -227,16 +257,20 @@ class _Rates:
     """Bytes of arrays it keeps."""
     step_pages: float = 0.0
     """Pages it writes at every step, whatever the step's length."""
+    paged: float = 0.0
+    """Pages of the blocks it writes page by page (kept page by page from then on)."""
 
 
 def _rates(
     w: Workload, *, npages: int, ppb: int, page: int, block: int, kernel_pages: int
 ) -> _Rates:
     if isinstance(w, Idle):
-        return _Rates(w.pages_per_s, 0.0, kernel_pages, step_bytes=8.0 * kernel_pages)
+        paged = kernel_pages if w.pages_per_s > 0 else 0.0
+        return _Rates(w.pages_per_s, 0.0, kernel_pages, paged=paged)
     if isinstance(w, SteadyWriter):
         ws = min(npages, math.ceil(w.working_set_bytes / block) * ppb)
-        return _Rates(w.pages_per_s, 0.0, ws, once=ws, kept_bytes=8.0 * ws)
+        paged = ws if w.pages_per_s > 0 else 0.0
+        return _Rates(w.pages_per_s, 0.0, ws, once=ws, kept_bytes=8.0 * ws / ppb, paged=paged)
     if isinstance(w, UsedWriter):
         blocks = npages // ppb
         return _Rates(
@@ -245,6 +279,7 @@ def _rates(
             npages,
             step_bytes=8.0 * blocks,
             step_pages=min(w.kernel_pages, kernel_pages),
+            paged=npages,
         )
     if isinstance(w, KernelCompile):
         rate = (w.alloc_bytes_per_s + w.cache_bytes_per_s) / block
@@ -292,7 +327,7 @@ def estimate_run(s: Scenario) -> RunEstimate:
         if isinstance(h, MemoryHog) and h.bytes_per_s is not None:
             history_steps += math.ceil(h.nbytes / h.bytes_per_s)
         if isinstance(h, SteadyWriter):
-            history_bytes = max(history_bytes, 8.0 * min(npages, h.working_set_bytes / page))
+            history_bytes = max(history_bytes, 8.0 * min(npages, h.working_set_bytes / block))
 
     cap = min(npages, r.footprint)
     ratio = dirty_rate * t_page  # pages dirtied per page sent
@@ -327,10 +362,15 @@ def estimate_run(s: Scenario) -> RunEstimate:
         steps += run_sent / pc.batch_pages + rounds + history_steps
 
     step_pages = page_writes * longest_step + r.step_pages
+    # Kept page by page: the blocks written so, the boot blocks partly written, no block's.
+    partly = kernel_pages if s.used_data < 1.0 else 0
+    paged = min(npages, r.paged + partly + npages - nblocks * ppb)
     memory = (
-        _PAGE_BYTES * npages
+        _RUN_BYTES
+        + _PAGE_BYTES * npages
+        + _PAGED_BYTES * paged
         + _BLOCK_BYTES * nblocks
-        + _ORACLE_BYTES * min(npages, _ORACLE_CHUNK)
+        + _ORACLE_BYTES * min(paged, 2 * _ORACLE_CHUNK)
         + _INDEX_BYTES * min(pc.batch_pages, npages)
         + _INDEX_BYTES * step_pages
         + r.step_bytes
@@ -345,5 +385,7 @@ def estimate_run(s: Scenario) -> RunEstimate:
         pages_written=writes,
         blocks=blocks,
         steps=steps,
+        history_steps=2 * history_steps,
+        paged=paged,
         simulated_seconds=longest,
     )

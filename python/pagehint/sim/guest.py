@@ -21,6 +21,7 @@ import numpy as np
 import numpy.typing as npt
 
 from pagehint import _core
+from pagehint.migration.runs import expand_runs
 from pagehint.sim.contents import MAP_NORESERVE, PageContents, data_version, zero_version
 from pagehint.sim.dirty_log import DirtyLog
 from pagehint.sim.driver import LinuxBalloonDriver
@@ -173,9 +174,23 @@ class SimulatedGuest:
         """The page numbers of ``blocks``."""
         return self.contents.block_pages(blocks)
 
-    def kernel_pages(self) -> _I64Array:
-        """Pages of the blocks the kernel holds since boot."""
-        return self.block_pages(self._kernel_blocks)
+    def block_pages_at(self, blocks: _I64Array, index: _I64Array) -> _I64Array:
+        """``block_pages(blocks)[index]``, without making the list of every page."""
+        ppb = self.pages_per_block
+        pfns: _I64Array = self.block_pfn[blocks[index // ppb]] + index % ppb
+        return pfns
+
+    @property
+    def kernel_page_count(self) -> int:
+        """How many pages the kernel's boot blocks hold."""
+        return len(self._kernel_blocks) * self.pages_per_block
+
+    def kernel_pages(self, index: _I64Array | None = None) -> _I64Array:
+        """Pages of the blocks the kernel holds since boot, block by block; with ``index``,
+        only those at ``index`` in that list (without making it)."""
+        if index is None:
+            return self.block_pages(self._kernel_blocks)
+        return self.block_pages_at(self._kernel_blocks, index)
 
     def used_blocks(self, *, kernel: bool = True) -> _I64Array:
         """The blocks in use (allocated by a workload or the kernel, not held as hints), in
@@ -310,18 +325,24 @@ class SimulatedGuest:
 
     def lost_pages(self, destination: PageContents, chunk: int = 1 << 22) -> _I64Array:
         """The oracle: pages whose ``destination`` content differs from this guest's and
-        that are not excused by a hint (hinted, and not written since the hint)."""
-        lost: list[_I64Array] = []
-        for start in range(0, self.npages, chunk):
-            n = min(chunk, self.npages - start)
-            src = self.contents.get_range(start, n)
-            bad = np.flatnonzero(src != destination.get_range(start, n))
+        that are not excused by a hint (hinted, and not written since the hint), ascending.
+        Blocks written whole on both sides are compared per block; the other pages page by
+        page, ``chunk`` pages at a time."""
+        blocks, content = self.contents.differing_blocks(destination)
+        seq = self.hint_seq[blocks]
+        lost = [self.block_pages(blocks[~((seq > 0) & ((content >> 1) < seq))])]
+        starts, counts = self.contents.mixed_runs(destination, chunk)
+        group = (np.cumsum(counts) - counts) // chunk  # runs of one chunk's worth together
+        bounds = np.flatnonzero(np.diff(group)) + 1
+        for st, ct in zip(np.split(starts, bounds), np.split(counts, bounds), strict=True):
+            src = self.contents.read_runs(st, ct).page_values()
+            bad = np.flatnonzero(src != destination.read_runs(st, ct).page_values())
             if not len(bad):
                 continue
-            pfns = bad + start
+            pfns = expand_runs(st, ct)[bad]
             blk = self.contents.block_of(pfns)
             excused = blk >= 0
             seq = self.hint_seq[blk[excused]]
             excused[excused] = (seq > 0) & ((src[bad][excused] >> 1) < seq)
             lost.append(pfns[~excused])
-        return np.concatenate(lost) if lost else np.zeros(0, dtype=np.int64)
+        return np.sort(np.concatenate(lost))

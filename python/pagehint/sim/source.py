@@ -3,18 +3,15 @@ the nothing-lost oracle."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import numpy.typing as npt
 
 from pagehint import _core
 from pagehint.device import FreePageHintDevice
-from pagehint.migration import LogMode
-from pagehint.sim.contents import PageContents, is_zero
+from pagehint.migration import LogMode, PageRuns
+from pagehint.sim.contents import PageContents, RunContents
 from pagehint.sim.guest import SimulatedGuest
 
-_I64Array = npt.NDArray[np.int64]
 _U64Array = npt.NDArray[np.uint64]
 
 
@@ -103,9 +100,11 @@ class SimulatedSource:
         if not guest.driver.in_round:
             self._hint_carry = min(self._hint_carry, 1.0)
 
-    def read_pages(self, pfns: _I64Array) -> tuple[npt.NDArray[np.uint32], npt.NDArray[np.bool_]]:
-        content = self.guest.contents.get(pfns)
-        return content, is_zero(content)
+    def read_pages(self, runs: PageRuns) -> tuple[RunContents, int]:
+        """The runs' contents (per block where the guest keeps them per block) and how many
+        of the pages are zero pages."""
+        content = self.guest.contents.read_runs(runs.starts, runs.counts)
+        return content, content.zero_pages()
 
 
 class SimulatedDestination:
@@ -114,7 +113,5 @@ class SimulatedDestination:
     def __init__(self, guest: SimulatedGuest) -> None:
         self.contents = PageContents(guest.npages, guest.block_pfn, guest.pages_per_block)
 
-    def receive(
-        self, pfns: _I64Array, payload: npt.NDArray[Any], zero: npt.NDArray[np.bool_]
-    ) -> None:
-        self.contents.write_pages(pfns, payload)
+    def receive(self, runs: PageRuns, payload: RunContents) -> None:
+        self.contents.write_runs(payload)

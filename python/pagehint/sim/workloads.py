@@ -33,8 +33,8 @@ class Idle:
         n = int(self._carry)
         self._carry -= n
         if n:
-            kernel = guest.kernel_pages()
-            guest.write_pages(kernel[guest.rng.integers(0, len(kernel), n)])
+            index = guest.rng.integers(0, guest.kernel_page_count, n)
+            guest.write_pages(guest.kernel_pages(index))
 
 
 @dataclass
@@ -79,19 +79,20 @@ class SteadyWriter:
 
     working_set_bytes: int
     pages_per_s: float
-    _pages: _I64Array | None = None
+    _blocks: _I64Array | None = None
     _carry: float = 0.0
 
     def step(self, guest: SimulatedGuest, seconds: float) -> None:
-        if self._pages is None:
-            blocks = guest.alloc_blocks(guest.blocks_for(self.working_set_bytes))
-            guest.write_blocks(blocks)
-            self._pages = guest.block_pages(blocks)
+        if self._blocks is None:
+            self._blocks = guest.alloc_blocks(guest.blocks_for(self.working_set_bytes))
+            guest.write_blocks(self._blocks)
         self._carry += self.pages_per_s * seconds
         n = int(self._carry)
         self._carry -= n
-        if n and len(self._pages):
-            guest.write_pages(self._pages[guest.rng.integers(0, len(self._pages), n)])
+        npages = len(self._blocks) * guest.pages_per_block
+        if n and npages:
+            index = guest.rng.integers(0, npages, n)
+            guest.write_pages(guest.block_pages_at(self._blocks, index))
 
 
 @dataclass
@@ -151,8 +152,8 @@ class UsedWriter:
             offset = guest.rng.integers(0, ppb, n)
             guest.write_pages(guest.block_pfn[which] + offset)
         if self.kernel_pages:
-            kernel = guest.kernel_pages()
-            guest.write_pages(kernel[: self.kernel_pages])
+            first = np.arange(min(self.kernel_pages, guest.kernel_page_count), dtype=np.int64)
+            guest.write_pages(guest.kernel_pages(first))
 
 
 @dataclass

@@ -454,6 +454,37 @@ impl DirtyBitmap {
         Ok(Self::kernels().take(&mut self.words, start, npages, max_pages, out))
     }
 
+    /// Test-and-clears up to `max_pages` dirty pages at or after `start`, as
+    /// [`take_dirty`](Self::take_dirty) does, appending them as runs of consecutive pages (first
+    /// page, length) to `starts` and `lens` in ascending order: a sender whose pages travel as
+    /// ranges pays per run, not per page. Returns the pages taken.
+    pub fn take_dirty_runs(
+        &mut self,
+        max_pages: u64,
+        start: u64,
+        starts: &mut Vec<u64>,
+        lens: &mut Vec<u64>,
+    ) -> Result<u64, BitmapError> {
+        self.check_range(start, 0)?;
+        let end = self.npages;
+        let mut left = max_pages;
+        let mut pfn = start;
+        while left > 0 {
+            let Some(run) = self.next_set(pfn, end) else {
+                break;
+            };
+            // Look no further than the pages still wanted: a clean page may be far off.
+            let limit = end.min(run.saturating_add(left));
+            let n = self.next_clear(run, limit) - run;
+            Self::kernels().clear_ranges(&mut self.words, &[run], &[n]);
+            starts.push(run);
+            lens.push(n);
+            left -= n;
+            pfn = run + n;
+        }
+        Ok(max_pages - left)
+    }
+
     /// Runs of consecutive dirty pages inside `[start, start + n)`, clipped to it: their starts
     /// and lengths are appended to `starts` and `lens`.
     pub fn dirty_runs(

@@ -17,6 +17,7 @@ enum Op {
     SetRanges(Vec<(u64, u64)>),
     Merge(Vec<u64>, u64),
     Take(usize, u64),
+    TakeRuns(u64, u64),
     Runs(u64, u64),
     Next(u64),
     SetAll,
@@ -36,6 +37,7 @@ fn op() -> impl Strategy<Value = Op> {
         (vec(any::<u64>(), 0..20), (0u64..20).prop_map(|w| w * 64))
             .prop_map(|(l, o)| Op::Merge(l, o)),
         (0usize..300, pos.clone()).prop_map(|(m, s)| Op::Take(m, s)),
+        (0u64..300, pos.clone()).prop_map(|(m, s)| Op::TakeRuns(m, s)),
         (pos.clone(), len).prop_map(|(s, n)| Op::Runs(s, n)),
         pos.prop_map(Op::Next),
         Just(Op::SetAll),
@@ -161,6 +163,31 @@ fn run(npages: u64, ops: &[Op]) -> Result<(), TestCaseError> {
                     want.iter().for_each(|&p| m.0[p as usize] = false);
                     prop_assert!(got.is_ok());
                     prop_assert_eq!(out, want);
+                }
+                s <= npages
+            }
+            Op::TakeRuns(max, s) => {
+                let (mut rs, mut rl) = (Vec::new(), Vec::new());
+                let got = bm.take_dirty_runs(max, s, &mut rs, &mut rl);
+                if s <= npages {
+                    // The pages take_dirty would take, grouped into runs of consecutive pages.
+                    let want: Vec<u64> = (s..npages)
+                        .filter(|&p| m.0[p as usize])
+                        .take(max as usize)
+                        .collect();
+                    want.iter().for_each(|&p| m.0[p as usize] = false);
+                    let (mut ws, mut wl): (Vec<u64>, Vec<u64>) = (Vec::new(), Vec::new());
+                    for &p in &want {
+                        match (ws.last(), wl.last_mut()) {
+                            (Some(&start), Some(len)) if start + *len == p => *len += 1,
+                            _ => {
+                                ws.push(p);
+                                wl.push(1);
+                            }
+                        }
+                    }
+                    prop_assert_eq!(got, Ok(want.len() as u64));
+                    prop_assert_eq!((rs, rl), (ws, wl));
                 }
                 s <= npages
             }

@@ -424,6 +424,30 @@ impl PyDirtyBitmap {
         Ok(PyArray1::from_vec(py, pfns))
     }
 
+    /// Test-and-clears up to `max_pages` dirty pages at or after `start`, as `take_dirty`;
+    /// returns them as runs: (run starts, run lengths) as uint64 arrays, ascending.
+    #[pyo3(signature = (max_pages, start = Pfn(0)))]
+    fn take_dirty_runs<'py>(
+        &self,
+        py: Python<'py>,
+        max_pages: Pages,
+        start: Pfn,
+    ) -> PyResult<Bound<'py, PyTuple>> {
+        let max_pages = max_pages.0;
+        let start = start.0;
+        let (starts, lens) = self
+            .heavy_write(py, |bm| {
+                let (mut starts, mut lens) = (Vec::new(), Vec::new());
+                bm.take_dirty_runs(max_pages, start, &mut starts, &mut lens)
+                    .map(|_| (starts, lens))
+            })
+            .map_err(bitmap_err)?;
+        PyTuple::new(
+            py,
+            [PyArray1::from_vec(py, starts), PyArray1::from_vec(py, lens)],
+        )
+    }
+
     /// Runs of dirty pages in `[start, start + n)`: (run starts, run lengths) as uint64 arrays.
     #[pyo3(signature = (start = Pfn(0), n = None))]
     fn dirty_runs<'py>(
