@@ -137,49 +137,67 @@ def _one(rows: Sequence[Timing], role: str, group: str) -> Timing:
     return found[0]
 
 
-def judge(rows: Sequence[Timing], ceilings: Sequence[Ceiling]) -> list[Verdict]:
+def judge(
+    rows: Sequence[Timing], ceilings: Sequence[Ceiling], *, partial: bool = False
+) -> list[Verdict]:
     """Every check that the rows allow: the peer check of each group present and each ceiling
     whose groups are present (a ceiling whose groups did not run is skipped, so a ``-k`` run
-    judges what it ran; :func:`missing_groups` tells a full run's caller what is absent)."""
+    judges what it ran; :func:`missing_groups` tells a full run's caller what is absent).
+    A group without the rows a check needs is an error, or, when ``partial`` (a ``-k`` run
+    that may select part of a group), a check skipped."""
     groups = _by_group(rows)
     verdicts = []
     for group, members in sorted(groups.items()):
-        peers = [r for r in members if r.role == "peer"]
-        if not peers:
-            continue
-        ph = _one(members, "pagehint", group)
-        best = min(peers, key=lambda r: r.best_s)
-        verdicts.append(
-            Verdict(
-                check=f"{group}: pagehint no slower than its best peer",
-                groups=(group,),
-                value=ph.best_s / best.best_s,
-                limit=1.0,
-                detail=f"pagehint {_ms(ph.best_s)}, {best.label} {_ms(best.best_s)}",
-            )
-        )
+        try:
+            verdicts += _judge_peers(group, members)
+        except GateError:
+            if not partial:
+                raise
     for c in ceilings:
         if any(g not in groups for g in c.groups()):
             continue
-        ph = _one(groups[c.group], "pagehint", c.group)
-        if c.over in ROLE_REFERENCES:
-            ref = _one(groups[c.group], c.over, c.group)
-            ref_name = c.over
-        else:
-            ref = _one(groups[c.over], "pagehint", c.over)
-            ref_name = f"pagehint in {c.over.split(':')[0]}"
-        if ref.best_s <= 0:
-            raise GateError(f"{c.name}: the reference took no time")
-        verdicts.append(
-            Verdict(
-                check=c.name,
-                groups=c.groups(),
-                value=ph.best_s / ref.best_s,
-                limit=c.max,
-                detail=f"pagehint {_ms(ph.best_s)}, {ref_name} {_ms(ref.best_s)}",
-            )
-        )
+        try:
+            verdicts.append(_judge_ceiling(c, groups))
+        except GateError:
+            if not partial:
+                raise
     return verdicts
+
+
+def _judge_peers(group: str, members: Sequence[Timing]) -> list[Verdict]:
+    peers = [r for r in members if r.role == "peer"]
+    if not peers:
+        return []
+    ph = _one(members, "pagehint", group)
+    best = min(peers, key=lambda r: r.best_s)
+    return [
+        Verdict(
+            check=f"{group}: pagehint no slower than its best peer",
+            groups=(group,),
+            value=ph.best_s / best.best_s,
+            limit=1.0,
+            detail=f"pagehint {_ms(ph.best_s)}, {best.label} {_ms(best.best_s)}",
+        )
+    ]
+
+
+def _judge_ceiling(c: Ceiling, groups: dict[str, list[Timing]]) -> Verdict:
+    ph = _one(groups[c.group], "pagehint", c.group)
+    if c.over in ROLE_REFERENCES:
+        ref = _one(groups[c.group], c.over, c.group)
+        ref_name = c.over
+    else:
+        ref = _one(groups[c.over], "pagehint", c.over)
+        ref_name = f"pagehint in {c.over.split(':')[0]}"
+    if ref.best_s <= 0:
+        raise GateError(f"{c.name}: the reference took no time")
+    return Verdict(
+        check=c.name,
+        groups=c.groups(),
+        value=ph.best_s / ref.best_s,
+        limit=c.max,
+        detail=f"pagehint {_ms(ph.best_s)}, {ref_name} {_ms(ref.best_s)}",
+    )
 
 
 def missing_groups(rows: Sequence[Timing], ceilings: Sequence[Ceiling]) -> list[str]:

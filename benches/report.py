@@ -317,14 +317,14 @@ def run_gate(
         ceilings = gate.load_ceilings(ceilings_path)
         rows = gate.timings(data)
         missing = gate.missing_groups(rows, ceilings) if full_run else []
-        attempts = [gate.judge(rows, ceilings)]
+        attempts = [gate.judge(rows, ceilings, partial=not full_run)]
         for attempt in range(1, retries + 1 if rerun else 1):
             failing = [v for v, failed in gate.final(attempts) if failed]
             if not failing or rerun is None:
                 break
             print(f"\ngate: {len(failing)} check(s) failed; running their groups again")
             retried = rerun(gate.nodes_of(rows, {g for v in failing for g in v.groups}), attempt)
-            attempts.append(gate.judge(gate.timings(retried), ceilings))
+            attempts.append(gate.judge(gate.timings(retried), ceilings, partial=not full_run))
     except gate.GateError as e:
         print(f"gate: {e}", file=sys.stderr)
         return 1

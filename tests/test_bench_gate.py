@@ -96,6 +96,16 @@ def test_a_failure_counts_only_when_every_attempt_fails() -> None:
     assert any(failed for _, failed in gate.final([first, first]))
 
 
+def test_a_partly_selected_group_is_an_error_unless_the_run_was_partial() -> None:
+    rows = good()
+    del rows[B1]["pagehint"]  # as `-k numpy` leaves it
+    doc = gate.timings(run(rows))
+    with pytest.raises(gate.GateError, match="0 pagehint rows"):
+        gate.judge(doc, CEILINGS)
+    got = {v.check for v in gate.judge(doc, CEILINGS, partial=True)}
+    assert got == {f"{B5}: pagehint no slower than its best peer"}
+
+
 def test_reruns_take_only_the_failed_groups_nodes() -> None:
     rows = gate.timings(run(good()))
     nodes = gate.nodes_of(rows, {B5})
