@@ -4,6 +4,8 @@ published scenarios' reductions."""
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 
 from helpers import MIB, attached_guest, migrate_simulated
@@ -161,3 +163,34 @@ def test_the_dirty_count_kept_as_pages_go_is_the_bitmaps(hints: bool) -> None:
     )
     assert r.status == "completed" and r.lost_pages == 0 and (r.pages_skipped > 0) == hints
     assert len(seen) > 10 and all(kept == counted for kept, counted in seen)
+
+
+def test_a_kept_count_above_an_empty_bitmap_does_not_keep_the_loop_going() -> None:
+    # A count read while a device thread is between its clear and its total, or any drift,
+    # may say pages remain when the bitmap is empty: the loop must still move on (it would
+    # iterate over nothing forever); run in a thread, so that a regression fails, not hangs.
+    memmap = MemoryMap([(0, 64 * MIB)])
+    guest, device = attached_guest(memmap, seed=5, used=0.25)
+    migration: list[Precopy] = []
+    inflated: list[int] = []
+    results: list[MigrationResult] = []
+
+    def inflate(p: Progress) -> None:
+        if not inflated:
+            inflated.append(p.remaining)
+            migration[0]._dirty_pages += 1_000_000  # more than there are pages
+
+    def run() -> None:
+        r, _ = migrate_simulated(
+            SimulatedSource(guest, device),
+            PrecopyConfig(batch_pages=4096),
+            progress=inflate,
+            on_start=migration.append,
+        )
+        results.append(r)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    worker.join(timeout=60)
+    assert not worker.is_alive(), "the loop kept iterating over an empty bitmap"
+    assert inflated and results[0].status == "completed" and results[0].lost_pages == 0

@@ -301,6 +301,10 @@ class Precopy:
             starts = np.concatenate([starts, more_starts])
             counts = np.concatenate([counts, more_counts])
         if not len(starts):
+            # The bitmap is empty, so the kept count is 0: say so, rather than let a count
+            # read while a device thread was between its clear and its total (or any drift)
+            # keep the loop iterating over nothing.
+            self._dirty_pages -= self._dirty_count()
             return 0
         runs = PageRuns(starts.astype(np.int64), counts.astype(np.int64))
         self._dirty_pages -= runs.pages
