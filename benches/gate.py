@@ -28,12 +28,17 @@ ROLE_REFERENCES = ("limit", "floor")
 
 @dataclass(frozen=True)
 class Timing:
-    """One benchmark row of a run: its group, role and best round, and the pytest node."""
+    """One benchmark row of a run, as benches/ writes it to pytest-benchmark's JSON: its group,
+    implementation, role and label, its median and best round, and the pytest node."""
 
     group: str
+    impl: str
     role: str
     label: str
+    median_s: float
     best_s: float
+    rounds: int
+    nbytes: int
     node: str
 
 
@@ -110,13 +115,17 @@ def timings(data: dict[str, Any]) -> list[Timing]:
     """The rows of a pytest-benchmark JSON document (as written by benches/)."""
     out = []
     for b in data.get("benchmarks", []):
-        info = b.get("extra_info", {})
+        info, stats = b.get("extra_info", {}), b["stats"]
         out.append(
             Timing(
                 group=str(b.get("group") or b["name"]),
+                impl=str(info.get("impl", b.get("param") or b["name"])),
                 role=str(info.get("role", "peer")),
                 label=str(info.get("label", b["name"])),
-                best_s=float(b["stats"]["min"]),
+                median_s=float(stats["median"]),
+                best_s=float(stats["min"]),
+                rounds=int(stats["rounds"]),
+                nbytes=int(info.get("bytes", 0)),
                 node=str(b.get("fullname", b["name"])),
             )
         )

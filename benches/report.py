@@ -44,7 +44,6 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,17 +56,6 @@ from benches import gate  # noqa: E402
 
 CEILINGS = BENCHES / "ceilings.toml"
 QUICK_ENV = "PAGEHINT_BENCH_QUICK"  # read by benches/benchutil.py too
-
-
-@dataclass(frozen=True)
-class Row:
-    group: str
-    impl: str
-    role: str
-    label: str
-    median_s: float
-    rounds: int
-    nbytes: int
 
 
 def _env_quick() -> bool:
@@ -109,24 +97,6 @@ def run_pytest(
     return subprocess.call(cmd, cwd=ROOT, env=env)
 
 
-def load_rows(data: dict[str, Any]) -> list[Row]:
-    rows = []
-    for b in data.get("benchmarks", []):
-        info = b.get("extra_info", {})
-        rows.append(
-            Row(
-                group=str(b.get("group") or b["name"]),
-                impl=str(info.get("impl", b.get("param") or b["name"])),
-                role=str(info.get("role", "peer")),
-                label=str(info.get("label", b["name"])),
-                median_s=float(b["stats"]["median"]),
-                rounds=int(b["stats"]["rounds"]),
-                nbytes=int(info.get("bytes", 0)),
-            )
-        )
-    return rows
-
-
 def fmt_ms(seconds: float) -> str:
     ms = seconds * 1e3
     if ms >= 100:
@@ -146,11 +116,11 @@ def fmt_ratio(r: float) -> str:
     return f"{r:.2f}"
 
 
-def _order(row: Row) -> tuple[int, float]:
+def _order(row: gate.Timing) -> tuple[int, float]:
     return ({"pagehint": 0, "peer": 1, "floor": 2, "limit": 3}.get(row.role, 1), row.median_s)
 
 
-def group_table(group: str, rows: list[Row]) -> tuple[str, dict[str, Any]]:
+def group_table(group: str, rows: list[gate.Timing]) -> tuple[str, dict[str, Any]]:
     rows = sorted(rows, key=_order)
     ph = next((r for r in rows if r.role == "pagehint"), None)
     limit = next((r for r in rows if r.role == "limit"), None)
@@ -210,8 +180,8 @@ def summary_table(summaries: list[dict[str, Any]]) -> str:
 
 
 def render(data: dict[str, Any]) -> str:
-    rows = load_rows(data)
-    groups: dict[str, list[Row]] = {}
+    rows = gate.timings(data)
+    groups: dict[str, list[gate.Timing]] = {}
     for r in rows:
         groups.setdefault(r.group, []).append(r)
     mi = data.get("machine_info", {})
